@@ -1,0 +1,13 @@
+DROP TABLE IF EXISTS local_transactions;
+DROP TABLE IF EXISTS feed_cursors;
+DROP TABLE IF EXISTS inbound_feed;
+DROP TABLE IF EXISTS destination_health;
+DROP TABLE IF EXISTS delivery_attempts;
+DROP TABLE IF EXISTS outbound_queue;
+DROP TABLE IF EXISTS room_members;
+DROP TABLE IF EXISTS room_servers;
+DROP TABLE IF EXISTS peer_trust;
+DROP TABLE IF EXISTS peers;
+DROP TABLE IF EXISTS local_signing_keys;
+DROP TABLE IF EXISTS federation_server_keys;
+DROP TABLE IF EXISTS federation_events;

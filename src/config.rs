@@ -1,0 +1,546 @@
+//! Configuration: a TOML file, then `PARAFED_<SECTION>_<KEY>` environment overrides.
+//!
+//! One `Config` serves `parafed` and `parafed-worker` alike. It is parsed, not validated
+//! afterwards: addresses are `SocketAddr`s, the server name is a `ServerName`, the mode is
+//! an enum, and unknown keys (in the file or the environment) are errors that name the
+//! key, because a misspelt setting that is silently ignored is an outage waiting to happen.
+//!
+//! Secrets (the local and admin API tokens) come from the environment only
+//! (`PARAFED_LOCAL_TOKEN`, `PARAFED_ADMIN_TOKEN`); a token written in the file is refused.
+//! `Config::redacted` gives the effective configuration with secrets masked, for
+//! `parafed config check` and logs.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use crate::protocol::ServerName;
+
+/// Why configuration could not be loaded. Every message names the file, key or variable.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("config file {path} is not valid TOML: {message}")]
+    Syntax { path: String, message: String },
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+    #[error("unknown environment setting {var}: no setting [{section}] {key} exists (settings are PARAFED_<SECTION>_<KEY>)")]
+    UnknownEnv {
+        var: String,
+        section: String,
+        key: String,
+    },
+    #[error("{0} is a secret: set it with the environment variable {1}, not in the config file")]
+    SecretInFile(&'static str, &'static str),
+}
+
+/// Which peers may federate with us.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FederationMode {
+    /// Every peer that authenticates, unless blocked.
+    #[default]
+    Open,
+    /// Only peers explicitly allowed.
+    Allowlist,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Our server name, as peers know us.
+    pub server_name: ServerName,
+    /// The domain our user and room ids use, when it differs from `server_name`.
+    #[serde(default)]
+    pub domain: Option<String>,
+    #[serde(default)]
+    pub http: HttpConfig,
+    pub database: DatabaseConfig,
+    pub redis: RedisConfig,
+    #[serde(default)]
+    pub federation: FederationConfig,
+    #[serde(default)]
+    pub delivery: DeliveryConfig,
+    #[serde(default)]
+    pub worker: WorkerConfig,
+    #[serde(default)]
+    pub keys: KeysConfig,
+    #[serde(default)]
+    pub local: TokenConfig,
+    #[serde(default)]
+    pub admin: TokenConfig,
+    /// Peers with fixed addresses (skips `/.well-known` discovery).
+    #[serde(default)]
+    pub peers: BTreeMap<String, PeerConfig>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpConfig {
+    /// Federation, local and admin APIs.
+    pub listen: SocketAddr,
+    /// `/metrics` for Prometheus.
+    pub metrics_listen: SocketAddr,
+    /// Public base URL peers reach us at (for `/.well-known`); derived from `listen` if unset.
+    pub public_base_url: Option<String>,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8448)),
+            metrics_listen: SocketAddr::from(([127, 0, 0, 1], 9448)),
+            public_base_url: None,
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DatabaseConfig {
+    /// `postgres://user:password@host:port/db`.
+    pub url: String,
+    #[serde(default = "defaults::pool_size", deserialize_with = "flex::u32")]
+    pub pool_size: u32,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RedisConfig {
+    /// `redis://host:port/db`.
+    pub url: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FederationConfig {
+    pub mode: FederationMode,
+    /// Largest accepted |now − X-Paracord-Timestamp|.
+    #[serde(deserialize_with = "flex::i64")]
+    pub max_skew_ms: i64,
+    /// How long a published key stays valid in our `/keys` answers (peers refetch after).
+    #[serde(deserialize_with = "flex::i64")]
+    pub key_refresh_interval_ms: i64,
+}
+
+impl Default for FederationConfig {
+    fn default() -> Self {
+        Self {
+            mode: FederationMode::Open,
+            max_skew_ms: crate::protocol::transport::DEFAULT_MAX_SKEW_MS,
+            key_refresh_interval_ms: 24 * 3600 * 1000,
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DeliveryConfig {
+    /// First backoff step after a transient failure.
+    #[serde(deserialize_with = "flex::u64")]
+    pub backoff_base_ms: u64,
+    /// Largest backoff.
+    #[serde(deserialize_with = "flex::u64")]
+    pub backoff_cap_ms: u64,
+    /// Outbound rows older than this become dead.
+    #[serde(deserialize_with = "flex::u64")]
+    pub max_age_secs: u64,
+    /// Requests in flight to one destination at most.
+    #[serde(deserialize_with = "flex::u32")]
+    pub window: u32,
+    #[serde(deserialize_with = "flex::u64")]
+    pub connect_timeout_ms: u64,
+    #[serde(deserialize_with = "flex::u64")]
+    pub request_timeout_ms: u64,
+}
+
+impl Default for DeliveryConfig {
+    fn default() -> Self {
+        Self {
+            backoff_base_ms: 2_000,
+            backoff_cap_ms: 3_600_000,
+            max_age_secs: 24 * 3600,
+            window: 8,
+            connect_timeout_ms: 5_000,
+            request_timeout_ms: 30_000,
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WorkerConfig {
+    /// The worker process's own `/metrics` listener.
+    pub metrics_listen: SocketAddr,
+    /// Queues this process runs; empty means all.
+    pub queues: Vec<String>,
+    #[serde(deserialize_with = "flex::u32")]
+    pub concurrency: u32,
+}
+
+impl Default for WorkerConfig {
+    fn default() -> Self {
+        Self {
+            metrics_listen: SocketAddr::from(([127, 0, 0, 1], 9449)),
+            queues: Vec::new(),
+            concurrency: 16,
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct KeysConfig {
+    /// How long a retired key stays published and usable for verification.
+    #[serde(deserialize_with = "flex::u64")]
+    pub retired_key_retention_secs: u64,
+}
+
+impl Default for KeysConfig {
+    fn default() -> Self {
+        Self {
+            retired_key_retention_secs: 7 * 24 * 3600,
+        }
+    }
+}
+
+/// A bearer token section; the token itself only ever comes from the environment.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TokenConfig {
+    pub token: Option<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PeerConfig {
+    /// e.g. `http://127.0.0.1:8449`.
+    pub base_url: String,
+}
+
+mod defaults {
+    pub fn pool_size() -> u32 {
+        16
+    }
+}
+
+/// Numbers that may arrive as TOML numbers (the file) or as strings (the environment).
+mod flex {
+    use serde::{de::Error, Deserialize, Deserializer};
+
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum NumOrStr {
+        Num(i64),
+        Str(String),
+    }
+
+    fn parse<'de, D: Deserializer<'de>, T: TryFrom<i64> + std::str::FromStr>(
+        d: D,
+    ) -> Result<T, D::Error> {
+        match NumOrStr::deserialize(d)? {
+            NumOrStr::Num(n) => {
+                T::try_from(n).map_err(|_| D::Error::custom(format!("{n} is out of range")))
+            }
+            NumOrStr::Str(s) => s
+                .trim()
+                .parse()
+                .map_err(|_| D::Error::custom(format!("{s:?} is not a valid number"))),
+        }
+    }
+
+    pub fn u32<'de, D: Deserializer<'de>>(d: D) -> Result<u32, D::Error> {
+        parse(d)
+    }
+    pub fn u64<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+        parse(d)
+    }
+    pub fn i64<'de, D: Deserializer<'de>>(d: D) -> Result<i64, D::Error> {
+        parse(d)
+    }
+}
+
+/// Sections that take `PARAFED_<SECTION>_<KEY>` overrides. `peers` is not among them:
+/// peer names hold dots, which environment names cannot; configure peers in the file.
+const SECTIONS: &[&str] = &[
+    "http",
+    "database",
+    "redis",
+    "federation",
+    "delivery",
+    "worker",
+    "keys",
+    "local",
+    "admin",
+];
+const TOP_LEVEL: &[&str] = &["server_name", "domain"];
+/// `PARAFED_*` variables that are not settings.
+const NOT_SETTINGS: &[&str] = &["PARAFED_CONFIG", "PARAFED_LOG", "PARAFED_LOG_FORMAT"];
+
+impl Config {
+    /// Loads `path` (if any) and applies the process environment.
+    pub fn load(path: Option<&Path>) -> Result<Self, ConfigError> {
+        Self::load_with_env(path, std::env::vars())
+    }
+
+    /// Loads `path` (if any) and applies the given `PARAFED_*` variables.
+    pub fn load_with_env(
+        path: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Self, ConfigError> {
+        let text = match path {
+            Some(p) => std::fs::read_to_string(p).map_err(|source| ConfigError::Read {
+                path: p.display().to_string(),
+                source,
+            })?,
+            None => String::new(),
+        };
+        let shown = path.map_or_else(|| "(none)".to_owned(), |p| p.display().to_string());
+        Self::from_toml_and_env(&text, &shown, env)
+    }
+
+    /// Parses TOML text, then applies environment overrides. `origin` names the text in
+    /// errors.
+    pub fn from_toml_and_env(
+        text: &str,
+        origin: &str,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Self, ConfigError> {
+        let mut table: toml::Table =
+            text.parse()
+                .map_err(|e: toml::de::Error| ConfigError::Syntax {
+                    path: origin.to_owned(),
+                    message: e.to_string(),
+                })?;
+        for (section, var) in [
+            ("local", "PARAFED_LOCAL_TOKEN"),
+            ("admin", "PARAFED_ADMIN_TOKEN"),
+        ] {
+            if table
+                .get(section)
+                .and_then(|s| s.as_table())
+                .is_some_and(|s| s.contains_key("token"))
+            {
+                return Err(ConfigError::SecretInFile(
+                    if section == "local" {
+                        "[local] token"
+                    } else {
+                        "[admin] token"
+                    },
+                    var,
+                ));
+            }
+        }
+        let mut env: Vec<(String, String)> = env
+            .into_iter()
+            .filter(|(k, _)| k.starts_with("PARAFED_") && !NOT_SETTINGS.contains(&k.as_str()))
+            .filter(|(k, _)| !k.starts_with("PARAFED_TEST_"))
+            .collect();
+        env.sort();
+        for (var, value) in env {
+            apply_env(&mut table, &var, value)?;
+        }
+        let cfg: Config = table
+            .try_into()
+            .map_err(|e: toml::de::Error| ConfigError::Invalid(e.message().to_owned()))?;
+        cfg.check()?;
+        Ok(cfg)
+    }
+
+    /// Cross-field checks serde cannot express.
+    fn check(&self) -> Result<(), ConfigError> {
+        let bad = |m: String| Err(ConfigError::Invalid(m));
+        if !self.database.url.starts_with("postgres://")
+            && !self.database.url.starts_with("postgresql://")
+        {
+            return bad("[database] url must start with postgres:// or postgresql://".into());
+        }
+        if !self.redis.url.starts_with("redis://") && !self.redis.url.starts_with("unix://") {
+            return bad("[redis] url must start with redis:// or unix://".into());
+        }
+        if self.database.pool_size == 0 {
+            return bad("[database] pool_size must be at least 1".into());
+        }
+        if self.federation.max_skew_ms <= 0 {
+            return bad("[federation] max_skew_ms must be positive".into());
+        }
+        if self.delivery.backoff_base_ms == 0
+            || self.delivery.backoff_cap_ms < self.delivery.backoff_base_ms
+        {
+            return bad(
+                "[delivery] backoff_base_ms must be positive and at most backoff_cap_ms".into(),
+            );
+        }
+        if self.delivery.window == 0 {
+            return bad("[delivery] window must be at least 1".into());
+        }
+        for (name, peer) in &self.peers {
+            ServerName::parse(name)
+                .map_err(|e| ConfigError::Invalid(format!("[peers.\"{name}\"]: {e}")))?;
+            if !peer.base_url.starts_with("http://") && !peer.base_url.starts_with("https://") {
+                return bad(format!(
+                    "[peers.\"{name}\"] base_url must start with http:// or https://"
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The domain our ids use.
+    pub fn domain(&self) -> &str {
+        self.domain.as_deref().unwrap_or(self.server_name.as_str())
+    }
+
+    /// The effective configuration with secrets masked: tokens become `"<set>"`, and URL
+    /// passwords `***`.
+    pub fn redacted(&self) -> Config {
+        let mut c = self.clone();
+        c.database.url = mask_url_password(&c.database.url);
+        c.redis.url = mask_url_password(&c.redis.url);
+        for t in [&mut c.local.token, &mut c.admin.token] {
+            if t.is_some() {
+                *t = Some("<set>".into());
+            }
+        }
+        c
+    }
+}
+
+/// Puts one `PARAFED_*` variable into the TOML table.
+fn apply_env(table: &mut toml::Table, var: &str, value: String) -> Result<(), ConfigError> {
+    let rest = var["PARAFED_".len()..].to_ascii_lowercase();
+    if TOP_LEVEL.contains(&rest.as_str()) {
+        table.insert(rest, toml::Value::String(value));
+        return Ok(());
+    }
+    let Some(section) = SECTIONS.iter().find(|s| rest.starts_with(&format!("{s}_"))) else {
+        return Err(ConfigError::UnknownEnv {
+            var: var.to_owned(),
+            section: rest.split('_').next().unwrap_or("").to_owned(),
+            key: rest.split_once('_').map_or("", |(_, k)| k).to_owned(),
+        });
+    };
+    let key = &rest[section.len() + 1..];
+    let entry = table
+        .entry(section.to_string())
+        .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+    let Some(sec) = entry.as_table_mut() else {
+        return Err(ConfigError::Invalid(format!("[{section}] must be a table")));
+    };
+    // Lists (worker.queues) are comma-separated in the environment.
+    let v = if *section == "worker" && key == "queues" {
+        toml::Value::Array(
+            value
+                .split(',')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(|s| toml::Value::String(s.to_owned()))
+                .collect(),
+        )
+    } else {
+        toml::Value::String(value)
+    };
+    sec.insert(key.to_owned(), v);
+    Ok(())
+}
+
+/// `scheme://user:secret@host` → `scheme://user:***@host`.
+pub fn mask_url_password(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let Some((userinfo, host)) = rest.rsplit_once('@') else {
+        return url.to_owned();
+    };
+    match userinfo.split_once(':') {
+        Some((user, _)) => format!("{scheme}://{user}:***@{host}"),
+        None => url.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BASE: &str = r#"
+server_name = "alpha.test"
+[database]
+url = "postgres://parafed:hunter2@127.0.0.1/parafed"
+[redis]
+url = "redis://127.0.0.1:6379"
+[peers."beta.test"]
+base_url = "http://127.0.0.1:8449"
+"#;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(a, b)| (a.to_string(), b.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn file_then_env() {
+        let c = Config::from_toml_and_env(
+            BASE,
+            "t",
+            env(&[
+                ("PARAFED_HTTP_LISTEN", "127.0.0.1:9000"),
+                ("PARAFED_FEDERATION_MAX_SKEW_MS", "30000"),
+                ("PARAFED_FEDERATION_MODE", "allowlist"),
+                ("PARAFED_LOCAL_TOKEN", "s3cret"),
+                ("PARAFED_WORKER_QUEUES", "verify, deliver"),
+                ("PARAFED_CONFIG", "/ignored"),
+                ("PATH", "/bin"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(c.http.listen.port(), 9000);
+        assert_eq!(c.federation.max_skew_ms, 30_000);
+        assert_eq!(c.federation.mode, FederationMode::Allowlist);
+        assert_eq!(c.worker.queues, ["verify", "deliver"]);
+        assert_eq!(c.peers["beta.test"].base_url, "http://127.0.0.1:8449");
+        let r = c.redacted();
+        assert_eq!(r.local.token.as_deref(), Some("<set>"));
+        assert_eq!(r.database.url, "postgres://parafed:***@127.0.0.1/parafed");
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let e = Config::from_toml_and_env(&format!("{BASE}\n[http]\nlisen = \"x\""), "t", env(&[]))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("lisen"), "{e}");
+        let e = Config::from_toml_and_env(BASE, "t", env(&[("PARAFED_HTTP_LISEN", "x")]))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("PARAFED_HTTP_LISEN"), "{e}");
+        let e = Config::from_toml_and_env(BASE, "t", env(&[("PARAFED_BOGUS_X", "x")]))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("PARAFED_BOGUS_X"), "{e}");
+        let e = Config::from_toml_and_env(
+            BASE,
+            "t",
+            env(&[("PARAFED_FEDERATION_MAX_SKEW_MS", "soon")]),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("soon"), "{e}");
+        let e =
+            Config::from_toml_and_env(&format!("{BASE}\n[local]\ntoken = \"x\""), "t", env(&[]))
+                .unwrap_err()
+                .to_string();
+        assert!(e.contains("PARAFED_LOCAL_TOKEN"), "{e}");
+        let e = Config::from_toml_and_env(&BASE.replace("alpha.test", "bad name"), "t", env(&[]))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("server name"), "{e}");
+    }
+}

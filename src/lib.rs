@@ -1,0 +1,17 @@
+//! parafed: the federation delivery system for Paracord servers.
+//!
+//! The library holds everything the `parafed` binary and the `parafed-worker` fleet share:
+//!
+//! * [`protocol`] — the Paracord federation protocol as pure types and bytes;
+//! * [`config`] — the TOML configuration with environment overrides;
+//! * [`store`] — Postgres, through Diesel: schema, migrations, pool and queries;
+//! * [`telemetry`] — logging set-up.
+//!
+//! Ingress (hyper), trust and admin live beside these as they are built; the job handlers
+//! and the worker process are the `parafed-jobs` crate in `jobs/`.
+
+pub mod config;
+pub mod protocol;
+pub mod store;
+pub mod telemetry;
+pub mod time;

@@ -1,0 +1,197 @@
+//! The `parafed` command: migrate, keys, config and (as they land) serve, admin and demo.
+//!
+//! Data goes to stdout (`--output json` gives one JSON document), logs and errors to
+//! stderr. Exit status 0 on success, 1 on a runtime failure, 2 on a usage or
+//! configuration error.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand, ValueEnum};
+use parafed::config::Config;
+use parafed::store;
+
+#[derive(Parser)]
+#[command(
+    name = "parafed",
+    version,
+    about = "Federation delivery for Paracord servers"
+)]
+struct Cli {
+    /// Configuration file (TOML). Every setting can be overridden as PARAFED_<SECTION>_<KEY>.
+    #[arg(long, global = true, env = "PARAFED_CONFIG")]
+    config: Option<PathBuf>,
+    /// Output format for command data.
+    #[arg(long, global = true, value_enum, default_value_t = Output::Text)]
+    output: Output,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Output {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Apply pending database migrations (a no-op when none are pending).
+    Migrate,
+    /// Manage our signing keys.
+    Keys {
+        #[command(subcommand)]
+        command: KeysCommand,
+    },
+    /// Inspect configuration.
+    Config {
+        #[command(subcommand)]
+        command: ConfigCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum KeysCommand {
+    /// Create the first active signing key.
+    Generate {
+        /// Key id, `ed25519:<name>` (default: a random name).
+        #[arg(long)]
+        key_id: Option<String>,
+    },
+    /// Import a seed (64 hex characters, e.g. a Paracord key file) as the active key.
+    Import {
+        #[arg(long)]
+        key_id: String,
+        /// File holding the seed as 64 lowercase hex characters.
+        #[arg(long)]
+        seed_file: PathBuf,
+    },
+    /// List every key, active and retired.
+    List,
+    /// Retire the active key and create a new active one.
+    Rotate {
+        #[arg(long)]
+        key_id: Option<String>,
+    },
+}
+
+#[derive(Subcommand)]
+enum ConfigCommand {
+    /// Load and check the configuration; print the effective settings, secrets masked.
+    Check,
+}
+
+fn main() -> ExitCode {
+    parafed::telemetry::init();
+    let cli = Cli::parse();
+    let cfg = match Config::load(cli.config.as_deref()) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(run(cli.command, cli.output, cfg)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn print_json(v: &impl serde::Serialize) -> anyhow::Result<()> {
+    println!("{}", serde_json::to_string_pretty(v)?);
+    Ok(())
+}
+
+async fn run(command: Command, output: Output, cfg: Config) -> anyhow::Result<()> {
+    match command {
+        Command::Migrate => {
+            let applied = store::migrate::run_pending(&cfg.database.url).await?;
+            if output == Output::Json {
+                print_json(&serde_json::json!({ "applied": applied }))?;
+            } else if applied.is_empty() {
+                println!("database is up to date; nothing to apply");
+            } else {
+                for v in &applied {
+                    println!("applied {v}");
+                }
+            }
+        }
+        Command::Config {
+            command: ConfigCommand::Check,
+        } => {
+            let shown = cfg.redacted();
+            if output == Output::Json {
+                print_json(&shown)?;
+            } else {
+                print!(
+                    "{}",
+                    toml::to_string(&shown).context("rendering configuration")?
+                );
+            }
+        }
+        Command::Keys { command } => keys(command, output, &cfg).await?,
+    }
+    Ok(())
+}
+
+async fn keys(command: KeysCommand, output: Output, cfg: &Config) -> anyhow::Result<()> {
+    use parafed::protocol::{KeyId, Keypair};
+    use parafed::store::keys;
+
+    let pool = store::pool(&cfg.database.url, 2)?;
+    let mut conn = pool.get().await.context("connecting to the database")?;
+    let parse_id = |s: Option<String>| -> anyhow::Result<Option<KeyId>> {
+        s.map(|s| KeyId::parse(&s)).transpose().map_err(Into::into)
+    };
+    let shown: Vec<keys::KeyInfo> = match command {
+        KeysCommand::Generate { key_id } => {
+            vec![keys::generate(&mut conn, parse_id(key_id)?).await?]
+        }
+        KeysCommand::Import { key_id, seed_file } => {
+            let seed = std::fs::read_to_string(&seed_file)
+                .with_context(|| format!("reading {}", seed_file.display()))?;
+            let kp = Keypair::from_seed_hex(KeyId::parse(&key_id)?, &seed)
+                .with_context(|| format!("reading the seed in {}", seed_file.display()))?;
+            vec![keys::import(&mut conn, &kp).await?]
+        }
+        KeysCommand::List => keys::list(&mut conn).await?,
+        KeysCommand::Rotate { key_id } => {
+            let retention = chrono::Duration::seconds(
+                i64::try_from(cfg.keys.retired_key_retention_secs).unwrap_or(i64::MAX / 1000),
+            );
+            let (old, new) = keys::rotate(&mut conn, parse_id(key_id)?, retention).await?;
+            old.into_iter().chain(std::iter::once(new)).collect()
+        }
+    };
+    if output == Output::Json {
+        print_json(&serde_json::json!({ "keys": shown }))?;
+    } else {
+        for k in &shown {
+            println!(
+                "{}\t{}\t{}\tcreated {}{}",
+                k.key_id,
+                k.status,
+                k.public_key,
+                k.created_at.to_rfc3339(),
+                k.verify_until
+                    .map(|t| format!("\tverifies until {}", t.to_rfc3339()))
+                    .unwrap_or_default()
+            );
+        }
+    }
+    Ok(())
+}
