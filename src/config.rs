@@ -343,12 +343,25 @@ impl Config {
             .filter(|(k, _)| !k.starts_with("PARAFED_TEST_"))
             .collect();
         env.sort();
+        let mut from_env = Vec::new();
         for (var, value) in env {
-            apply_env(&mut table, &var, value)?;
+            let key = apply_env(&mut table, &var, value)?;
+            from_env.push((var, key));
         }
-        let cfg: Config = table
-            .try_into()
-            .map_err(|e: toml::de::Error| ConfigError::Invalid(e.message().to_owned()))?;
+        let cfg: Config = serde_path_to_error::deserialize(toml::Value::Table(table)).map_err(
+            |e: serde_path_to_error::Error<toml::de::Error>| {
+                let path = e.path().to_string();
+                let mut msg = format!("{path}: {}", e.inner().message());
+                // Name the environment variable when the bad key or value came from one.
+                for (var, key) in &from_env {
+                    let leaf = key.rsplit('.').next().unwrap_or(key);
+                    if path == *key || msg.contains(&format!("`{leaf}`")) {
+                        msg.push_str(&format!(" (set by environment variable {var})"));
+                    }
+                }
+                ConfigError::Invalid(msg)
+            },
+        )?;
         cfg.check()?;
         Ok(cfg)
     }
@@ -412,12 +425,12 @@ impl Config {
     }
 }
 
-/// Puts one `PARAFED_*` variable into the TOML table.
-fn apply_env(table: &mut toml::Table, var: &str, value: String) -> Result<(), ConfigError> {
+/// Puts one `PARAFED_*` variable into the TOML table; returns the dotted path it set.
+fn apply_env(table: &mut toml::Table, var: &str, value: String) -> Result<String, ConfigError> {
     let rest = var["PARAFED_".len()..].to_ascii_lowercase();
     if TOP_LEVEL.contains(&rest.as_str()) {
-        table.insert(rest, toml::Value::String(value));
-        return Ok(());
+        table.insert(rest.clone(), toml::Value::String(value));
+        return Ok(rest);
     }
     let Some(section) = SECTIONS.iter().find(|s| rest.starts_with(&format!("{s}_"))) else {
         return Err(ConfigError::UnknownEnv {
@@ -447,7 +460,7 @@ fn apply_env(table: &mut toml::Table, var: &str, value: String) -> Result<(), Co
         toml::Value::String(value)
     };
     sec.insert(key.to_owned(), v);
-    Ok(())
+    Ok(format!("{section}.{key}"))
 }
 
 /// `scheme://user:secret@host` → `scheme://user:***@host`.
@@ -525,6 +538,10 @@ base_url = "http://127.0.0.1:8449"
             .unwrap_err()
             .to_string();
         assert!(e.contains("PARAFED_BOGUS_X"), "{e}");
+        let e = Config::from_toml_and_env(BASE, "t", env(&[("PARAFED_HTTP_LISTEN", "nowhere")]))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("PARAFED_HTTP_LISTEN") && e.contains("socket address"), "{e}");
         let e = Config::from_toml_and_env(
             BASE,
             "t",

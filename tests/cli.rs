@@ -1,0 +1,118 @@
+//! The `parafed` binary as an operator runs it: migrate, keys, config check.
+
+mod support;
+
+use std::process::{Command, Output};
+
+use serde_json::Value;
+
+fn parafed(db: &str, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_parafed"))
+        .args(args)
+        .env_clear()
+        .env("PARAFED_SERVER_NAME", "alpha.test")
+        .env("PARAFED_DATABASE_URL", db)
+        .env("PARAFED_REDIS_URL", "redis://127.0.0.1:1/")
+        .env("PARAFED_LOG", "warn")
+        .output()
+        .expect("run parafed")
+}
+
+fn json(out: &Output) -> Value {
+    assert!(out.status.success(), "failed: {}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!("stdout is not one JSON document ({e}): {}", String::from_utf8_lossy(&out.stdout))
+    })
+}
+
+#[tokio::test]
+async fn migrate_is_idempotent() {
+    let db = support::pg::fresh_db().await;
+    let first = json(&parafed(&db, &["migrate", "--output", "json"]));
+    assert!(!first["applied"].as_array().unwrap().is_empty());
+    let second = json(&parafed(&db, &["migrate", "--output", "json"]));
+    assert_eq!(second["applied"], serde_json::json!([]));
+}
+
+#[tokio::test]
+async fn keys_generate_list_rotate() {
+    let db = support::pg::migrated_db().await;
+    let generated = json(&parafed(&db, &["keys", "generate", "--output", "json"]));
+    let first_id = generated["keys"][0]["key_id"].as_str().unwrap().to_owned();
+    assert!(first_id.starts_with("ed25519:"));
+
+    let list = json(&parafed(&db, &["keys", "list", "--output", "json"]));
+    let keys = list["keys"].as_array().unwrap();
+    assert_eq!(keys.len(), 1);
+    assert_eq!(keys[0]["status"], "active");
+    assert_eq!(keys[0]["algorithm"], "ed25519");
+    assert_eq!(keys[0]["public_key"].as_str().unwrap().len(), 64);
+    assert!(keys[0].get("seed").is_none(), "the secret is never printed");
+
+    // A second generate is refused and changes nothing.
+    let again = parafed(&db, &["keys", "generate"]);
+    assert_eq!(again.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&again.stderr).contains("rotate"));
+
+    json(&parafed(&db, &["keys", "rotate", "--output", "json"]));
+    let list = json(&parafed(&db, &["keys", "list", "--output", "json"]));
+    let keys = list["keys"].as_array().unwrap();
+    assert_eq!(keys.len(), 2);
+    let active: Vec<_> = keys.iter().filter(|k| k["status"] == "active").collect();
+    let retired: Vec<_> = keys.iter().filter(|k| k["status"] == "retired").collect();
+    assert_eq!(active.len(), 1);
+    assert_ne!(active[0]["key_id"], first_id.as_str());
+    assert_eq!(retired.len(), 1);
+    assert_eq!(retired[0]["key_id"], first_id.as_str());
+    assert!(retired[0]["verify_until"].is_string());
+}
+
+#[test]
+fn keys_import_reads_a_paracord_key_file() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let db = rt.block_on(support::pg::migrated_db());
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("signing.key");
+    std::fs::write(&f, "6162636465666768696a6b6c6d6e6f707172737475767778797a7b7c7d7e7f80\n").unwrap();
+    let out = json(&parafed(
+        &db,
+        &["keys", "import", "--key-id", "ed25519:auto", "--seed-file", f.to_str().unwrap(), "--output", "json"],
+    ));
+    // Paracord's own public key for this seed (tests/vectors/keys.json).
+    assert_eq!(
+        out["keys"][0]["public_key"],
+        "882d0ea3b2864e7a587f3e698cea4459998312e655e05fa5e8b5119d8baac8cd"
+    );
+}
+
+#[test]
+fn config_check_masks_secrets_and_names_bad_keys() {
+    let out = Command::new(env!("CARGO_BIN_EXE_parafed"))
+        .args(["config", "check", "--output", "json"])
+        .env_clear()
+        .env("PARAFED_SERVER_NAME", "alpha.test")
+        .env("PARAFED_DATABASE_URL", "postgres://u:hunter2@127.0.0.1/x")
+        .env("PARAFED_REDIS_URL", "redis://127.0.0.1:6379/")
+        .env("PARAFED_ADMIN_TOKEN", "t0psecret")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(!text.contains("hunter2") && !text.contains("t0psecret"), "{text}");
+    let v = json(&out);
+    assert_eq!(v["server_name"], "alpha.test");
+    assert_eq!(v["admin"]["token"], "<set>");
+    assert_eq!(v["federation"]["max_skew_ms"], 60000);
+
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("parafed.toml");
+    std::fs::write(&f, "server_name = \"alpha.test\"\n[database]\nurl = \"postgres://x\"\n[redis]\nurl = \"redis://x\"\n[federation]\nmax_skew = 5\n").unwrap();
+    let bad = Command::new(env!("CARGO_BIN_EXE_parafed"))
+        .args(["--config", f.to_str().unwrap(), "config", "check"])
+        .env_clear()
+        .output()
+        .unwrap();
+    assert_eq!(bad.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&bad.stderr);
+    assert!(err.contains("max_skew"), "{err}");
+    assert!(bad.stdout.is_empty());
+}
