@@ -89,6 +89,9 @@ pub struct HttpConfig {
     pub metrics_listen: SocketAddr,
     /// Public base URL peers reach us at (for `/.well-known`); derived from `listen` if unset.
     pub public_base_url: Option<String>,
+    /// PEM certificate chain and key: serve HTTPS directly (without a reverse proxy).
+    pub tls_cert: Option<std::path::PathBuf>,
+    pub tls_key: Option<std::path::PathBuf>,
 }
 
 impl Default for HttpConfig {
@@ -97,6 +100,8 @@ impl Default for HttpConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 8448)),
             metrics_listen: SocketAddr::from(([127, 0, 0, 1], 9448)),
             public_base_url: None,
+            tls_cert: None,
+            tls_key: None,
         }
     }
 }
@@ -115,6 +120,9 @@ pub struct DatabaseConfig {
 pub struct RedisConfig {
     /// `redis://host:port/db`.
     pub url: String,
+    /// Prefix of every key parafed writes, so deployments can share a Redis.
+    #[serde(default = "defaults::key_prefix")]
+    pub key_prefix: String,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -127,6 +135,17 @@ pub struct FederationConfig {
     /// How long a published key stays valid in our `/keys` answers (peers refetch after).
     #[serde(deserialize_with = "flex::i64")]
     pub key_refresh_interval_ms: i64,
+    /// Find peers that are not under `[peers]` through `https://<name>/.well-known`.
+    /// Off: only configured peers can federate (private fleets, tests).
+    pub discovery: bool,
+    /// Inbound events per minute from one peer, across the ingress fleet (0 = no limit).
+    /// A peer's own limit (`parafed admin peers rate-limit`) overrides it.
+    #[serde(deserialize_with = "flex::u32")]
+    pub rate_limit_per_minute: u32,
+    /// Least time between two fetches of one peer's `/keys`, however many unknown key
+    /// ids it is sent (a flood of bad key ids costs at most one fetch per interval).
+    #[serde(deserialize_with = "flex::u64")]
+    pub key_refetch_interval_ms: u64,
 }
 
 impl Default for FederationConfig {
@@ -135,6 +154,9 @@ impl Default for FederationConfig {
             mode: FederationMode::Open,
             max_skew_ms: crate::protocol::transport::DEFAULT_MAX_SKEW_MS,
             key_refresh_interval_ms: 24 * 3600 * 1000,
+            discovery: true,
+            rate_limit_per_minute: 6000,
+            key_refetch_interval_ms: 30_000,
         }
     }
 }
@@ -228,6 +250,9 @@ mod defaults {
     pub fn pool_size() -> u32 {
         16
     }
+    pub fn key_prefix() -> String {
+        "parafed".into()
+    }
 }
 
 /// Numbers that may arrive as TOML numbers (the file) or as strings (the environment).
@@ -282,6 +307,9 @@ const SECTIONS: &[&str] = &[
 const TOP_LEVEL: &[&str] = &["server_name", "domain"];
 /// `PARAFED_*` variables that are not settings.
 const NOT_SETTINGS: &[&str] = &["PARAFED_CONFIG", "PARAFED_LOG", "PARAFED_LOG_FORMAT"];
+
+/// Settings whose environment value is a boolean.
+const BOOLEANS: &[&str] = &["federation.discovery"];
 
 impl Config {
     /// Loads `path` (if any) and applies the process environment.
@@ -390,6 +418,9 @@ impl Config {
                 "[delivery] backoff_base_ms must be positive and at most backoff_cap_ms".into(),
             );
         }
+        if self.http.tls_cert.is_some() != self.http.tls_key.is_some() {
+            return bad("[http] tls_cert and tls_key must be set together".into());
+        }
         if self.delivery.window == 0 {
             return bad("[delivery] window must be at least 1".into());
         }
@@ -456,6 +487,16 @@ fn apply_env(table: &mut toml::Table, var: &str, value: String) -> Result<String
                 .map(|s| toml::Value::String(s.to_owned()))
                 .collect(),
         )
+    } else if BOOLEANS.contains(&format!("{section}.{key}").as_str()) {
+        match value.trim() {
+            "true" | "1" | "yes" => toml::Value::Boolean(true),
+            "false" | "0" | "no" => toml::Value::Boolean(false),
+            _ => {
+                return Err(ConfigError::Invalid(format!(
+                    "{var} must be true or false, not {value:?}"
+                )))
+            }
+        }
     } else {
         toml::Value::String(value)
     };
@@ -541,7 +582,10 @@ base_url = "http://127.0.0.1:8449"
         let e = Config::from_toml_and_env(BASE, "t", env(&[("PARAFED_HTTP_LISTEN", "nowhere")]))
             .unwrap_err()
             .to_string();
-        assert!(e.contains("PARAFED_HTTP_LISTEN") && e.contains("socket address"), "{e}");
+        assert!(
+            e.contains("PARAFED_HTTP_LISTEN") && e.contains("socket address"),
+            "{e}"
+        );
         let e = Config::from_toml_and_env(
             BASE,
             "t",

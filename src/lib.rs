@@ -10,8 +10,13 @@
 //! Ingress (hyper), trust and admin live beside these as they are built; the job handlers
 //! and the worker process are the `parafed-jobs` crate in `jobs/`.
 
+pub mod app;
 pub mod config;
+pub mod ingress;
 pub mod protocol;
+pub mod queue;
+pub mod remote;
 pub mod store;
 pub mod telemetry;
 pub mod time;
+pub mod trust;

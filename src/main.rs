@@ -37,6 +37,8 @@ enum Output {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Run the HTTP ingress: federation, local and admin APIs, and /metrics.
+    Serve,
     /// Apply pending database migrations (a no-op when none are pending).
     Migrate,
     /// Manage our signing keys.
@@ -118,6 +120,7 @@ fn print_json(v: &impl serde::Serialize) -> anyhow::Result<()> {
 
 async fn run(command: Command, output: Output, cfg: Config) -> anyhow::Result<()> {
     match command {
+        Command::Serve => serve(cfg).await?,
         Command::Migrate => {
             let applied = store::migrate::run_pending(&cfg.database.url).await?;
             if output == Output::Json {
@@ -193,5 +196,52 @@ async fn keys(command: KeysCommand, output: Output, cfg: &Config) -> anyhow::Res
             );
         }
     }
+    Ok(())
+}
+
+/// Resolves on SIGTERM or Ctrl-C.
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(t) => t,
+                Err(_) => {
+                    let _ = ctrl_c.await;
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}
+
+async fn serve(cfg: Config) -> anyhow::Result<()> {
+    use parafed::ingress::{metrics, server};
+    let handle = metrics::recorder();
+    let tls = match (&cfg.http.tls_cert, &cfg.http.tls_key) {
+        (Some(c), Some(k)) => Some(server::tls_acceptor(c, k)?),
+        _ => None,
+    };
+    let listener = tokio::net::TcpListener::bind(cfg.http.listen)
+        .await
+        .with_context(|| format!("binding {}", cfg.http.listen))?;
+    let metrics_listener = metrics::bind(cfg.http.metrics_listen)
+        .await
+        .with_context(|| format!("binding {}", cfg.http.metrics_listen))?;
+    let listen = cfg.http.listen;
+    let app = parafed::app::App::new(cfg)?;
+    if let Err(e) = app.signing_key().await {
+        tracing::warn!(error = %e, "no signing key yet: /keys is empty and local events are refused");
+    }
+    tokio::spawn(metrics::serve(metrics_listener, handle));
+    tracing::info!(%listen, tls = tls.is_some(), "parafed serving");
+    server::serve(app, listener, tls, shutdown_signal()).await;
+    tracing::info!("parafed stopped");
     Ok(())
 }

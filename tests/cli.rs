@@ -19,9 +19,16 @@ fn parafed(db: &str, args: &[&str]) -> Output {
 }
 
 fn json(out: &Output) -> Value {
-    assert!(out.status.success(), "failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
-        panic!("stdout is not one JSON document ({e}): {}", String::from_utf8_lossy(&out.stdout))
+        panic!(
+            "stdout is not one JSON document ({e}): {}",
+            String::from_utf8_lossy(&out.stdout)
+        )
     })
 }
 
@@ -73,10 +80,23 @@ fn keys_import_reads_a_paracord_key_file() {
     let db = rt.block_on(support::pg::migrated_db());
     let dir = tempfile::tempdir().unwrap();
     let f = dir.path().join("signing.key");
-    std::fs::write(&f, "6162636465666768696a6b6c6d6e6f707172737475767778797a7b7c7d7e7f80\n").unwrap();
+    std::fs::write(
+        &f,
+        "6162636465666768696a6b6c6d6e6f707172737475767778797a7b7c7d7e7f80\n",
+    )
+    .unwrap();
     let out = json(&parafed(
         &db,
-        &["keys", "import", "--key-id", "ed25519:auto", "--seed-file", f.to_str().unwrap(), "--output", "json"],
+        &[
+            "keys",
+            "import",
+            "--key-id",
+            "ed25519:auto",
+            "--seed-file",
+            f.to_str().unwrap(),
+            "--output",
+            "json",
+        ],
     ));
     // Paracord's own public key for this seed (tests/vectors/keys.json).
     assert_eq!(
@@ -97,7 +117,10 @@ fn config_check_masks_secrets_and_names_bad_keys() {
         .output()
         .unwrap();
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(!text.contains("hunter2") && !text.contains("t0psecret"), "{text}");
+    assert!(
+        !text.contains("hunter2") && !text.contains("t0psecret"),
+        "{text}"
+    );
     let v = json(&out);
     assert_eq!(v["server_name"], "alpha.test");
     assert_eq!(v["admin"]["token"], "<set>");

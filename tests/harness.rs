@@ -35,13 +35,21 @@ async fn postgres_restarts_keep_data() {
     drop(c);
 
     pg.stop();
-    assert_eq!(count(&url).await, None, "stopped server must refuse connections");
+    assert_eq!(
+        count(&url).await,
+        None,
+        "stopped server must refuse connections"
+    );
     pg.start_again().await;
     assert_eq!(count(&url).await, Some(2));
 
     pg.kill();
     pg.start_again().await;
-    assert_eq!(count(&url).await, Some(2), "crash recovery keeps committed rows");
+    assert_eq!(
+        count(&url).await,
+        Some(2),
+        "crash recovery keeps committed rows"
+    );
 }
 
 #[tokio::test]

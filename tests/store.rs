@@ -41,7 +41,10 @@ fn indexes_in_migrations() -> Vec<String> {
 async fn migrations_apply_once_and_create_everything() {
     let url = support::pg::fresh_db().await;
     let applied = parafed::store::migrate::run_pending(&url).await.unwrap();
-    assert!(!applied.is_empty(), "an empty database gets every migration");
+    assert!(
+        !applied.is_empty(),
+        "an empty database gets every migration"
+    );
     let again = parafed::store::migrate::run_pending(&url).await.unwrap();
     assert!(again.is_empty(), "second run is a no-op, applied {again:?}");
 
@@ -52,7 +55,10 @@ async fn migrations_apply_once_and_create_everything() {
     )
     .await;
     for t in TABLES {
-        assert!(tables.iter().any(|x| x == t), "table {t} missing; have {tables:?}");
+        assert!(
+            tables.iter().any(|x| x == t),
+            "table {t} missing; have {tables:?}"
+        );
     }
     let indexes = names(
         &mut c,
@@ -60,7 +66,11 @@ async fn migrations_apply_once_and_create_everything() {
     )
     .await;
     let expected = indexes_in_migrations();
-    assert!(expected.len() >= 20, "found only {} indexes in migrations", expected.len());
+    assert!(
+        expected.len() >= 20,
+        "found only {} indexes in migrations",
+        expected.len()
+    );
     for i in &expected {
         assert!(indexes.iter().any(|x| x == i), "index {i} missing");
     }
@@ -88,6 +98,7 @@ async fn check_diesel_columns(c: &mut AsyncPgConnection) {
         local_signing_keys,
         peers,
         peer_trust,
+        hosted_rooms,
         room_servers,
         room_members,
         outbound_queue,
@@ -116,7 +127,11 @@ async fn one_active_key_and_rotation_keeps_the_old() {
     let active = keys::active(&mut c).await.unwrap().unwrap();
     assert_eq!(active.key_id().as_str(), new.key_id);
     let published = keys::published(&mut c, chrono::Utc::now()).await.unwrap();
-    assert_eq!(published.len(), 2, "retired key still published within retention");
+    assert_eq!(
+        published.len(),
+        2,
+        "retired key still published within retention"
+    );
     let later = chrono::Utc::now() + chrono::Duration::hours(2);
     assert_eq!(keys::published(&mut c, later).await.unwrap().len(), 1);
 }

@@ -7,7 +7,9 @@
 //! vector file that silently shrank would fail too.
 
 use parafed::protocol::envelope::{custom_event_id, Envelope, SignatureError};
-use parafed::protocol::transport::{body_sha256_hex, signing_string, TransportHeaders, EMPTY_BODY_SHA256};
+use parafed::protocol::transport::{
+    body_sha256_hex, signing_string, TransportHeaders, EMPTY_BODY_SHA256,
+};
 use parafed::protocol::{EventType, KeyId, Keypair, PublicKey, ServerName};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
@@ -19,7 +21,8 @@ fn load(name: &str) -> Value {
 }
 
 fn s<'a>(v: &'a Value, k: &str) -> &'a str {
-    v[k].as_str().unwrap_or_else(|| panic!("field {k} missing in {v}"))
+    v[k].as_str()
+        .unwrap_or_else(|| panic!("field {k} missing in {v}"))
 }
 
 fn keypair(key: &Value) -> Keypair {
@@ -43,8 +46,16 @@ fn canonical_envelopes_are_byte_exact() {
 
         // The wire body parses, re-serialises to itself, and carries the vector's map.
         let env = Envelope::from_wire(wire.as_bytes()).unwrap_or_else(|e| panic!("{name}: {e}"));
-        assert_eq!(String::from_utf8(env.to_wire()).unwrap(), wire, "{name}: wire body");
-        assert_eq!(sha256_hex(wire.as_bytes()), s(v, "wire_body_sha256"), "{name}");
+        assert_eq!(
+            String::from_utf8(env.to_wire()).unwrap(),
+            wire,
+            "{name}: wire body"
+        );
+        assert_eq!(
+            sha256_hex(wire.as_bytes()),
+            s(v, "wire_body_sha256"),
+            "{name}"
+        );
         assert_eq!(
             serde_json::to_value(&env.signatures).unwrap(),
             v["signatures"],
@@ -53,21 +64,49 @@ fn canonical_envelopes_are_byte_exact() {
 
         // Signing bytes, their length and hash.
         let bytes = env.signing_bytes();
-        assert_eq!(String::from_utf8(bytes.clone()).unwrap(), canonical, "{name}: signing bytes");
-        assert_eq!(bytes.len() as u64, v["canonical_signing_bytes_len"].as_u64().unwrap(), "{name}");
-        assert_eq!(sha256_hex(&bytes), s(v, "canonical_signing_bytes_sha256"), "{name}");
+        assert_eq!(
+            String::from_utf8(bytes.clone()).unwrap(),
+            canonical,
+            "{name}: signing bytes"
+        );
+        assert_eq!(
+            bytes.len() as u64,
+            v["canonical_signing_bytes_len"].as_u64().unwrap(),
+            "{name}"
+        );
+        assert_eq!(
+            sha256_hex(&bytes),
+            s(v, "canonical_signing_bytes_sha256"),
+            "{name}"
+        );
 
         // Deterministic ed25519: our signature is Paracord's, and it verifies.
-        assert_eq!(key.sign_hex(&bytes), s(v, "signature_hex"), "{name}: signature");
-        assert_eq!(env.verify(|_| Some(key.public_key())).unwrap(), *key.key_id(), "{name}");
+        assert_eq!(
+            key.sign_hex(&bytes),
+            s(v, "signature_hex"),
+            "{name}: signature"
+        );
+        assert_eq!(
+            env.verify(|_| Some(key.public_key())).unwrap(),
+            *key.key_id(),
+            "{name}"
+        );
 
         // The same envelope built from the unsigned form, and from the raw input text.
         let mut unsigned = v["envelope_unsigned"].clone();
         unsigned["signatures"] = serde_json::json!({});
         let mut from_unsigned: Envelope = serde_json::from_value(unsigned).unwrap();
-        assert_eq!(from_unsigned.signing_bytes(), bytes, "{name}: from envelope_unsigned");
+        assert_eq!(
+            from_unsigned.signing_bytes(),
+            bytes,
+            "{name}: from envelope_unsigned"
+        );
         from_unsigned.sign(&key);
-        assert_eq!(from_unsigned.to_wire(), wire.as_bytes(), "{name}: signing yields the wire body");
+        assert_eq!(
+            from_unsigned.to_wire(),
+            wire.as_bytes(),
+            "{name}: signing yields the wire body"
+        );
         if let Some(input) = v.get("input_json").and_then(Value::as_str) {
             let from_input = Envelope::from_wire(input.as_bytes()).unwrap();
             assert_eq!(from_input.signing_bytes(), bytes, "{name}: from input_json");
@@ -135,11 +174,23 @@ fn transport_signatures_are_byte_exact() {
         let path = s(r, "path");
         let body = r["body"].as_str().unwrap_or("").as_bytes();
         let ts = r["timestamp_ms"].as_i64().unwrap();
-        assert_eq!(body_sha256_hex(body), s(r, "body_sha256"), "{name}: body hash");
-        assert_eq!(signing_string(method, path, ts, body), s(r, "signing_string"), "{name}");
+        assert_eq!(
+            body_sha256_hex(body),
+            s(r, "body_sha256"),
+            "{name}: body hash"
+        );
+        assert_eq!(
+            signing_string(method, path, ts, body),
+            s(r, "signing_string"),
+            "{name}"
+        );
 
         let signed = TransportHeaders::sign(&key, &origin, method, path, ts, body);
-        assert_eq!(hex::encode(signed.signature), s(r, "signature_hex"), "{name}: signature");
+        assert_eq!(
+            hex::encode(signed.signature),
+            s(r, "signature_hex"),
+            "{name}: signature"
+        );
         for (h, value) in signed.to_header_pairs() {
             assert_eq!(value, s(&r["headers"], h), "{name}: header {h}");
         }
@@ -153,9 +204,13 @@ fn transport_signatures_are_byte_exact() {
             hdr("X-Paracord-Signature"),
         )
         .unwrap();
-        parsed.verify(&key.public_key(), method, path, body).unwrap();
+        parsed
+            .verify(&key.public_key(), method, path, body)
+            .unwrap();
         assert!(
-            parsed.verify(&key.public_key(), method, &format!("{path}/"), body).is_err(),
+            parsed
+                .verify(&key.public_key(), method, &format!("{path}/"), body)
+                .is_err(),
             "{name}: another path must fail"
         );
         if method == "POST" {
@@ -182,7 +237,10 @@ fn paracord_signed_events_verify_and_break_on_any_content_change() {
             s(e, "canonical_signing_bytes")
         );
         assert_eq!(env.verify(lookup), Ok(kid.clone()), "{}", env.event_id);
-        assert_eq!(String::from_utf8(env.to_wire()).unwrap(), s(e, "struct_order_wire_body"));
+        assert_eq!(
+            String::from_utf8(env.to_wire()).unwrap(),
+            s(e, "struct_order_wire_body")
+        );
 
         // Flip one bit in every byte of the serialised content, one byte at a time. A
         // mutant that still parses and denotes different content must fail verification.
@@ -211,5 +269,8 @@ fn paracord_signed_events_verify_and_break_on_any_content_change() {
         events += 1;
     }
     assert_eq!(events, 6, "every Paracord-signed event checked");
-    assert!(mutants > 1000, "only {mutants} content mutants were checked");
+    assert!(
+        mutants > 1000,
+        "only {mutants} content mutants were checked"
+    );
 }

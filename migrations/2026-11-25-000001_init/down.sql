@@ -6,6 +6,7 @@ DROP TABLE IF EXISTS delivery_attempts;
 DROP TABLE IF EXISTS outbound_queue;
 DROP TABLE IF EXISTS room_members;
 DROP TABLE IF EXISTS room_servers;
+DROP TABLE IF EXISTS hosted_rooms;
 DROP TABLE IF EXISTS peer_trust;
 DROP TABLE IF EXISTS peers;
 DROP TABLE IF EXISTS local_signing_keys;

@@ -98,6 +98,18 @@ CREATE TABLE peer_trust (
 );
 CREATE INDEX peer_trust_state ON peer_trust (state);
 
+-- Rooms hosted here that federate, registered by the local Paracord app. Invites and
+-- joins for any other room id on our domain are refused (403), as Paracord refuses guilds
+-- outside its federation allowlist.
+CREATE TABLE hosted_rooms (
+    room_id             TEXT PRIMARY KEY,
+    guild_id            TEXT NOT NULL,
+    guild_name          TEXT NOT NULL,
+    default_channel_id  TEXT,
+    created_at          TIMESTAMPTZ NOT NULL DEFAULT now(),
+    updated_at          TIMESTAMPTZ NOT NULL DEFAULT now()
+);
+
 -- Which servers are in each room hosted here (the fan-out set).
 CREATE TABLE room_servers (
     room_id        TEXT NOT NULL,

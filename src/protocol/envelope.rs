@@ -216,13 +216,66 @@ struct SigningView<'a> {
     state_key: &'a Option<StateKey>,
 }
 
-/// Why a wire body is not an acceptable envelope.
+/// Why a wire body is not an acceptable envelope. The HTTP edge answers `Syntax`, `Id`
+/// and `Limit` with 400 and `Shape` with 422, as Paracord does.
 #[derive(Debug, thiserror::Error)]
 pub enum EnvelopeError {
-    #[error("event body is not a valid envelope: {0}")]
-    Json(#[from] serde_json::Error),
+    #[error("event body is not valid JSON: {0}")]
+    Syntax(serde_json::Error),
+    #[error("event body does not have the envelope's shape: {0}")]
+    Shape(serde_json::Error),
+    #[error(transparent)]
+    Id(#[from] IdError),
     #[error(transparent)]
     Limit(#[from] LimitError),
+}
+
+impl EnvelopeError {
+    /// Sorts a serde_json error: malformed JSON, or JSON of the wrong shape. Our id types
+    /// report through `IdError`'s message, which starts with "invalid "; those are id
+    /// errors (400), not shape errors.
+    pub fn from_json(e: serde_json::Error) -> Self {
+        use serde_json::error::Category;
+        match e.classify() {
+            Category::Syntax | Category::Eof | Category::Io => EnvelopeError::Syntax(e),
+            Category::Data => EnvelopeError::Shape(e),
+        }
+    }
+}
+
+/// The envelope with every id as plain text: parsing into this first separates
+/// "wrong shape" (422) from "well-shaped but invalid id" (400).
+#[derive(Deserialize)]
+struct LooseEnvelope {
+    event_id: String,
+    room_id: String,
+    event_type: String,
+    sender: String,
+    origin_server: String,
+    origin_ts: i64,
+    content: Value,
+    depth: i64,
+    #[serde(default)]
+    state_key: Option<String>,
+    signatures: Signatures,
+}
+
+impl TryFrom<LooseEnvelope> for Envelope {
+    type Error = IdError;
+    fn try_from(l: LooseEnvelope) -> Result<Self, IdError> {
+        Ok(Envelope {
+            event_id: EventId::try_from(l.event_id)?,
+            room_id: RoomId::try_from(l.room_id)?,
+            event_type: EventType::parse(&l.event_type)?,
+            sender: UserId::try_from(l.sender)?,
+            origin_server: ServerName::try_from(l.origin_server)?,
+            origin_ts: l.origin_ts,
+            content: l.content,
+            depth: l.depth,
+            state_key: l.state_key.map(|s| StateKey::parse(&s)).transpose()?,
+            signatures: l.signatures,
+        })
+    }
 }
 
 /// Why an envelope signature did not verify.
@@ -243,7 +296,9 @@ impl Envelope {
     /// ignored, as Paracord ignores them; use [`Envelope::is_wire_form`] to learn whether
     /// `bytes` was the exact wire form.
     pub fn from_wire(bytes: &[u8]) -> Result<Self, EnvelopeError> {
-        let env: Envelope = serde_json::from_slice(bytes)?;
+        let loose: LooseEnvelope =
+            serde_json::from_slice(bytes).map_err(EnvelopeError::from_json)?;
+        let env = Envelope::try_from(loose)?;
         env.check_limits()?;
         Ok(env)
     }

@@ -5,9 +5,15 @@
 //! its own. Postgres is the system of record: what Redis carries can always be rebuilt
 //! from these tables.
 
+pub mod attempts;
+pub mod events;
+pub mod feed;
 pub mod keys;
+pub mod local;
 pub mod migrate;
+pub mod rooms;
 pub mod schema;
+pub mod status;
 
 use diesel_async::pooled_connection::deadpool::{self, Pool};
 use diesel_async::pooled_connection::AsyncDieselConnectionManager;

@@ -73,6 +73,17 @@ diesel::table! {
 }
 
 diesel::table! {
+    hosted_rooms (room_id) {
+        room_id -> Text,
+        guild_id -> Text,
+        guild_name -> Text,
+        default_channel_id -> Nullable<Text>,
+        created_at -> Timestamptz,
+        updated_at -> Timestamptz,
+    }
+}
+
+diesel::table! {
     room_servers (room_id, server_name) {
         room_id -> Text,
         server_name -> Text,
@@ -178,6 +189,7 @@ diesel::allow_tables_to_appear_in_same_query!(
     local_signing_keys,
     peers,
     peer_trust,
+    hosted_rooms,
     room_servers,
     room_members,
     outbound_queue,
@@ -195,6 +207,7 @@ pub const TABLES: &[&str] = &[
     "local_signing_keys",
     "peers",
     "peer_trust",
+    "hosted_rooms",
     "room_servers",
     "room_members",
     "outbound_queue",

@@ -52,7 +52,8 @@ fn sweep_stale_dirs() {
             let Some(pid) = rest.split('-').next().and_then(|p| p.parse::<u32>().ok()) else {
                 continue;
             };
-            if pid != std::process::id() && !std::path::Path::new(&format!("/proc/{pid}")).exists() {
+            if pid != std::process::id() && !std::path::Path::new(&format!("/proc/{pid}")).exists()
+            {
                 let _ = std::fs::remove_dir_all(e.path());
             }
         }

@@ -43,7 +43,10 @@ fn run_as() -> Option<(u32, u32)> {
             return None;
         }
         let pw = libc::getpwnam(c"postgres".as_ptr());
-        assert!(!pw.is_null(), "running as root needs a 'postgres' system user");
+        assert!(
+            !pw.is_null(),
+            "running as root needs a 'postgres' system user"
+        );
         Some(((*pw).pw_uid, (*pw).pw_gid))
     }
 }
@@ -85,7 +88,15 @@ impl Postgres {
         let out = command(&bin_dir().join("initdb"), user)
             .args(["-D"])
             .arg(dir.join("data"))
-            .args(["-U", "postgres", "--auth=trust", "-E", "UTF8", "--no-locale", "-N"])
+            .args([
+                "-U",
+                "postgres",
+                "--auth=trust",
+                "-E",
+                "UTF8",
+                "--no-locale",
+                "-N",
+            ])
             .stdout(Stdio::null())
             .output()
             .expect("run initdb");
@@ -117,22 +128,32 @@ impl Postgres {
             .args(["-p", &self.port.to_string(), "-k"])
             .arg(&self.dir)
             .args([
-                "-c", "listen_addresses=127.0.0.1",
-                "-c", "fsync=off",
-                "-c", "synchronous_commit=off",
-                "-c", "full_page_writes=off",
-                "-c", "max_connections=300",
-                "-c", "shared_buffers=64MB",
+                "-c",
+                "listen_addresses=127.0.0.1",
+                "-c",
+                "fsync=off",
+                "-c",
+                "synchronous_commit=off",
+                "-c",
+                "full_page_writes=off",
+                "-c",
+                "max_connections=300",
+                "-c",
+                "shared_buffers=64MB",
             ])
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log);
         self.child = Some(spawn_tied(cmd).expect("spawn postgres"));
         let url = self.url("postgres");
-        wait_for("postgres to accept connections", Duration::from_secs(60), || {
-            let url = url.clone();
-            async move { AsyncPgConnection::establish(&url).await.ok().map(|_| ()) }
-        })
+        wait_for(
+            "postgres to accept connections",
+            Duration::from_secs(60),
+            || {
+                let url = url.clone();
+                async move { AsyncPgConnection::establish(&url).await.ok().map(|_| ()) }
+            },
+        )
         .await;
     }
 
@@ -186,7 +207,11 @@ pub async fn shared() -> &'static Postgres {
 pub async fn fresh_db() -> String {
     use std::sync::atomic::{AtomicUsize, Ordering};
     static N: AtomicUsize = AtomicUsize::new(0);
-    let name = format!("t{}_{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed));
+    let name = format!(
+        "t{}_{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    );
     shared().await.create_db(&name).await
 }
 

@@ -43,20 +43,42 @@ impl Redis {
         let mut cmd = Command::new(
             std::env::var("PARAFED_TEST_REDIS_SERVER").unwrap_or_else(|_| "redis-server".into()),
         );
-        cmd.args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--dir"])
-            .arg(&self.dir)
-            .args([
-                "--save", "", "--appendonly", "yes", "--appendfsync", "no",
-                "--daemonize", "no", "--logfile", "redis.log",
-            ])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null());
-        self.child = Some(spawn_tied(cmd).expect("spawn redis-server (apt-get install redis-server)"));
+        cmd.args([
+            "--port",
+            &self.port.to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--dir",
+        ])
+        .arg(&self.dir)
+        .args([
+            "--save",
+            "",
+            "--appendonly",
+            "yes",
+            "--appendfsync",
+            "no",
+            "--daemonize",
+            "no",
+            "--logfile",
+            "redis.log",
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+        self.child =
+            Some(spawn_tied(cmd).expect("spawn redis-server (apt-get install redis-server)"));
         let port = self.port;
-        wait_for("redis to answer PING", Duration::from_secs(30), || async move {
-            command_line(port, "PING").ok().filter(|r| r == "+PONG").map(|_| ())
-        })
+        wait_for(
+            "redis to answer PING",
+            Duration::from_secs(30),
+            || async move {
+                command_line(port, "PING")
+                    .ok()
+                    .filter(|r| r == "+PONG")
+                    .map(|_| ())
+            },
+        )
         .await;
     }
 

@@ -1,0 +1,191 @@
+//! The one place errors become HTTP answers.
+//!
+//! Every error body has Paracord's shape, `{"code","details":null,"error","message"}`:
+//! `code` for machines (`FORBIDDEN`, `RATE_LIMITED`, …), `error` a short summary,
+//! `message` what happened and what to do about it. 429 and 503 carry `Retry-After`.
+//! Internal failures are logged with detail and answered without it.
+
+use bytes::Bytes;
+use http::{HeaderValue, Response, StatusCode};
+use http_body_util::Full;
+
+use crate::protocol::envelope::EnvelopeError;
+use crate::protocol::transport::TransportError;
+use crate::queue::QueueError;
+use crate::remote::KeyLookupError;
+use crate::store::StoreError;
+
+pub type Body = Full<Bytes>;
+
+#[derive(Debug)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub code: &'static str,
+    pub message: String,
+    pub retry_after_secs: Option<u64>,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            code,
+            message: message.into(),
+            retry_after_secs: None,
+        }
+    }
+
+    pub fn bad_request(m: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "BAD_REQUEST", m)
+    }
+    pub fn unauthorized(m: impl Into<String>) -> Self {
+        Self::new(StatusCode::UNAUTHORIZED, "UNAUTHORIZED", m)
+    }
+    pub fn forbidden(m: impl Into<String>) -> Self {
+        Self::new(StatusCode::FORBIDDEN, "FORBIDDEN", m)
+    }
+    pub fn not_found(m: impl Into<String>) -> Self {
+        Self::new(StatusCode::NOT_FOUND, "NOT_FOUND", m)
+    }
+    pub fn conflict(m: impl Into<String>) -> Self {
+        Self::new(StatusCode::CONFLICT, "CONFLICT", m)
+    }
+    pub fn unprocessable(m: impl Into<String>) -> Self {
+        Self::new(StatusCode::UNPROCESSABLE_ENTITY, "UNPROCESSABLE_ENTITY", m)
+    }
+    pub fn rate_limited(retry_after_secs: u64) -> Self {
+        Self {
+            retry_after_secs: Some(retry_after_secs.max(1)),
+            ..Self::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "RATE_LIMITED",
+                format!(
+                    "too many events from this server; retry after {} s",
+                    retry_after_secs.max(1)
+                ),
+            )
+        }
+    }
+    /// A dependency (Postgres, Redis) is down: the request changed nothing; try again.
+    pub fn unavailable(what: &str) -> Self {
+        Self {
+            retry_after_secs: Some(5),
+            ..Self::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "UNAVAILABLE",
+                format!("{what} is temporarily unavailable; nothing was stored, retry later"),
+            )
+        }
+    }
+
+    fn summary(&self) -> &'static str {
+        match self.status {
+            StatusCode::BAD_REQUEST => "bad request",
+            StatusCode::UNAUTHORIZED => "unauthorized",
+            StatusCode::FORBIDDEN => "forbidden",
+            StatusCode::NOT_FOUND => "not found",
+            StatusCode::METHOD_NOT_ALLOWED => "method not allowed",
+            StatusCode::REQUEST_TIMEOUT => "request timeout",
+            StatusCode::CONFLICT => "conflict",
+            StatusCode::PAYLOAD_TOO_LARGE => "payload too large",
+            StatusCode::UNSUPPORTED_MEDIA_TYPE => "unsupported media type",
+            StatusCode::UNPROCESSABLE_ENTITY => "unprocessable entity",
+            StatusCode::TOO_MANY_REQUESTS => "rate limited",
+            StatusCode::SERVICE_UNAVAILABLE => "service unavailable",
+            _ => "internal server error",
+        }
+    }
+
+    pub fn into_response(self) -> Response<Body> {
+        let body = serde_json::json!({
+            "code": self.code,
+            "details": null,
+            "error": self.summary(),
+            "message": self.message,
+        });
+        let mut r = json_response(self.status, &body);
+        if let Some(s) = self.retry_after_secs {
+            r.headers_mut()
+                .insert(http::header::RETRY_AFTER, HeaderValue::from(s));
+        }
+        r
+    }
+}
+
+/// A JSON response with the given status.
+pub fn json_response(status: StatusCode, body: &serde_json::Value) -> Response<Body> {
+    json_bytes_response(status, serde_json::to_vec(body).unwrap_or_default())
+}
+
+pub fn json_bytes_response(status: StatusCode, body: Vec<u8>) -> Response<Body> {
+    let mut r = Response::new(Full::new(Bytes::from(body)));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    r
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::Unavailable(ref m) => {
+                tracing::warn!(error = %m, "database unavailable");
+                ApiError::unavailable("the database")
+            }
+            StoreError::Conflict(m) => ApiError::conflict(m),
+            StoreError::NotFound(m) => ApiError::not_found(m),
+            other => {
+                // A lost connection mid-query is an outage too, not a bug.
+                let text = other.to_string();
+                tracing::error!(error = %text, "database error");
+                if text.contains("connection") || text.contains("closed") {
+                    ApiError::unavailable("the database")
+                } else {
+                    ApiError::new(
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        "INTERNAL_ERROR",
+                        "internal error; it has been logged",
+                    )
+                }
+            }
+        }
+    }
+}
+
+impl From<QueueError> for ApiError {
+    fn from(e: QueueError) -> Self {
+        tracing::warn!(error = %e, "redis unavailable");
+        ApiError::unavailable("the job queue")
+    }
+}
+
+impl From<TransportError> for ApiError {
+    fn from(e: TransportError) -> Self {
+        match e {
+            TransportError::BadSignature => ApiError::forbidden(e.to_string()),
+            _ => ApiError::unauthorized(e.to_string()),
+        }
+    }
+}
+
+impl From<KeyLookupError> for ApiError {
+    fn from(e: KeyLookupError) -> Self {
+        match e {
+            KeyLookupError::UnknownKey { .. } => ApiError::forbidden(format!(
+                "{e}; the key must be listed in the server's /_paracord/federation/v1/keys"
+            )),
+            KeyLookupError::Unavailable(_) => ApiError::unavailable("the key store"),
+        }
+    }
+}
+
+impl From<EnvelopeError> for ApiError {
+    fn from(e: EnvelopeError) -> Self {
+        match e {
+            EnvelopeError::Shape(_) => ApiError::unprocessable(e.to_string()),
+            _ => ApiError::bad_request(e.to_string()),
+        }
+    }
+}

@@ -1,0 +1,369 @@
+//! The local API: what the co-located Paracord app calls (bearer `PARAFED_LOCAL_TOKEN`).
+//!
+//! * `PUT  /_parafed/local/v1/rooms/{room_id}` — register a room hosted here;
+//! * `POST /_parafed/local/v1/events` — federate an event (signed as us, stored, fanned
+//!   out), idempotent on `txn_id`;
+//! * `GET  /_parafed/local/v1/feed?since=&limit=` — accepted inbound events, cursor-paged;
+//! * `POST /_parafed/local/v1/{invite,join,leave}` — ask a room's host on behalf of a
+//!   local user; the host's answer is returned.
+
+use bytes::Bytes;
+use http::request::Parts;
+use http::{Method, Response, StatusCode};
+use serde::Deserialize;
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+
+use super::error::{json_response, ApiError, Body};
+use super::request::{bearer, constant_time_eq, parse_query, query_param};
+use crate::app::{App, AppError};
+use crate::protocol::envelope::Signatures;
+use crate::protocol::{Envelope, EventId, EventType, RoomId, ServerName, StateKey, UserId};
+use crate::queue::{FanoutJob, QueueName};
+use crate::remote::send::send_signed;
+use crate::store::attempts::{self, Attempt};
+use crate::store::events::{self, EventStatus, NewEvent};
+use crate::store::rooms::{self, HostedRoom, Membership};
+use crate::store::{feed, local as txns, StoreError};
+
+/// Checks `Authorization: Bearer <token>` against the configured token.
+pub fn authorize(expected: Option<&str>, parts: &Parts, env_var: &str) -> Result<(), ApiError> {
+    let Some(expected) = expected else {
+        return Err(ApiError::forbidden(format!(
+            "this API is disabled: set {env_var} to enable it"
+        )));
+    };
+    match bearer(&parts.headers) {
+        Some(t) if constant_time_eq(t.as_bytes(), expected.as_bytes()) => Ok(()),
+        Some(_) => Err(ApiError::unauthorized("the bearer token is not valid")),
+        None => Err(ApiError::unauthorized("send Authorization: Bearer <token>")),
+    }
+}
+
+fn app_error(e: AppError) -> ApiError {
+    match e {
+        AppError::Store(s) => s.into(),
+        AppError::Queue(q) => q.into(),
+        AppError::NoSigningKey => ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "NO_SIGNING_KEY",
+            "this server has no active signing key; run `parafed keys generate`",
+        ),
+    }
+}
+
+fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+    serde_json::from_slice(body)
+        .map_err(|e| ApiError::bad_request(format!("invalid request body: {e}")))
+}
+
+fn local_user(app: &App, s: &str) -> Result<UserId, ApiError> {
+    let u = UserId::parse(s).map_err(|e| ApiError::bad_request(e.to_string()))?;
+    if u.domain() != app.cfg.domain() {
+        return Err(ApiError::bad_request(format!(
+            "{u} is not a local user (local users end in :{})",
+            app.cfg.domain()
+        )));
+    }
+    Ok(u)
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RoomBody {
+    guild_name: String,
+    #[serde(default)]
+    default_channel_id: Option<String>,
+}
+
+pub async fn put_room(app: &App, raw_room: &str, body: Bytes) -> Result<Response<Body>, ApiError> {
+    let room = percent_encoding::percent_decode_str(raw_room)
+        .decode_utf8()
+        .map_err(|_| ApiError::bad_request("room id is not valid UTF-8"))?;
+    let room = RoomId::parse(&room).map_err(|e| ApiError::bad_request(e.to_string()))?;
+    if room.domain() != app.cfg.domain() {
+        return Err(ApiError::bad_request(format!(
+            "{room} is not on this server's domain"
+        )));
+    }
+    let b: RoomBody = parse_json(&body)?;
+    let hosted = HostedRoom {
+        room_id: room.to_string(),
+        guild_id: room.guild_id().to_owned(),
+        guild_name: b.guild_name,
+        default_channel_id: b.default_channel_id,
+    };
+    let mut conn = app.pool.get().await.map_err(StoreError::from)?;
+    rooms::upsert_hosted(&mut conn, &hosted).await?;
+    Ok(json_response(
+        StatusCode::OK,
+        &serde_json::to_value(&hosted).unwrap_or(Value::Null),
+    ))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SubmitEvent {
+    txn_id: String,
+    room_id: String,
+    event_type: String,
+    sender: String,
+    content: Value,
+    #[serde(default)]
+    state_key: Option<String>,
+    #[serde(default)]
+    event_id: Option<String>,
+}
+
+pub async fn submit_event(app: &App, body: Bytes) -> Result<Response<Body>, ApiError> {
+    let req: SubmitEvent = parse_json(&body)?;
+    if req.txn_id.is_empty() || req.txn_id.len() > 255 {
+        return Err(ApiError::bad_request("txn_id must be 1 to 255 bytes"));
+    }
+    let request_hash = hex::encode(Sha256::digest(&body));
+    {
+        let mut conn = app.pool.get().await.map_err(StoreError::from)?;
+        if let Some(t) = txns::find(&mut conn, &req.txn_id).await? {
+            return replay_txn(&t, &request_hash);
+        }
+    }
+    let now = crate::time::now_ms();
+    let event_id = match &req.event_id {
+        Some(id) => EventId::parse(id).map_err(|e| ApiError::bad_request(e.to_string()))?,
+        None => {
+            let r: u64 = rand::random();
+            EventId::parse(&format!("${r:016x}:{}", app.cfg.domain()))
+                .map_err(|e| ApiError::bad_request(e.to_string()))?
+        }
+    };
+    let mut env = Envelope {
+        event_id,
+        room_id: RoomId::parse(&req.room_id).map_err(|e| ApiError::bad_request(e.to_string()))?,
+        event_type: EventType::parse(&req.event_type)
+            .map_err(|e| ApiError::bad_request(e.to_string()))?,
+        sender: local_user(app, &req.sender)?,
+        origin_server: app.cfg.server_name.clone(),
+        origin_ts: now,
+        content: req.content,
+        depth: now,
+        state_key: req
+            .state_key
+            .as_deref()
+            .map(StateKey::parse)
+            .transpose()
+            .map_err(|e| ApiError::bad_request(e.to_string()))?,
+        signatures: Signatures::default(),
+    };
+    env.check_limits()
+        .map_err(|e| ApiError::bad_request(e.to_string()))?;
+    let key = app.signing_key().await.map_err(app_error)?;
+    env.sign(&key);
+    let response = serde_json::json!({ "event_id": env.event_id, "origin_ts": env.origin_ts });
+    let response_text = response.to_string();
+
+    let mut conn = app.pool.get().await.map_err(StoreError::from)?;
+    // The transaction row first: of two concurrent requests with one txn_id, one wins.
+    if !txns::record(
+        &mut conn,
+        &req.txn_id,
+        &request_hash,
+        env.event_id.as_str(),
+        &response_text,
+    )
+    .await?
+    {
+        if let Some(t) = txns::find(&mut conn, &req.txn_id).await? {
+            return replay_txn(&t, &request_hash);
+        }
+    }
+    let inserted = events::insert(
+        &mut conn,
+        &[NewEvent {
+            envelope: &env,
+            received_from: None,
+            status: EventStatus::Accepted,
+        }],
+    )
+    .await?[0];
+    if !inserted {
+        return Err(ApiError::conflict(format!(
+            "event {} already exists",
+            env.event_id
+        )));
+    }
+    if let Err(e) = app
+        .queue
+        .push(
+            QueueName::Fanout,
+            &FanoutJob {
+                event_id: env.event_id.to_string(),
+            },
+        )
+        .await
+    {
+        metrics::counter!("parafed_enqueue_failures_total", "queue" => "fanout").increment(1);
+        tracing::warn!(event_id = %env.event_id, error = %e, "fanout job not pushed; the reconciler will");
+    }
+    Ok(json_response(StatusCode::ACCEPTED, &response))
+}
+
+fn replay_txn(t: &txns::Transaction, request_hash: &str) -> Result<Response<Body>, ApiError> {
+    if t.request_sha256 != request_hash {
+        return Err(ApiError::conflict(
+            "txn_id was already used for a different request; use a new txn_id",
+        ));
+    }
+    let v: Value = serde_json::from_str(&t.response).unwrap_or(Value::Null);
+    Ok(json_response(StatusCode::ACCEPTED, &v))
+}
+
+pub async fn get_feed(app: &App, parts: &Parts) -> Result<Response<Body>, ApiError> {
+    let q = parse_query(parts.uri.query().unwrap_or(""))?;
+    let int = |name: &str, default: i64| -> Result<i64, ApiError> {
+        query_param(&q, name).map_or(Ok(default), |v| {
+            v.parse::<i64>()
+                .map_err(|_| ApiError::bad_request(format!("{name} must be an integer")))
+        })
+    };
+    let since = int("since", 0)?.max(0);
+    let limit = int("limit", 100)?.clamp(1, 1000);
+    let mut conn = app.pool.get().await.map_err(StoreError::from)?;
+    let page = feed::page(&mut conn, since, limit).await?;
+    let next = page.last().map_or(since, |(seq, _)| *seq);
+    let events: Vec<Value> = page
+        .iter()
+        .map(|(seq, ev)| serde_json::json!({ "seq": seq, "event": ev.envelope }))
+        .collect();
+    Ok(json_response(
+        StatusCode::OK,
+        &serde_json::json!({ "events": events, "next_since": next }),
+    ))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct OutboundMembership {
+    room_id: String,
+    #[serde(alias = "sender")]
+    user_id: String,
+    #[serde(default)]
+    max_age_seconds: Option<i64>,
+}
+
+/// `kind` is `invite`, `join` or `leave`.
+pub async fn outbound_membership(
+    app: &App,
+    kind: &'static str,
+    body: Bytes,
+) -> Result<Response<Body>, ApiError> {
+    let req: OutboundMembership = parse_json(&body)?;
+    let room = RoomId::parse(&req.room_id).map_err(|e| ApiError::bad_request(e.to_string()))?;
+    let user = local_user(app, &req.user_id)?;
+    let host =
+        ServerName::parse(room.domain()).map_err(|e| ApiError::bad_request(e.to_string()))?;
+    if host == app.cfg.server_name {
+        return Err(ApiError::bad_request(
+            "the room is hosted here; no remote request is needed",
+        ));
+    }
+    // Paracord's struct order for each body.
+    let wire = match kind {
+        "invite" => serde_json::to_vec(&InviteWire {
+            origin_server: app.cfg.server_name.as_str(),
+            room_id: room.as_str(),
+            sender: user.as_str(),
+            max_age_seconds: req.max_age_seconds,
+        }),
+        _ => serde_json::to_vec(&MemberWire {
+            origin_server: app.cfg.server_name.as_str(),
+            room_id: room.as_str(),
+            user_id: user.as_str(),
+        }),
+    }
+    .unwrap_or_default();
+    let key = app.signing_key().await.map_err(app_error)?;
+    let result = send_signed(
+        &app.client,
+        &app.directory,
+        &key,
+        &app.cfg.server_name,
+        &host,
+        Method::POST,
+        &format!("/{kind}"),
+        Bytes::from(wire),
+    )
+    .await;
+    let mut conn = app.pool.get().await.map_err(StoreError::from)?;
+    let (status, answer) = match &result {
+        Ok(r) => (
+            Some(i32::from(r.status.as_u16())),
+            Some(
+                serde_json::from_slice::<Value>(&r.body)
+                    .unwrap_or_else(|_| Value::String(attempts::excerpt(&r.body))),
+            ),
+        ),
+        Err(_) => (None, None),
+    };
+    attempts::record(
+        &mut conn,
+        &[Attempt {
+            outbound_id: None,
+            destination: host.as_str(),
+            event_id: None,
+            request_kind: kind,
+            attempt: 1,
+            status_code: status,
+            error_class: result.as_ref().err().map(|e| e.class()),
+            latency_ms: result
+                .as_ref()
+                .map_or(0, |r| r.latency.as_millis().min(i32::MAX as u128) as i32),
+            response_excerpt: result.as_ref().ok().map(|r| attempts::excerpt(&r.body)),
+        }],
+    )
+    .await?;
+    let resp = match result {
+        Ok(r) => r,
+        Err(e) => {
+            return Err(ApiError::new(
+                StatusCode::BAD_GATEWAY,
+                "PEER_UNREACHABLE",
+                format!("could not reach {host}: {e}"),
+            ))
+        }
+    };
+    if resp.status.is_success() {
+        let m = match kind {
+            "invite" => Membership::Invited,
+            "join" => Membership::Joined,
+            _ => Membership::Left,
+        };
+        rooms::set_member(
+            &mut conn,
+            room.as_str(),
+            user.as_str(),
+            app.cfg.server_name.as_str(),
+            m,
+            None,
+        )
+        .await?;
+    }
+    Ok(json_response(
+        StatusCode::OK,
+        &serde_json::json!({ "status": resp.status.as_u16(), "response": answer }),
+    ))
+}
+
+#[derive(serde::Serialize)]
+struct InviteWire<'a> {
+    origin_server: &'a str,
+    room_id: &'a str,
+    sender: &'a str,
+    max_age_seconds: Option<i64>,
+}
+
+#[derive(serde::Serialize)]
+struct MemberWire<'a> {
+    origin_server: &'a str,
+    room_id: &'a str,
+    user_id: &'a str,
+}

@@ -1,0 +1,131 @@
+//! The job queue contract: which queues exist, what a job carries, and how work is
+//! pushed to Redis.
+//!
+//! Each queue is a Redis Stream, `<prefix>:q:<queue>`, whose entries carry one field,
+//! `job`, holding the job as JSON. Streams with consumer groups give the worker side what
+//! a delivery system needs and the stock apalis Redis storage lacks (see
+//! docs/architecture.md): acknowledged consumption, take-over of a dead worker's entries,
+//! and no "fetch everything due" script that fails on a large backlog. Jobs carry only
+//! ids; the rows they name in Postgres are the truth, so a job pushed twice or lost is
+//! harmless: the reconciler re-pushes unfinished work and handlers are idempotent.
+
+pub mod jobs;
+
+use std::time::Duration;
+
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use serde::Serialize;
+
+pub use jobs::{FanoutJob, QueueName, VerifyJob};
+
+/// Redis failures (unreachable, timed out, or an error reply).
+#[derive(Debug, thiserror::Error)]
+pub enum QueueError {
+    #[error("redis unavailable: {0}")]
+    Redis(#[from] redis::RedisError),
+    #[error("cannot encode job: {0}")]
+    Encode(#[from] serde_json::Error),
+}
+
+/// Opens a lazily-connecting, self-reconnecting Redis connection with bounded timeouts,
+/// so a Redis outage turns into errors callers can answer (503), never a hang.
+pub fn connect(url: &str) -> Result<ConnectionManager, QueueError> {
+    let client = redis::Client::open(url)?;
+    let cfg = ConnectionManagerConfig::new()
+        .set_connection_timeout(Some(Duration::from_secs(2)))
+        .set_response_timeout(Some(Duration::from_secs(2)))
+        .set_number_of_retries(1)
+        .set_max_delay(Duration::from_millis(500));
+    Ok(ConnectionManager::new_lazy_with_config(client, cfg)?)
+}
+
+/// Redis key names, all under one configurable prefix so several parafed deployments (or
+/// tests) can share a Redis.
+#[derive(Clone, Debug)]
+pub struct Keys {
+    prefix: String,
+}
+
+impl Keys {
+    pub fn new(prefix: &str) -> Self {
+        Self {
+            prefix: prefix.to_owned(),
+        }
+    }
+
+    pub fn queue(&self, q: QueueName) -> String {
+        format!("{}:q:{}", self.prefix, q.as_str())
+    }
+
+    pub fn replay(&self, id: &[u8; 32]) -> String {
+        format!(
+            "{}:replay:{}",
+            self.prefix,
+            crate::protocol::hex::encode(id)
+        )
+    }
+
+    pub fn rate(&self, peer: &str) -> String {
+        format!("{}:rate:{}", self.prefix, peer)
+    }
+}
+
+/// Pushes jobs. Cheap to clone (the connection is multiplexed).
+#[derive(Clone)]
+pub struct JobQueue {
+    conn: ConnectionManager,
+    keys: Keys,
+}
+
+impl JobQueue {
+    pub fn new(conn: ConnectionManager, keys: Keys) -> Self {
+        Self { conn, keys }
+    }
+
+    /// Pushes one job.
+    pub async fn push<J: Serialize>(&self, q: QueueName, job: &J) -> Result<(), QueueError> {
+        self.push_many(q, std::slice::from_ref(job)).await
+    }
+
+    /// Pushes jobs in one pipelined round trip.
+    pub async fn push_many<J: Serialize>(
+        &self,
+        q: QueueName,
+        jobs: &[J],
+    ) -> Result<(), QueueError> {
+        if jobs.is_empty() {
+            return Ok(());
+        }
+        let key = self.keys.queue(q);
+        let mut pipe = redis::pipe();
+        for j in jobs {
+            pipe.cmd("XADD")
+                .arg(&key)
+                .arg("*")
+                .arg("job")
+                .arg(serde_json::to_vec(j)?)
+                .ignore();
+        }
+        let mut conn = self.conn.clone();
+        pipe.query_async::<()>(&mut conn).await?;
+        Ok(())
+    }
+
+    /// Entries in a queue's stream (acknowledged entries are deleted, so this is the
+    /// queued plus in-flight count).
+    pub async fn len(&self, q: QueueName) -> Result<u64, QueueError> {
+        let mut conn = self.conn.clone();
+        Ok(redis::cmd("XLEN")
+            .arg(self.keys.queue(q))
+            .query_async(&mut conn)
+            .await?)
+    }
+
+    pub fn keys(&self) -> &Keys {
+        &self.keys
+    }
+
+    pub fn connection(&self) -> ConnectionManager {
+        self.conn.clone()
+    }
+}

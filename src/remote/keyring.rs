@@ -1,0 +1,295 @@
+//! Peers' public keys: memory, then Postgres (`federation_server_keys`), then the peer's
+//! `/keys`.
+//!
+//! Fetching is what an attacker would like to provoke: every request naming an unknown
+//! key id could otherwise make parafed call out. So fetches are
+//! * single-flight per peer — concurrent lookups for one peer wait for one fetch;
+//! * throttled per peer — at most one fetch per `key_refetch_interval` (default 30 s),
+//!   whatever key ids are asked for, successful or not (the negative cache);
+//! * bounded overall — at most `MAX_CONCURRENT_FETCHES` at once.
+//!
+//! `valid_until` means "refetch after", not expiry (PROTOCOL.md): a key past it triggers
+//! a refetch, and stays usable if the refetch fails or the peer still lists it.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use chrono::Utc;
+use diesel::prelude::*;
+use diesel::upsert::excluded;
+use diesel_async::RunQueryDsl;
+use tokio::sync::Semaphore;
+
+use super::directory::PeerDirectory;
+use super::http::HttpClient;
+use crate::protocol::discovery::{KeysDocument, MAX_PUBLISHED_KEYS};
+use crate::protocol::{KeyId, PublicKey, ServerName};
+use crate::store::schema::federation_server_keys as fsk;
+use crate::store::PgPool;
+
+/// Most `/keys` fetches in flight at once, across all peers.
+pub const MAX_CONCURRENT_FETCHES: usize = 16;
+/// Largest `/keys` document read.
+const MAX_KEYS_BODY: usize = 64 * 1024;
+/// Peers remembered by the throttle before it forgets the oldest entries.
+const MAX_THROTTLE_ENTRIES: usize = 100_000;
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum KeyLookupError {
+    /// The peer does not (or did not, within the refetch interval) publish this key.
+    #[error("{server} has no key {key_id}")]
+    UnknownKey { server: ServerName, key_id: KeyId },
+    /// The database could not be read.
+    #[error("key store unavailable: {0}")]
+    Unavailable(String),
+}
+
+#[derive(Clone, Copy)]
+struct CachedKey {
+    key: PublicKey,
+    valid_until: i64,
+}
+
+#[derive(Default)]
+struct ServerKeys {
+    keys: HashMap<KeyId, CachedKey>,
+    /// Loaded from Postgres already (so a miss means "not stored").
+    loaded: bool,
+}
+
+pub struct KeyRing {
+    pool: PgPool,
+    client: HttpClient,
+    directory: Arc<PeerDirectory>,
+    refetch_interval: Duration,
+    cache: Mutex<HashMap<ServerName, ServerKeys>>,
+    last_fetch: Mutex<HashMap<ServerName, Instant>>,
+    flights: Mutex<HashMap<ServerName, Arc<tokio::sync::Mutex<()>>>>,
+    fetch_permits: Semaphore,
+    fetches: AtomicU64,
+}
+
+impl KeyRing {
+    pub fn new(
+        pool: PgPool,
+        client: HttpClient,
+        directory: Arc<PeerDirectory>,
+        refetch_interval: Duration,
+    ) -> Self {
+        Self {
+            pool,
+            client,
+            directory,
+            refetch_interval,
+            cache: Mutex::new(HashMap::new()),
+            last_fetch: Mutex::new(HashMap::new()),
+            flights: Mutex::new(HashMap::new()),
+            fetch_permits: Semaphore::new(MAX_CONCURRENT_FETCHES),
+            fetches: AtomicU64::new(0),
+        }
+    }
+
+    /// `/keys` fetches started by this process (for tests and metrics).
+    pub fn fetch_count(&self) -> u64 {
+        AtomicU64::load(&self.fetches, Ordering::Relaxed)
+    }
+
+    fn cached(&self, server: &ServerName, key_id: &KeyId) -> (Option<CachedKey>, bool) {
+        let cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+        match cache.get(server) {
+            Some(s) => (s.keys.get(key_id).copied(), s.loaded),
+            None => (None, false),
+        }
+    }
+
+    /// The public key `server` signs with under `key_id`.
+    pub async fn key(
+        &self,
+        server: &ServerName,
+        key_id: &KeyId,
+    ) -> Result<PublicKey, KeyLookupError> {
+        let now_ms = crate::time::now_ms();
+        let (hit, loaded) = self.cached(server, key_id);
+        if let Some(k) = hit {
+            if k.valid_until > now_ms {
+                return Ok(k.key);
+            }
+            // Past valid_until: refetch (throttled), keep the key if the peer still lists
+            // it or cannot be reached.
+            self.refetch(server).await;
+            return Ok(self.cached(server, key_id).0.map_or(k.key, |k| k.key));
+        }
+        if !loaded {
+            self.load(server).await?;
+            if let (Some(k), _) = self.cached(server, key_id) {
+                if k.valid_until > now_ms {
+                    return Ok(k.key);
+                }
+                self.refetch(server).await;
+                return Ok(self.cached(server, key_id).0.map_or(k.key, |k| k.key));
+            }
+        }
+        self.refetch(server).await;
+        self.cached(server, key_id)
+            .0
+            .map(|k| k.key)
+            .ok_or_else(|| KeyLookupError::UnknownKey {
+                server: server.clone(),
+                key_id: key_id.clone(),
+            })
+    }
+
+    /// The key if it is known without any I/O (memory only).
+    pub fn key_if_cached(&self, server: &ServerName, key_id: &KeyId) -> Option<PublicKey> {
+        self.cached(server, key_id).0.map(|k| k.key)
+    }
+
+    async fn load(&self, server: &ServerName) -> Result<(), KeyLookupError> {
+        let mut conn = self
+            .pool
+            .get()
+            .await
+            .map_err(|e| KeyLookupError::Unavailable(e.to_string()))?;
+        let rows: Vec<(String, String, i64)> = fsk::table
+            .filter(fsk::server_name.eq(server.as_str()))
+            .select((fsk::key_id, fsk::public_key, fsk::valid_until))
+            .load(&mut conn)
+            .await
+            .map_err(|e| KeyLookupError::Unavailable(e.to_string()))?;
+        let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+        let entry = cache.entry(server.clone()).or_default();
+        for (kid, pk, valid_until) in rows {
+            if let (Ok(kid), Ok(key)) = (KeyId::parse(&kid), PublicKey::from_hex(&pk)) {
+                entry
+                    .keys
+                    .entry(kid)
+                    .or_insert(CachedKey { key, valid_until });
+            }
+        }
+        entry.loaded = true;
+        Ok(())
+    }
+
+    /// True (and the slot taken) when `server` may be fetched now.
+    fn take_fetch_slot(&self, server: &ServerName) -> bool {
+        let mut last = self.last_fetch.lock().unwrap_or_else(|p| p.into_inner());
+        let now = Instant::now();
+        if let Some(t) = last.get(server) {
+            if now.duration_since(*t) < self.refetch_interval {
+                return false;
+            }
+        }
+        if last.len() >= MAX_THROTTLE_ENTRIES {
+            let horizon = self.refetch_interval;
+            last.retain(|_, t| now.duration_since(*t) < horizon);
+        }
+        last.insert(server.clone(), now);
+        true
+    }
+
+    /// Fetches the peer's `/keys` unless another task is doing it or it was fetched within
+    /// the refetch interval. Failures are logged, not returned: the caller then simply
+    /// does not find the key.
+    async fn refetch(&self, server: &ServerName) {
+        let flight = {
+            let mut f = self.flights.lock().unwrap_or_else(|p| p.into_inner());
+            f.entry(server.clone()).or_default().clone()
+        };
+        let guard = flight.lock().await;
+        // Whoever held the flight before us may have fetched already: the throttle says.
+        if self.take_fetch_slot(server) {
+            if let Err(e) = self.fetch(server).await {
+                tracing::info!(peer = %server, error = %e, "fetching peer keys failed");
+            }
+        }
+        drop(guard);
+        let mut f = self.flights.lock().unwrap_or_else(|p| p.into_inner());
+        if Arc::strong_count(&flight) <= 2 {
+            f.remove(server);
+        }
+    }
+
+    async fn fetch(&self, server: &ServerName) -> Result<(), String> {
+        let _permit = self
+            .fetch_permits
+            .acquire()
+            .await
+            .map_err(|e| e.to_string())?;
+        self.fetches.fetch_add(1, Ordering::Relaxed);
+        metrics::counter!("parafed_key_fetches_total").increment(1);
+        let endpoint = self
+            .directory
+            .resolve(server)
+            .await
+            .map_err(|e| e.to_string())?;
+        let resp = self
+            .client
+            .send(
+                http::Method::GET,
+                &endpoint.url("/keys"),
+                &[],
+                bytes::Bytes::new(),
+                MAX_KEYS_BODY,
+            )
+            .await
+            .map_err(|e| e.to_string())?;
+        if !resp.status.is_success() {
+            return Err(format!("/keys answered {}", resp.status));
+        }
+        let doc: KeysDocument = serde_json::from_slice(&resp.body).map_err(|e| e.to_string())?;
+        if doc.server_name != *server {
+            return Err(format!("/keys is for {}, not {server}", doc.server_name));
+        }
+        let keys: Vec<(KeyId, PublicKey, i64)> = doc
+            .keys
+            .iter()
+            .filter(|k| k.server_name == *server)
+            .take(MAX_PUBLISHED_KEYS)
+            .filter_map(|k| Some((k.key_id.clone(), k.public_key().ok()?, k.valid_until)))
+            .collect();
+        {
+            let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+            let entry = cache.entry(server.clone()).or_default();
+            for (kid, key, valid_until) in &keys {
+                entry.keys.insert(
+                    kid.clone(),
+                    CachedKey {
+                        key: *key,
+                        valid_until: *valid_until,
+                    },
+                );
+            }
+        }
+        let mut conn = self.pool.get().await.map_err(|e| e.to_string())?;
+        let now = Utc::now();
+        let rows: Vec<_> = keys
+            .iter()
+            .map(|(kid, key, valid_until)| {
+                (
+                    fsk::server_name.eq(server.as_str()),
+                    fsk::key_id.eq(kid.as_str()),
+                    fsk::public_key.eq(key.to_hex()),
+                    fsk::valid_until.eq(*valid_until),
+                    fsk::fetched_at.eq(now),
+                )
+            })
+            .collect();
+        if !rows.is_empty() {
+            diesel::insert_into(fsk::table)
+                .values(&rows)
+                .on_conflict((fsk::server_name, fsk::key_id))
+                .do_update()
+                .set((
+                    fsk::public_key.eq(excluded(fsk::public_key)),
+                    fsk::valid_until.eq(excluded(fsk::valid_until)),
+                    fsk::fetched_at.eq(excluded(fsk::fetched_at)),
+                ))
+                .execute(&mut conn)
+                .await
+                .map_err(|e| e.to_string())?;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,258 @@
+//! `federation_events`: storing envelopes and reading them back byte-exact.
+//!
+//! Inserts are multi-row and idempotent on `event_id`: a row that exists is left alone
+//! (`inserted: false`) unless it was *rejected*, in which case a new copy replaces it — a
+//! forged or broken event must not block the real one with the same id.
+
+use diesel::prelude::*;
+use diesel::sql_types::{Array, BigInt, Nullable, Text};
+use diesel_async::{AsyncPgConnection, RunQueryDsl};
+use serde_json::Value;
+
+use super::schema::federation_events as fe;
+use super::StoreError;
+use crate::protocol::envelope::Signatures;
+use crate::protocol::{Envelope, EventId, EventType, RoomId, ServerName, StateKey, UserId};
+
+/// Verification state of a stored event.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EventStatus {
+    Pending,
+    Accepted,
+    Rejected,
+    Held,
+}
+
+impl EventStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EventStatus::Pending => "pending",
+            EventStatus::Accepted => "accepted",
+            EventStatus::Rejected => "rejected",
+            EventStatus::Held => "held",
+        }
+    }
+}
+
+/// An envelope about to be stored.
+pub struct NewEvent<'a> {
+    pub envelope: &'a Envelope,
+    /// The transport origin that handed it to us; `None` for our own events.
+    pub received_from: Option<&'a ServerName>,
+    pub status: EventStatus,
+}
+
+type Row = (
+    String,
+    String,
+    String,
+    String,
+    String,
+    i64,
+    String,
+    i64,
+    Option<String>,
+    String,
+    String,
+);
+
+const ENVELOPE_COLUMNS: (
+    fe::event_id,
+    fe::room_id,
+    fe::event_type,
+    fe::sender,
+    fe::origin_server,
+    fe::origin_ts,
+    fe::content,
+    fe::depth,
+    fe::state_key,
+    fe::signatures,
+    fe::status,
+) = (
+    fe::event_id,
+    fe::room_id,
+    fe::event_type,
+    fe::sender,
+    fe::origin_server,
+    fe::origin_ts,
+    fe::content,
+    fe::depth,
+    fe::state_key,
+    fe::signatures,
+    fe::status,
+);
+
+/// A stored event with its status.
+#[derive(Clone, Debug)]
+pub struct StoredEvent {
+    pub envelope: Envelope,
+    pub status: String,
+}
+
+fn corrupt(id: &str, what: &str) -> StoreError {
+    StoreError::Corrupt(format!("event {id}: {what}"))
+}
+
+fn from_row(r: Row) -> Result<StoredEvent, StoreError> {
+    let id = r.0.clone();
+    let content: Value = serde_json::from_str(&r.6).map_err(|_| corrupt(&id, "content"))?;
+    let signatures: Signatures =
+        serde_json::from_str(&r.9).map_err(|_| corrupt(&id, "signatures"))?;
+    let bad = |e: crate::protocol::IdError| corrupt(&id, &e.to_string());
+    Ok(StoredEvent {
+        envelope: Envelope {
+            event_id: EventId::try_from(r.0).map_err(bad)?,
+            room_id: RoomId::try_from(r.1).map_err(bad)?,
+            event_type: EventType::parse(&r.2).map_err(bad)?,
+            sender: UserId::try_from(r.3).map_err(bad)?,
+            origin_server: ServerName::try_from(r.4).map_err(bad)?,
+            origin_ts: r.5,
+            content,
+            depth: r.7,
+            state_key: r.8.map(|s| StateKey::parse(&s)).transpose().map_err(bad)?,
+            signatures,
+        },
+        status: r.10,
+    })
+}
+
+/// Stores events; returns, per input, whether it was stored now (`true`) or an event
+/// with that id was already held (`false`). Duplicates within one call count once.
+pub async fn insert(
+    conn: &mut AsyncPgConnection,
+    events: &[NewEvent<'_>],
+) -> Result<Vec<bool>, StoreError> {
+    if events.is_empty() {
+        return Ok(Vec::new());
+    }
+    // One row per event id: Postgres refuses to touch a row twice in one statement.
+    let mut seen = std::collections::HashSet::new();
+    let unique: Vec<&NewEvent> = events
+        .iter()
+        .filter(|e| seen.insert(e.envelope.event_id.as_str()))
+        .collect();
+    // UNNEST of one array per column: one statement whatever the batch size, so the
+    // prepared statement is reused, and the conflict rule can carry a WHERE.
+    let col = |f: &dyn Fn(&Envelope) -> String| -> Vec<String> {
+        unique.iter().map(|e| f(e.envelope)).collect()
+    };
+    let event_ids = col(&|e| e.event_id.to_string());
+    let room_ids = col(&|e| e.room_id.to_string());
+    let types = col(&|e| e.event_type.to_string());
+    let senders = col(&|e| e.sender.to_string());
+    let origins = col(&|e| e.origin_server.to_string());
+    let contents = col(&|e| serde_json::to_string(&e.content).unwrap_or_default());
+    let signatures = col(&|e| serde_json::to_string(&e.signatures).unwrap_or_default());
+    let origin_ts: Vec<i64> = unique.iter().map(|e| e.envelope.origin_ts).collect();
+    let depths: Vec<i64> = unique.iter().map(|e| e.envelope.depth).collect();
+    let state_keys: Vec<Option<String>> = unique
+        .iter()
+        .map(|e| e.envelope.state_key.as_ref().map(|s| s.as_str().to_owned()))
+        .collect();
+    let from: Vec<Option<String>> = unique
+        .iter()
+        .map(|e| e.received_from.map(|s| s.to_string()))
+        .collect();
+    let statuses: Vec<String> = unique
+        .iter()
+        .map(|e| e.status.as_str().to_owned())
+        .collect();
+    #[derive(QueryableByName)]
+    struct Stored {
+        #[diesel(sql_type = Text)]
+        event_id: String,
+    }
+    let stored: Vec<Stored> = diesel::sql_query(
+        "INSERT INTO federation_events (event_id, room_id, event_type, sender, origin_server, \
+           origin_ts, content, depth, state_key, signatures, received_from, status, \
+           received_at, enqueued_at) \
+         SELECT e, r, t, s, o, ts, c, d, sk, sig, rf, st, now(), now() \
+           FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], \
+                       $6::bigint[], $7::text[], $8::bigint[], $9::text[], $10::text[], \
+                       $11::text[], $12::text[]) \
+                AS x(e, r, t, s, o, ts, c, d, sk, sig, rf, st) \
+         ON CONFLICT (event_id) DO UPDATE SET \
+           room_id = EXCLUDED.room_id, event_type = EXCLUDED.event_type, \
+           sender = EXCLUDED.sender, origin_server = EXCLUDED.origin_server, \
+           origin_ts = EXCLUDED.origin_ts, content = EXCLUDED.content, \
+           depth = EXCLUDED.depth, state_key = EXCLUDED.state_key, \
+           signatures = EXCLUDED.signatures, received_from = EXCLUDED.received_from, \
+           status = EXCLUDED.status, reject_reason = NULL, \
+           received_at = EXCLUDED.received_at, verified_at = NULL, \
+           enqueued_at = EXCLUDED.enqueued_at, fanned_out_at = NULL \
+         WHERE federation_events.status = 'rejected' \
+         RETURNING event_id",
+    )
+    .bind::<Array<Text>, _>(&event_ids)
+    .bind::<Array<Text>, _>(&room_ids)
+    .bind::<Array<Text>, _>(&types)
+    .bind::<Array<Text>, _>(&senders)
+    .bind::<Array<Text>, _>(&origins)
+    .bind::<Array<BigInt>, _>(&origin_ts)
+    .bind::<Array<Text>, _>(&contents)
+    .bind::<Array<BigInt>, _>(&depths)
+    .bind::<Array<Nullable<Text>>, _>(&state_keys)
+    .bind::<Array<Text>, _>(&signatures)
+    .bind::<Array<Nullable<Text>>, _>(&from)
+    .bind::<Array<Text>, _>(&statuses)
+    .load(conn)
+    .await?;
+    let stored: Vec<String> = stored.into_iter().map(|s| s.event_id).collect();
+    let stored: std::collections::HashSet<&str> = stored.iter().map(String::as_str).collect();
+    let mut first = std::collections::HashSet::new();
+    Ok(events
+        .iter()
+        .map(|e| {
+            let id = e.envelope.event_id.as_str();
+            stored.contains(id) && first.insert(id)
+        })
+        .collect())
+}
+
+/// An event a peer may read (pending or accepted; never rejected or held ones).
+pub async fn get_readable(
+    conn: &mut AsyncPgConnection,
+    event_id: &str,
+) -> Result<Option<StoredEvent>, StoreError> {
+    let row: Option<Row> = fe::table
+        .filter(fe::event_id.eq(event_id))
+        .filter(fe::status.eq_any(["pending", "accepted"]))
+        .select(ENVELOPE_COLUMNS)
+        .first(conn)
+        .await
+        .optional()?;
+    row.map(from_row).transpose()
+}
+
+/// Any stored event, whatever its status.
+pub async fn get(
+    conn: &mut AsyncPgConnection,
+    event_id: &str,
+) -> Result<Option<StoredEvent>, StoreError> {
+    let row: Option<Row> = fe::table
+        .filter(fe::event_id.eq(event_id))
+        .select(ENVELOPE_COLUMNS)
+        .first(conn)
+        .await
+        .optional()?;
+    row.map(from_row).transpose()
+}
+
+/// Readable events of a room with `depth > since_depth`, by depth, at most `limit`.
+pub async fn room_since(
+    conn: &mut AsyncPgConnection,
+    room_id: &str,
+    since_depth: i64,
+    limit: i64,
+) -> Result<Vec<StoredEvent>, StoreError> {
+    let rows: Vec<Row> = fe::table
+        .filter(fe::room_id.eq(room_id))
+        .filter(fe::depth.gt(since_depth))
+        .filter(fe::status.eq_any(["pending", "accepted"]))
+        .order((fe::depth.asc(), fe::event_id.asc()))
+        .limit(limit)
+        .select(ENVELOPE_COLUMNS)
+        .load(conn)
+        .await?;
+    rows.into_iter().map(from_row).collect()
+}

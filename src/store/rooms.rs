@@ -1,0 +1,173 @@
+//! Rooms: the ones hosted here, their servers, and their members.
+
+use chrono::Utc;
+use diesel::prelude::*;
+use diesel_async::{AsyncPgConnection, RunQueryDsl};
+use serde::{Deserialize, Serialize};
+
+use super::schema::{hosted_rooms as hr, room_members as rm, room_servers as rs};
+use super::StoreError;
+
+/// A room hosted here, as the local app registered it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, Queryable)]
+pub struct HostedRoom {
+    pub room_id: String,
+    pub guild_id: String,
+    pub guild_name: String,
+    pub default_channel_id: Option<String>,
+}
+
+/// A member's state in a room.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Membership {
+    Invited,
+    Joined,
+    Left,
+}
+
+impl Membership {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Membership::Invited => "invited",
+            Membership::Joined => "joined",
+            Membership::Left => "left",
+        }
+    }
+}
+
+pub async fn hosted(
+    conn: &mut AsyncPgConnection,
+    room_id: &str,
+) -> Result<Option<HostedRoom>, StoreError> {
+    Ok(hr::table
+        .filter(hr::room_id.eq(room_id))
+        .select((
+            hr::room_id,
+            hr::guild_id,
+            hr::guild_name,
+            hr::default_channel_id,
+        ))
+        .first(conn)
+        .await
+        .optional()?)
+}
+
+pub async fn upsert_hosted(
+    conn: &mut AsyncPgConnection,
+    room: &HostedRoom,
+) -> Result<(), StoreError> {
+    let now = Utc::now();
+    diesel::insert_into(hr::table)
+        .values((
+            hr::room_id.eq(&room.room_id),
+            hr::guild_id.eq(&room.guild_id),
+            hr::guild_name.eq(&room.guild_name),
+            hr::default_channel_id.eq(&room.default_channel_id),
+        ))
+        .on_conflict(hr::room_id)
+        .do_update()
+        .set((
+            hr::guild_id.eq(&room.guild_id),
+            hr::guild_name.eq(&room.guild_name),
+            hr::default_channel_id.eq(&room.default_channel_id),
+            hr::updated_at.eq(now),
+        ))
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
+/// Sets a user's membership; returns the previous membership text, if any.
+pub async fn set_member(
+    conn: &mut AsyncPgConnection,
+    room_id: &str,
+    user_id: &str,
+    server_name: &str,
+    membership: Membership,
+    event_id: Option<&str>,
+) -> Result<Option<String>, StoreError> {
+    let previous: Option<String> = rm::table
+        .filter(rm::room_id.eq(room_id))
+        .filter(rm::user_id.eq(user_id))
+        .select(rm::membership)
+        .first(conn)
+        .await
+        .optional()?;
+    let now = Utc::now();
+    diesel::insert_into(rm::table)
+        .values((
+            rm::room_id.eq(room_id),
+            rm::user_id.eq(user_id),
+            rm::server_name.eq(server_name),
+            rm::membership.eq(membership.as_str()),
+            rm::event_id.eq(event_id),
+        ))
+        .on_conflict((rm::room_id, rm::user_id))
+        .do_update()
+        .set((
+            rm::membership.eq(membership.as_str()),
+            rm::event_id.eq(event_id),
+            rm::updated_at.eq(now),
+        ))
+        .execute(conn)
+        .await?;
+    Ok(previous)
+}
+
+/// Marks a server as in (or out of) a room: joined while any of its users is joined.
+pub async fn refresh_room_server(
+    conn: &mut AsyncPgConnection,
+    room_id: &str,
+    server_name: &str,
+) -> Result<(), StoreError> {
+    let joined: i64 = rm::table
+        .filter(rm::room_id.eq(room_id))
+        .filter(rm::server_name.eq(server_name))
+        .filter(rm::membership.eq("joined"))
+        .count()
+        .get_result(conn)
+        .await?;
+    let state = if joined > 0 { "joined" } else { "left" };
+    let now = Utc::now();
+    diesel::insert_into(rs::table)
+        .values((
+            rs::room_id.eq(room_id),
+            rs::server_name.eq(server_name),
+            rs::state.eq(state),
+        ))
+        .on_conflict((rs::room_id, rs::server_name))
+        .do_update()
+        .set((rs::state.eq(state), rs::updated_at.eq(now)))
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
+/// Servers currently joined to a room.
+pub async fn joined_servers(
+    conn: &mut AsyncPgConnection,
+    room_id: &str,
+) -> Result<Vec<String>, StoreError> {
+    Ok(rs::table
+        .filter(rs::room_id.eq(room_id))
+        .filter(rs::state.eq("joined"))
+        .select(rs::server_name)
+        .order(rs::server_name.asc())
+        .load(conn)
+        .await?)
+}
+
+/// A user's membership in a room, if any.
+pub async fn membership(
+    conn: &mut AsyncPgConnection,
+    room_id: &str,
+    user_id: &str,
+) -> Result<Option<String>, StoreError> {
+    Ok(rm::table
+        .filter(rm::room_id.eq(room_id))
+        .filter(rm::user_id.eq(user_id))
+        .select(rm::membership)
+        .first(conn)
+        .await
+        .optional()?)
+}
