@@ -30,12 +30,18 @@ pub async fn authenticate(
     headers: &HeaderMap,
     body: &[u8],
 ) -> Result<Authenticated, ApiError> {
-    let transport = TransportHeaders::parse(
+    let transport = match TransportHeaders::parse(
         header(headers, HEADER_ORIGIN),
         header(headers, HEADER_KEY_ID),
         header(headers, HEADER_TIMESTAMP),
         header(headers, HEADER_SIGNATURE),
-    )?;
+    ) {
+        Ok(t) => t,
+        Err(e) => {
+            respelled_replay(app, method, path_and_query, headers).await?;
+            return Err(e.into());
+        }
+    };
     transport.check_skew(crate::time::now_ms(), app.cfg.federation.max_skew_ms)?;
     let origin = transport.origin.clone();
     if origin == app.cfg.server_name {
@@ -88,6 +94,46 @@ pub async fn refuse_replay(
         metrics::counter!("parafed_ingress_refused_total", "reason" => "replay").increment(1);
         return Err(ApiError::conflict(
             "this signed request was already received; sign it again with a fresh timestamp",
+        ));
+    }
+    Ok(())
+}
+
+/// A signature header in another spelling (upper- or mixed-case hex) is refused whatever
+/// happens; when its bytes are those of a request already received, the answer says so
+/// (409) rather than blaming the header, so a sender sees the replay for what it is.
+async fn respelled_replay(
+    app: &App,
+    method: &Method,
+    path_and_query: &str,
+    headers: &HeaderMap,
+) -> Result<(), ApiError> {
+    let Some(sig) = header(headers, HEADER_SIGNATURE) else {
+        return Ok(());
+    };
+    let lower = sig.trim().to_ascii_lowercase();
+    if lower == sig.trim() {
+        return Ok(());
+    }
+    let Ok(t) = TransportHeaders::parse(
+        header(headers, HEADER_ORIGIN),
+        header(headers, HEADER_KEY_ID),
+        header(headers, HEADER_TIMESTAMP),
+        Some(&lower),
+    ) else {
+        return Ok(());
+    };
+    let id = t.replay_id(method.as_str(), path_and_query);
+    let mut conn = app.redis.clone();
+    let seen: bool = redis::cmd("EXISTS")
+        .arg(app.keys.replay(&id))
+        .query_async(&mut conn)
+        .await
+        .unwrap_or(false);
+    if seen {
+        metrics::counter!("parafed_ingress_refused_total", "reason" => "replay").increment(1);
+        return Err(ApiError::conflict(
+            "this signed request was already received (its signature differs only in letter case)",
         ));
     }
     Ok(())

@@ -164,7 +164,9 @@ impl From<QueueError> for ApiError {
 impl From<TransportError> for ApiError {
     fn from(e: TransportError) -> Self {
         match e {
-            TransportError::BadSignature => ApiError::forbidden(e.to_string()),
+            TransportError::BadSignature | TransportError::MalformedSignature(_) => {
+                ApiError::forbidden(e.to_string())
+            }
             _ => ApiError::unauthorized(e.to_string()),
         }
     }

@@ -27,7 +27,8 @@ pub const EMPTY_BODY_SHA256: &str =
     "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855";
 
 /// What is wrong with a request's transport headers. Each maps to 401 at the edge except
-/// `BadSignature`, which is 403 (as Paracord answers).
+/// `BadSignature` and `MalformedSignature`, which are 403 (as Paracord answers a
+/// signature that does not verify, whatever its spelling).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum TransportError {
     #[error("missing or empty header {0}")]
@@ -40,6 +41,8 @@ pub enum TransportError {
     Skew { skew_ms: i128, max_ms: i64 },
     #[error("X-Paracord-Signature does not verify for this method, path, timestamp and body")]
     BadSignature,
+    #[error("X-Paracord-Signature must be 128 lowercase hex characters: {0}")]
+    MalformedSignature(String),
 }
 
 /// The parsed transport headers of one request.
@@ -108,9 +111,8 @@ impl TransportHeaders {
             key_id: KeyId::parse(key_id)
                 .map_err(|e| TransportError::InvalidHeader("X-Paracord-Key-Id", e.to_string()))?,
             timestamp_ms: parse_timestamp(timestamp)?,
-            signature: hex::decode_exact::<64>(signature).map_err(|e| {
-                TransportError::InvalidHeader("X-Paracord-Signature", e.to_string())
-            })?,
+            signature: hex::decode_exact::<64>(signature)
+                .map_err(|e| TransportError::MalformedSignature(e.to_string()))?,
         })
     }
 

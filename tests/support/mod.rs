@@ -8,6 +8,7 @@
 //! gets its own database on it); a test that kills or restarts a server starts its own.
 #![allow(dead_code)]
 
+pub mod app;
 pub mod pg;
 pub mod redis;
 pub mod spawn;

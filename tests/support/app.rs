@@ -1,0 +1,401 @@
+//! parafed instances and fake peers for tests, all real HTTP servers on 127.0.0.1.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use parafed::app::App;
+use parafed::config::Config;
+use parafed::protocol::{KeyId, Keypair, ServerName, TransportHeaders};
+use tokio::net::TcpListener;
+
+use super::redis::Redis;
+
+/// A running parafed ingress with its own database and Redis.
+pub struct TestServer {
+    pub addr: SocketAddr,
+    pub app: Arc<App>,
+    pub redis: Redis,
+    pub db_url: String,
+    shutdown: Option<tokio::sync::oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+/// Options for a test server.
+pub struct Options {
+    pub server_name: String,
+    /// `(name, base_url)` peers.
+    pub peers: Vec<(String, String)>,
+    /// Extra TOML appended to the config (sections such as `[federation]`).
+    pub extra_toml: String,
+    pub local_token: Option<String>,
+    pub admin_token: Option<String>,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self {
+            server_name: "paracord.test".into(),
+            peers: Vec::new(),
+            extra_toml: String::new(),
+            local_token: Some("local-secret".into()),
+            admin_token: Some("admin-secret".into()),
+        }
+    }
+}
+
+impl TestServer {
+    pub async fn start(opts: Options) -> TestServer {
+        let db_url = super::pg::migrated_db().await;
+        let redis = Redis::start().await;
+        let mut toml = format!(
+            "server_name = \"{}\"\n{}\n[database]\nurl = \"{}\"\npool_size = 16\n[redis]\nurl = \"{}\"\n",
+            opts.server_name,
+            "",
+            db_url,
+            redis.url()
+        );
+        toml.push_str(&opts.extra_toml);
+        if !opts.extra_toml.contains("[federation]") {
+            toml.push_str("\n[federation]\ndiscovery = false\n");
+        }
+        for (name, base) in &opts.peers {
+            toml.push_str(&format!("\n[peers.\"{name}\"]\nbase_url = \"{base}\"\n"));
+        }
+        let mut env = Vec::new();
+        if let Some(t) = &opts.local_token {
+            env.push(("PARAFED_LOCAL_TOKEN".to_owned(), t.clone()));
+        }
+        if let Some(t) = &opts.admin_token {
+            env.push(("PARAFED_ADMIN_TOKEN".to_owned(), t.clone()));
+        }
+        let cfg = Config::from_toml_and_env(&toml, "test", env).expect("test config");
+        Self::start_with(cfg, db_url, redis).await
+    }
+
+    pub async fn start_with(cfg: Config, db_url: String, redis: Redis) -> TestServer {
+        let app = App::new(cfg).expect("app");
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(parafed::ingress::server::serve(
+            app.clone(),
+            listener,
+            None,
+            async {
+                let _ = rx.await;
+            },
+        ));
+        TestServer {
+            addr,
+            app,
+            redis,
+            db_url,
+            shutdown: Some(tx),
+            task: Some(task),
+        }
+    }
+
+    pub fn base_url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Stops accepting and waits for in-flight requests.
+    pub async fn stop(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        if let Some(t) = self.task.take() {
+            let _ = t.await;
+        }
+    }
+
+    /// A pooled database connection.
+    pub async fn db(&self) -> parafed::store::PgConn {
+        self.app.pool.get().await.unwrap()
+    }
+
+    /// Rows in federation_events.
+    pub async fn event_count(&self) -> i64 {
+        use diesel::prelude::*;
+        use diesel_async::RunQueryDsl;
+        use parafed::store::schema::federation_events as fe;
+        fe::table
+            .count()
+            .get_result(&mut *self.db().await)
+            .await
+            .unwrap()
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+    }
+}
+
+/// A peer's identity for tests.
+#[derive(Clone)]
+pub struct Peer {
+    pub name: ServerName,
+    pub key: Keypair,
+}
+
+impl Peer {
+    pub fn new(name: &str, key_id: &str, seed: [u8; 32]) -> Peer {
+        Peer {
+            name: ServerName::parse(name).unwrap(),
+            key: Keypair::from_seed(KeyId::parse(key_id).unwrap(), seed),
+        }
+    }
+
+    pub fn from_seed_hex(name: &str, key_id: &str, seed_hex: &str) -> Peer {
+        Peer {
+            name: ServerName::parse(name).unwrap(),
+            key: Keypair::from_seed_hex(KeyId::parse(key_id).unwrap(), seed_hex).unwrap(),
+        }
+    }
+
+    /// Transport headers for a request signed now.
+    pub fn sign(&self, method: &str, path: &str, body: &[u8]) -> Vec<(String, String)> {
+        self.sign_at(method, path, body, parafed::time::now_ms())
+    }
+
+    pub fn sign_at(&self, method: &str, path: &str, body: &[u8], ts: i64) -> Vec<(String, String)> {
+        TransportHeaders::sign(&self.key, &self.name, method, path, ts, body)
+            .to_header_pairs()
+            .into_iter()
+            .map(|(k, v)| (k.to_owned(), v))
+            .collect()
+    }
+}
+
+/// What a fake peer serves at `/<prefix>/_paracord/federation/v1/keys`.
+#[derive(Clone)]
+pub enum KeysAnswer {
+    Keys(Vec<Peer>),
+    NotFound,
+}
+
+/// One HTTP server standing in for several peers, each under a path prefix, as the
+/// interop capture's fake peer did. Counts `/keys` fetches per prefix.
+pub struct FakePeers {
+    pub addr: SocketAddr,
+    hits: Arc<Mutex<HashMap<String, Arc<AtomicU64>>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl FakePeers {
+    pub async fn start(peers: Vec<(String, KeysAnswer)>) -> FakePeers {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let hits: Arc<Mutex<HashMap<String, Arc<AtomicU64>>>> = Arc::new(Mutex::new(
+            peers
+                .iter()
+                .map(|(p, _)| (p.clone(), Arc::new(AtomicU64::new(0))))
+                .collect(),
+        ));
+        let table: Arc<HashMap<String, KeysAnswer>> = Arc::new(peers.into_iter().collect());
+        let h = hits.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                let table = table.clone();
+                let hits = h.clone();
+                tokio::spawn(async move {
+                    let svc = service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                        let table = table.clone();
+                        let hits = hits.clone();
+                        async move {
+                            let path = req.uri().path().to_owned();
+                            let prefix = path
+                                .trim_start_matches('/')
+                                .split('/')
+                                .next()
+                                .unwrap_or("")
+                                .to_owned();
+                            let mut resp = http::Response::new(Full::new(Bytes::new()));
+                            *resp.status_mut() = http::StatusCode::NOT_FOUND;
+                            if path.ends_with("/_paracord/federation/v1/keys") {
+                                if let Some(c) = hits.lock().unwrap().get(&prefix) {
+                                    c.fetch_add(1, Ordering::SeqCst);
+                                }
+                                if let Some(KeysAnswer::Keys(ps)) = table.get(&prefix) {
+                                    let name = ps[0].name.to_string();
+                                    let doc = serde_json::json!({
+                                        "keys": ps.iter().map(|p| serde_json::json!({
+                                            "key_id": p.key.key_id(),
+                                            "public_key": p.key.public_key_hex(),
+                                            "server_name": name,
+                                            "valid_until": parafed::time::now_ms() + 86_400_000,
+                                        })).collect::<Vec<_>>(),
+                                        "server_name": name,
+                                    });
+                                    resp = http::Response::new(Full::new(Bytes::from(
+                                        doc.to_string(),
+                                    )));
+                                }
+                            }
+                            Ok::<_, std::convert::Infallible>(resp)
+                        }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), svc)
+                        .await;
+                });
+            }
+        });
+        FakePeers { addr, hits, task }
+    }
+
+    pub fn base_url(&self, prefix: &str) -> String {
+        format!("http://{}/{prefix}", self.addr)
+    }
+
+    pub fn key_fetches(&self, prefix: &str) -> u64 {
+        self.hits
+            .lock()
+            .unwrap()
+            .get(prefix)
+            .map_or(0, |c| c.load(Ordering::SeqCst))
+    }
+}
+
+impl Drop for FakePeers {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// A raw HTTP response.
+#[derive(Debug)]
+pub struct RawResponse {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl RawResponse {
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body).unwrap_or_else(|e| {
+            panic!(
+                "body is not JSON ({e}): {}",
+                String::from_utf8_lossy(&self.body)
+            )
+        })
+    }
+
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// Sends raw request bytes and reads the answer (the request should say
+/// `Connection: close`). Used for requests no well-behaved client would build.
+pub async fn raw(addr: SocketAddr, request: &[u8]) -> std::io::Result<RawResponse> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await?;
+    s.write_all(request).await?;
+    let mut buf = Vec::new();
+    tokio::time::timeout(std::time::Duration::from_secs(60), s.read_to_end(&mut buf))
+        .await
+        .map_err(|_| std::io::Error::other("response timed out"))??;
+    parse_response(&buf)
+}
+
+fn parse_response(buf: &[u8]) -> std::io::Result<RawResponse> {
+    let end = buf
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .ok_or_else(|| {
+            std::io::Error::other(format!(
+                "no response head in {:?}",
+                String::from_utf8_lossy(buf)
+            ))
+        })?;
+    let head = String::from_utf8_lossy(&buf[..end]).into_owned();
+    let mut lines = head.split("\r\n");
+    let status: u16 = lines
+        .next()
+        .and_then(|l| l.split(' ').nth(1))
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| std::io::Error::other("bad status line"))?;
+    let headers: Vec<(String, String)> = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned()))
+        .collect();
+    let mut body = buf[end + 4..].to_vec();
+    if headers
+        .iter()
+        .any(|(k, v)| k.eq_ignore_ascii_case("transfer-encoding") && v.contains("chunked"))
+    {
+        body = dechunk(&body);
+    }
+    Ok(RawResponse {
+        status,
+        headers,
+        body,
+    })
+}
+
+fn dechunk(mut b: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    while let Some(i) = b.windows(2).position(|w| w == b"\r\n") {
+        let n = usize::from_str_radix(String::from_utf8_lossy(&b[..i]).trim(), 16).unwrap_or(0);
+        if n == 0 {
+            break;
+        }
+        out.extend_from_slice(&b[i + 2..(i + 2 + n).min(b.len())]);
+        b = &b[(i + 4 + n).min(b.len())..];
+    }
+    out
+}
+
+/// Builds request bytes: method, path, headers, body (Content-Length added).
+pub fn request_bytes(
+    method: &str,
+    path: &str,
+    headers: &[(String, String)],
+    body: &[u8],
+) -> Vec<u8> {
+    let mut r = format!("{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n");
+    for (k, v) in headers {
+        r.push_str(&format!("{k}: {v}\r\n"));
+    }
+    r.push_str(&format!("Content-Length: {}\r\n\r\n", body.len()));
+    let mut bytes = r.into_bytes();
+    bytes.extend_from_slice(body);
+    bytes
+}
+
+/// Sends a well-formed request.
+pub async fn send(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(String, String)],
+    body: &[u8],
+) -> RawResponse {
+    raw(addr, &request_bytes(method, path, headers, body))
+        .await
+        .expect("request")
+}
+
+/// Headers for a JSON POST signed by `peer`.
+pub fn json_signed(peer: &Peer, path: &str, body: &[u8]) -> Vec<(String, String)> {
+    let mut h = peer.sign("POST", path, body);
+    h.push(("Content-Type".into(), "application/json".into()));
+    h
+}
