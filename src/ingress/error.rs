@@ -86,6 +86,7 @@ impl ApiError {
             StatusCode::NOT_FOUND => "not found",
             StatusCode::METHOD_NOT_ALLOWED => "method not allowed",
             StatusCode::REQUEST_TIMEOUT => "request timeout",
+            StatusCode::LENGTH_REQUIRED => "length required",
             StatusCode::CONFLICT => "conflict",
             StatusCode::PAYLOAD_TOO_LARGE => "payload too large",
             StatusCode::UNSUPPORTED_MEDIA_TYPE => "unsupported media type",

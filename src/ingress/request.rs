@@ -74,7 +74,24 @@ fn too_large() -> ApiError {
 }
 
 /// Reads the whole body, at most `MAX_BODY_BYTES`, within `BODY_READ_TIMEOUT`.
+///
+/// Bodies must come with `Content-Length` and without `Transfer-Encoding`: every
+/// Paracord sender sends a fixed length, and hyper resolves a request carrying both
+/// headers by dropping `Content-Length` before we see it, so refusing
+/// `Transfer-Encoding` outright is how "both together" is refused rather than resolved.
 pub async fn read_body(h: &HeaderMap, body: Incoming) -> Result<Bytes, ApiError> {
+    if h.contains_key(http::header::TRANSFER_ENCODING) {
+        return Err(ApiError::bad_request(
+            "Transfer-Encoding is not accepted; send the body with Content-Length",
+        ));
+    }
+    if !h.contains_key(http::header::CONTENT_LENGTH) {
+        return Err(ApiError::new(
+            StatusCode::LENGTH_REQUIRED,
+            "LENGTH_REQUIRED",
+            "send the body with Content-Length",
+        ));
+    }
     if let Some(len) = header(h, "content-length") {
         match len.trim().parse::<u64>() {
             Ok(n) if n > MAX_BODY_BYTES as u64 => return Err(too_large()),

@@ -1,0 +1,142 @@
+//! The ingress under concurrency: one event posted fifty times at once, and key fetching
+//! under a flood of requests (single flight, bounded refetches).
+
+mod support;
+
+use parafed::protocol::envelope::Signatures;
+use parafed::protocol::{Envelope, EventId, EventType, RoomId, UserId};
+use parafed::queue::QueueName;
+use support::app::{json_signed, send, FakePeers, KeysAnswer, Options, Peer, TestServer};
+
+const EVENT: &str = "/_paracord/federation/v1/event";
+
+fn event(p: &Peer, id: &str) -> Vec<u8> {
+    let mut e = Envelope {
+        event_id: EventId::parse(id).unwrap(),
+        room_id: RoomId::parse("!7010:peer.test").unwrap(),
+        event_type: EventType::parse("m.message").unwrap(),
+        sender: UserId::parse("@alice:peer.test").unwrap(),
+        origin_server: p.name.clone(),
+        origin_ts: 1_700_000_000_000,
+        content: serde_json::json!({"body": "once"}),
+        depth: 1_700_000_000_000,
+        state_key: None,
+        signatures: Signatures::default(),
+    };
+    e.sign(&p.key);
+    e.to_wire()
+}
+
+async fn setup() -> (FakePeers, TestServer, Peer) {
+    let p = Peer::new("peer.test", "ed25519:test", [1; 32]);
+    let fakes = FakePeers::start(vec![("peer".into(), KeysAnswer::Keys(vec![p.clone()]))]).await;
+    let server = TestServer::start(Options {
+        peers: vec![("peer.test".into(), fakes.base_url("peer"))],
+        extra_toml: "\n[federation]\ndiscovery = false\nrate_limit_per_minute = 0\n".into(),
+        ..Options::default()
+    })
+    .await;
+    (fakes, server, p)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn same_event_fifty_times_at_once() {
+    let (fakes, s, p) = setup().await;
+    let body = event(&p, "$once:peer.test");
+    let now = parafed::time::now_ms();
+    // Fifty distinct signed requests (distinct timestamps: identical ones would be replays).
+    let tasks: Vec<_> = (0..50)
+        .map(|i| {
+            let mut h = p.sign_at("POST", EVENT, &body, now + i);
+            h.push(("Content-Type".into(), "application/json".into()));
+            let body = body.clone();
+            let addr = s.addr;
+            tokio::spawn(async move { send(addr, "POST", EVENT, &h, &body).await })
+        })
+        .collect();
+    let mut inserted = 0;
+    for t in tasks {
+        let r = t.await.unwrap();
+        assert_eq!(r.status, 202, "{}", String::from_utf8_lossy(&r.body));
+        let j = r.json();
+        assert_eq!(j["event_id"], "$once:peer.test");
+        if j["inserted"] == true {
+            inserted += 1;
+        }
+    }
+    assert_eq!(inserted, 1, "exactly one answer says inserted:true");
+    assert_eq!(s.event_count().await, 1, "one row");
+    assert_eq!(
+        s.app.queue.len(QueueName::Verify).await.unwrap(),
+        1,
+        "one verify job"
+    );
+    assert_eq!(
+        fakes.key_fetches("peer"),
+        1,
+        "the peer's key was fetched once"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_key_is_fetched_once_under_a_hundred_requests() {
+    let (fakes, s, p) = setup().await;
+    let tasks: Vec<_> = (0..100)
+        .map(|i| {
+            let body = event(&p, &format!("$k{i}:peer.test"));
+            let h = json_signed(&p, EVENT, &body);
+            let addr = s.addr;
+            tokio::spawn(async move { send(addr, "POST", EVENT, &h, &body).await.status })
+        })
+        .collect();
+    for t in tasks {
+        assert_eq!(t.await.unwrap(), 202);
+    }
+    assert_eq!(
+        fakes.key_fetches("peer"),
+        1,
+        "single flight: one fetch for 100 requests"
+    );
+    assert_eq!(s.app.keyring.fetch_count(), 1);
+}
+
+/// Bound: at most one `/keys` fetch per peer per `key_refetch_interval` (30 s by
+/// default), whatever key ids it is sent. The first request fetches (the peer's real key
+/// is then known); all 1 000 unknown key ids fall inside the same interval, so the total
+/// is 1 fetch, and never more than 2 even if the run straddles one interval.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn random_unknown_key_ids_cause_bounded_fetches() {
+    let (fakes, s, p) = setup().await;
+    let body = event(&p, "$r:peer.test");
+    let mut statuses = std::collections::BTreeMap::new();
+    for chunk in 0..10 {
+        let tasks: Vec<_> = (0..100)
+            .map(|i| {
+                let mut h = json_signed(&p, EVENT, &body);
+                let kid = format!("ed25519:rnd{chunk}x{i}");
+                for (k, v) in h.iter_mut() {
+                    if k == "X-Paracord-Key-Id" {
+                        *v = kid.clone();
+                    }
+                }
+                let body = body.clone();
+                let addr = s.addr;
+                tokio::spawn(async move { send(addr, "POST", EVENT, &h, &body).await.status })
+            })
+            .collect();
+        for t in tasks {
+            *statuses.entry(t.await.unwrap()).or_insert(0) += 1;
+        }
+    }
+    assert_eq!(
+        statuses.get(&403),
+        Some(&1000),
+        "every unknown key id is refused: {statuses:?}"
+    );
+    let fetches = fakes.key_fetches("peer");
+    assert!(
+        (1..=2).contains(&fetches),
+        "{fetches} fetches for 1000 unknown key ids"
+    );
+    assert_eq!(s.event_count().await, 0);
+}
