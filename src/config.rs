@@ -202,8 +202,21 @@ pub struct WorkerConfig {
     pub metrics_listen: SocketAddr,
     /// Queues this process runs; empty means all.
     pub queues: Vec<String>,
+    /// Jobs one process runs at once, per queue.
     #[serde(deserialize_with = "flex::u32")]
     pub concurrency: u32,
+    /// How often each worker looks for destinations whose backoff ended.
+    #[serde(deserialize_with = "flex::u64")]
+    pub scheduler_interval_ms: u64,
+    /// How often each worker looks for work Redis lost (see docs/operations.md).
+    #[serde(deserialize_with = "flex::u64")]
+    pub reconcile_interval_ms: u64,
+    /// Unfinished work whose job was pushed longer ago than this is pushed again.
+    #[serde(deserialize_with = "flex::u64")]
+    pub stale_after_ms: u64,
+    /// A job running (or abandoned) longer than this is given to another worker.
+    #[serde(deserialize_with = "flex::u64")]
+    pub job_timeout_ms: u64,
 }
 
 impl Default for WorkerConfig {
@@ -212,6 +225,10 @@ impl Default for WorkerConfig {
             metrics_listen: SocketAddr::from(([127, 0, 0, 1], 9449)),
             queues: Vec::new(),
             concurrency: 16,
+            scheduler_interval_ms: 1_000,
+            reconcile_interval_ms: 10_000,
+            stale_after_ms: 30_000,
+            job_timeout_ms: 120_000,
         }
     }
 }
@@ -420,6 +437,16 @@ impl Config {
         }
         if self.http.tls_cert.is_some() != self.http.tls_key.is_some() {
             return bad("[http] tls_cert and tls_key must be set together".into());
+        }
+        for q in &self.worker.queues {
+            if crate::queue::QueueName::parse(q).is_none() {
+                return bad(format!(
+                    "[worker] queues: unknown queue {q:?} (verify, fanout, deliver)"
+                ));
+            }
+        }
+        if self.worker.concurrency == 0 {
+            return bad("[worker] concurrency must be at least 1".into());
         }
         if self.delivery.window == 0 {
             return bad("[delivery] window must be at least 1".into());

@@ -1,1 +1,87 @@
-fn main() {}
+//! `parafed-worker`: one process of the worker fleet. Runs every queue, or the ones named
+//! with `--queues` / `PARAFED_WORKER_QUEUES`, until SIGTERM, then lets in-flight jobs
+//! finish. Stateless: run as many as the load needs, on as many machines.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+use parafed::config::Config;
+use parafed::queue::QueueName;
+
+#[derive(Parser)]
+#[command(name = "parafed-worker", version, about = "parafed's job worker")]
+struct Cli {
+    /// Configuration file (TOML); settings can be overridden as PARAFED_<SECTION>_<KEY>.
+    #[arg(long, env = "PARAFED_CONFIG")]
+    config: Option<PathBuf>,
+    /// Queues to run, comma-separated (verify, fanout, deliver); default all.
+    #[arg(long, value_delimiter = ',')]
+    queues: Vec<String>,
+}
+
+async fn shutdown_signal() {
+    let Ok(mut term) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+    else {
+        let _ = tokio::signal::ctrl_c().await;
+        return;
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}
+
+fn main() -> ExitCode {
+    parafed::telemetry::init();
+    let cli = Cli::parse();
+    let cfg = match Config::load(cli.config.as_deref()) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let names = if cli.queues.is_empty() {
+        cfg.worker.queues.clone()
+    } else {
+        cli.queues
+    };
+    let mut queues = Vec::new();
+    for n in &names {
+        match QueueName::parse(n.trim()) {
+            Some(q) => queues.push(q),
+            None => {
+                eprintln!("error: unknown queue {n:?}; queues are verify, fanout, deliver");
+                return ExitCode::from(2);
+            }
+        }
+    }
+    if queues.is_empty() {
+        queues = QueueName::ALL.to_vec();
+    }
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = rt.block_on(async move {
+        let handle = parafed::ingress::metrics::recorder();
+        let listener = parafed::ingress::metrics::bind(cfg.worker.metrics_listen).await?;
+        tokio::spawn(parafed::ingress::metrics::serve(listener, handle));
+        let app = parafed::app::App::new(cfg)?;
+        parafed_jobs::fleet::run(app, &queues, shutdown_signal()).await
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -195,6 +195,10 @@ CREATE TABLE destination_health (
     last_error            TEXT,
     last_status_code      INTEGER,
     paused_reason         TEXT,
+    -- One drain at a time per destination, fleet-wide: the worker holding the lease is
+    -- the only one sending to it, so at most `window` requests are ever in flight.
+    lease_owner           TEXT,
+    lease_until           TIMESTAMPTZ,
     updated_at            TIMESTAMPTZ NOT NULL DEFAULT now()
 );
 CREATE INDEX destination_health_backoff ON destination_health (backoff_until)

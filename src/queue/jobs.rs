@@ -39,3 +39,9 @@ pub struct VerifyJob {
 pub struct FanoutJob {
     pub event_id: String,
 }
+
+/// Drain a destination's backlog (one job per destination, not per row).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeliverJob {
+    pub destination: String,
+}

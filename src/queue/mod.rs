@@ -16,7 +16,7 @@ use std::time::Duration;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use serde::Serialize;
 
-pub use jobs::{FanoutJob, QueueName, VerifyJob};
+pub use jobs::{DeliverJob, FanoutJob, QueueName, VerifyJob};
 
 /// Redis failures (unreachable, timed out, or an error reply).
 #[derive(Debug, thiserror::Error)]
@@ -67,6 +67,16 @@ impl Keys {
 
     pub fn rate(&self, peer: &str) -> String {
         format!("{}:rate:{}", self.prefix, peer)
+    }
+
+    /// Set while a deliver job for the destination is queued (deduplicates pushes).
+    pub fn deliver_scheduled(&self, destination: &str) -> String {
+        format!("{}:deliver-scheduled:{}", self.prefix, destination)
+    }
+
+    /// Entries that failed too often, moved aside for an operator.
+    pub fn dead(&self, q: QueueName) -> String {
+        format!("{}:dead:{}", self.prefix, q.as_str())
     }
 }
 
@@ -119,6 +129,44 @@ impl JobQueue {
             .arg(self.keys.queue(q))
             .query_async(&mut conn)
             .await?)
+    }
+
+    /// Pushes a deliver job for each destination that has none queued yet.
+    pub async fn schedule_deliveries(&self, destinations: &[String]) -> Result<usize, QueueError> {
+        if destinations.is_empty() {
+            return Ok(0);
+        }
+        let mut conn = self.conn.clone();
+        let mut pipe = redis::pipe();
+        for d in destinations {
+            pipe.cmd("SET")
+                .arg(self.keys.deliver_scheduled(d))
+                .arg(1)
+                .arg("NX")
+                .arg("PX")
+                .arg(30_000);
+        }
+        let fresh: Vec<Option<String>> = pipe.query_async(&mut conn).await?;
+        let due: Vec<DeliverJob> = destinations
+            .iter()
+            .zip(fresh)
+            .filter(|(_, f)| f.is_some())
+            .map(|(d, _)| DeliverJob {
+                destination: d.clone(),
+            })
+            .collect();
+        self.push_many(QueueName::Deliver, &due).await?;
+        Ok(due.len())
+    }
+
+    /// Forgets that a deliver job is queued for `destination` (its drain has started).
+    pub async fn clear_scheduled(&self, destination: &str) -> Result<(), QueueError> {
+        let mut conn = self.conn.clone();
+        redis::cmd("DEL")
+            .arg(self.keys.deliver_scheduled(destination))
+            .query_async::<()>(&mut conn)
+            .await?;
+        Ok(())
     }
 
     pub fn keys(&self) -> &Keys {

@@ -256,3 +256,88 @@ pub async fn room_since(
         .await?;
     rows.into_iter().map(from_row).collect()
 }
+
+/// Settles a pending event: accepted, or rejected with a reason. Returns false when it
+/// was not pending any more (another worker settled it).
+pub async fn settle(
+    conn: &mut AsyncPgConnection,
+    event_id: &str,
+    accepted: bool,
+    reason: Option<&str>,
+) -> Result<bool, StoreError> {
+    let n = diesel::update(
+        fe::table
+            .filter(fe::event_id.eq(event_id))
+            .filter(fe::status.eq("pending")),
+    )
+    .set((
+        fe::status.eq(if accepted { "accepted" } else { "rejected" }),
+        fe::reject_reason.eq(reason),
+        fe::verified_at.eq(diesel::dsl::now),
+    ))
+    .execute(conn)
+    .await?;
+    Ok(n == 1)
+}
+
+/// Records that fan-out wrote this event's outbound rows.
+pub async fn mark_fanned_out(
+    conn: &mut AsyncPgConnection,
+    event_id: &str,
+) -> Result<(), StoreError> {
+    diesel::update(fe::table.filter(fe::event_id.eq(event_id)))
+        .set(fe::fanned_out_at.eq(diesel::dsl::now))
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
+/// Unfinished work whose job was pushed before `cutoff`: pending events (verify) and
+/// accepted events not yet fanned out (fanout). Their `enqueued_at` is moved to now, so
+/// concurrent reconcilers in other workers do not take the same rows.
+pub async fn claim_stale(
+    conn: &mut AsyncPgConnection,
+    cutoff: chrono::DateTime<chrono::Utc>,
+    limit: i64,
+) -> Result<(Vec<String>, Vec<String>), StoreError> {
+    #[derive(QueryableByName)]
+    struct Stale {
+        #[diesel(sql_type = Text)]
+        event_id: String,
+        #[diesel(sql_type = Text)]
+        status: String,
+    }
+    let rows: Vec<Stale> = diesel::sql_query(
+        "UPDATE federation_events SET enqueued_at = now() \
+         WHERE event_id IN ( \
+           SELECT event_id FROM federation_events \
+            WHERE (status = 'pending' OR (status = 'accepted' AND fanned_out_at IS NULL)) \
+              AND (enqueued_at IS NULL OR enqueued_at < $1) \
+            LIMIT $2 FOR UPDATE SKIP LOCKED) \
+         RETURNING event_id, status",
+    )
+    .bind::<diesel::sql_types::Timestamptz, _>(cutoff)
+    .bind::<BigInt, _>(limit)
+    .load(conn)
+    .await?;
+    let (verify, fanout): (Vec<Stale>, Vec<Stale>) =
+        rows.into_iter().partition(|r| r.status == "pending");
+    Ok((
+        verify.into_iter().map(|r| r.event_id).collect(),
+        fanout.into_iter().map(|r| r.event_id).collect(),
+    ))
+}
+
+/// The server that handed us an event (`None` for our own).
+pub async fn received_from(
+    conn: &mut AsyncPgConnection,
+    event_id: &str,
+) -> Result<Option<String>, StoreError> {
+    Ok(fe::table
+        .filter(fe::event_id.eq(event_id))
+        .select(fe::received_from)
+        .first::<Option<String>>(conn)
+        .await
+        .optional()?
+        .flatten())
+}

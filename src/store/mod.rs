@@ -11,6 +11,7 @@ pub mod feed;
 pub mod keys;
 pub mod local;
 pub mod migrate;
+pub mod outbound;
 pub mod rooms;
 pub mod schema;
 pub mod status;

@@ -148,6 +148,8 @@ diesel::table! {
         last_error -> Nullable<Text>,
         last_status_code -> Nullable<Int4>,
         paused_reason -> Nullable<Text>,
+        lease_owner -> Nullable<Text>,
+        lease_until -> Nullable<Timestamptz>,
         updated_at -> Timestamptz,
     }
 }

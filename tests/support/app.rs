@@ -35,6 +35,10 @@ pub struct Options {
     pub extra_toml: String,
     pub local_token: Option<String>,
     pub admin_token: Option<String>,
+    /// A listener bound in advance (so peers can be configured with its address).
+    pub listener: Option<std::net::TcpListener>,
+    /// Create a signing key before starting.
+    pub signing_key: bool,
 }
 
 impl Default for Options {
@@ -45,6 +49,8 @@ impl Default for Options {
             extra_toml: String::new(),
             local_token: Some("local-secret".into()),
             admin_token: Some("admin-secret".into()),
+            listener: None,
+            signing_key: false,
         }
     }
 }
@@ -75,12 +81,29 @@ impl TestServer {
             env.push(("PARAFED_ADMIN_TOKEN".to_owned(), t.clone()));
         }
         let cfg = Config::from_toml_and_env(&toml, "test", env).expect("test config");
-        Self::start_with(cfg, db_url, redis).await
+        if opts.signing_key {
+            let pool = parafed::store::pool(&db_url, 1).unwrap();
+            parafed::store::keys::generate(&mut *pool.get().await.unwrap(), None)
+                .await
+                .unwrap();
+        }
+        Self::start_with(cfg, db_url, redis, opts.listener).await
     }
 
-    pub async fn start_with(cfg: Config, db_url: String, redis: Redis) -> TestServer {
+    pub async fn start_with(
+        cfg: Config,
+        db_url: String,
+        redis: Redis,
+        listener: Option<std::net::TcpListener>,
+    ) -> TestServer {
         let app = App::new(cfg).expect("app");
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let listener = match listener {
+            Some(l) => {
+                l.set_nonblocking(true).unwrap();
+                TcpListener::from_std(l).unwrap()
+            }
+            None => TcpListener::bind("127.0.0.1:0").await.unwrap(),
+        };
         let addr = listener.local_addr().unwrap();
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let task = tokio::spawn(parafed::ingress::server::serve(
@@ -131,6 +154,59 @@ impl TestServer {
             .await
             .unwrap()
     }
+}
+
+/// A worker fleet process, in-process, for one test server.
+pub struct TestWorker {
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl TestWorker {
+    /// Starts workers for every queue of `server`.
+    pub fn start(server: &TestServer) -> TestWorker {
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let app = server.app.clone();
+        let task = tokio::spawn(async move {
+            parafed_jobs::fleet::run(app, &parafed::queue::QueueName::ALL, async {
+                let _ = rx.await;
+            })
+            .await
+            .expect("worker fleet");
+        });
+        TestWorker {
+            stop: Some(tx),
+            task: Some(task),
+        }
+    }
+
+    /// SIGTERM-like stop: in-flight jobs finish.
+    pub async fn stop(&mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        if let Some(t) = self.task.take() {
+            let _ = t.await;
+        }
+    }
+}
+
+impl Drop for TestWorker {
+    fn drop(&mut self) {
+        if let Some(t) = self.task.take() {
+            t.abort();
+        }
+    }
+}
+
+/// Settings that make delivery retries fast enough for tests.
+pub const FAST_WORKER_TOML: &str = "\n[worker]\nscheduler_interval_ms = 10\nreconcile_interval_ms = 200\nstale_after_ms = 2000\njob_timeout_ms = 5000\nconcurrency = 8\n[delivery]\nbackoff_base_ms = 200\nbackoff_cap_ms = 5000\nrequest_timeout_ms = 5000\nconnect_timeout_ms = 1000\n";
+
+/// Reserves a listener on a free loopback port.
+pub fn reserve_listener() -> (std::net::TcpListener, String) {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", l.local_addr().unwrap());
+    (l, url)
 }
 
 impl Drop for TestServer {
@@ -398,4 +474,76 @@ pub fn json_signed(peer: &Peer, path: &str, body: &[u8]) -> Vec<(String, String)
     let mut h = peer.sign("POST", path, body);
     h.push(("Content-Type".into(), "application/json".into()));
     h
+}
+
+/// A peer that answers `POST …/event` from a script: the n-th request gets `script[n]`,
+/// later ones `then`. Counts the requests it saw.
+pub struct ScriptedPeer {
+    pub addr: SocketAddr,
+    pub hits: Arc<AtomicU64>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl ScriptedPeer {
+    pub async fn start(
+        listener: std::net::TcpListener,
+        script: Vec<u16>,
+        then: u16,
+    ) -> ScriptedPeer {
+        listener.set_nonblocking(true).unwrap();
+        let listener = TcpListener::from_std(listener).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let hits = Arc::new(AtomicU64::new(0));
+        let script = Arc::new(script);
+        let h = hits.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                let (hits, script) = (h.clone(), script.clone());
+                tokio::spawn(async move {
+                    let svc = service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                        let (hits, script) = (hits.clone(), script.clone());
+                        async move {
+                            use http_body_util::BodyExt;
+                            let is_event = req.uri().path().ends_with("/event");
+                            let body = req
+                                .into_body()
+                                .collect()
+                                .await
+                                .map(|c| c.to_bytes())
+                                .unwrap_or_default();
+                            let mut resp = http::Response::new(Full::new(Bytes::new()));
+                            if is_event {
+                                let n = hits.fetch_add(1, Ordering::SeqCst) as usize;
+                                let status = script.get(n).copied().unwrap_or(then);
+                                let id = serde_json::from_slice::<serde_json::Value>(&body)
+                                    .ok()
+                                    .and_then(|v| v["event_id"].as_str().map(str::to_owned))
+                                    .unwrap_or_default();
+                                *resp.body_mut() = Full::new(Bytes::from(
+                                    serde_json::json!({"event_id": id, "inserted": true, "code": "SCRIPTED"}).to_string(),
+                                ));
+                                *resp.status_mut() = http::StatusCode::from_u16(status).unwrap();
+                            } else {
+                                *resp.status_mut() = http::StatusCode::NOT_FOUND;
+                            }
+                            Ok::<_, std::convert::Infallible>(resp)
+                        }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), svc)
+                        .await;
+                });
+            }
+        });
+        ScriptedPeer { addr, hits, task }
+    }
+}
+
+impl Drop for ScriptedPeer {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
 }

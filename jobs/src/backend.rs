@@ -1,0 +1,114 @@
+//! The apalis backend over a Redis Stream consumer group.
+//!
+//! apalis's stock Redis storage retries failed tasks by itself (linearly, 25 times),
+//! polls on a 30 s heartbeat, dies on large due sets and loses the data of tasks still
+//! retrying (see docs/architecture.md). parafed keeps apalis's worker, monitor and layers
+//! and supplies this backend instead: a `CustomBackend` whose fetch stream is the
+//! [`StreamConsumer`]. The stream never ends and never yields an error — apalis would
+//! stop the worker on either — it logs Redis failures and retries with backoff.
+//!
+//! A task carries its stream entry id; the handler acknowledges the entry when it has
+//! finished (see [`crate::context::finish`]). Retry timing is parafed's own: a failed
+//! job is simply not acknowledged, and is claimed again after the idle timeout.
+
+use std::collections::VecDeque;
+use std::pin::Pin;
+use std::time::{Duration, Instant};
+
+use apalis::prelude::{BackendBuilder, BoxDynError, CustomBackend, Task};
+use futures::stream::BoxStream;
+use futures::{Sink, SinkExt, StreamExt};
+use serde::de::DeserializeOwned;
+
+use crate::stream::StreamConsumer;
+
+/// How often a consumer looks for entries abandoned by dead workers.
+const CLAIM_EVERY: Duration = Duration::from_secs(5);
+
+/// A job as a handler receives it: the stream entry it came from and the job itself.
+#[derive(Clone, Debug)]
+pub struct Queued<J> {
+    pub entry_id: String,
+    pub job: J,
+}
+
+type Fetch<J> = BoxStream<'static, Result<Option<Task<Queued<J>>>, BoxDynError>>;
+type Push<J> = Pin<Box<dyn Sink<Task<Queued<J>>, Error = BoxDynError> + Send>>;
+
+/// The backend type for jobs of type `J`.
+pub type StreamBackend<J> = CustomBackend<Queued<J>, StreamConsumer, Fetch<J>, Push<J>>;
+
+struct State {
+    consumer: StreamConsumer,
+    buffer: VecDeque<crate::stream::Entry>,
+    last_claim: Instant,
+    failures: u32,
+}
+
+fn fetch<J: DeserializeOwned + Send + 'static>(consumer: StreamConsumer) -> Fetch<J> {
+    let state = State {
+        consumer,
+        buffer: VecDeque::new(),
+        last_claim: Instant::now() - CLAIM_EVERY,
+        failures: 0,
+    };
+    futures::stream::unfold(state, |mut st| async move {
+        loop {
+            if let Some(e) = st.buffer.pop_front() {
+                match serde_json::from_slice::<J>(&e.payload) {
+                    Ok(job) => {
+                        let task = Task::new(Queued { entry_id: e.id, job });
+                        return Some((Ok(Some(task)), st));
+                    }
+                    Err(err) => {
+                        tracing::error!(entry = %e.id, error = %err, "undecodable job dropped");
+                        let _ = st.consumer.ack(&e.id).await;
+                        continue;
+                    }
+                }
+            }
+            if st.last_claim.elapsed() >= CLAIM_EVERY {
+                st.last_claim = Instant::now();
+                match st.consumer.claim_stale().await {
+                    Ok(v) if !v.is_empty() => {
+                        tracing::info!(count = v.len(), "claimed abandoned jobs");
+                        st.buffer.extend(v);
+                        continue;
+                    }
+                    Ok(_) => {}
+                    Err(e) => tracing::warn!(error = %e, "claiming abandoned jobs failed"),
+                }
+            }
+            match st.consumer.read().await {
+                Ok(v) => {
+                    st.failures = 0;
+                    st.buffer.extend(v);
+                }
+                Err(e) => {
+                    st.failures = st.failures.saturating_add(1);
+                    let wait = Duration::from_millis(100u64 << st.failures.min(6)).min(Duration::from_secs(5));
+                    tracing::warn!(error = %e, retry_in = ?wait, "reading the queue failed; retrying");
+                    metrics::counter!("parafed_queue_read_errors_total").increment(1);
+                    tokio::time::sleep(wait).await;
+                }
+            }
+        }
+    })
+    .boxed()
+}
+
+/// Builds the backend for one queue consumer.
+pub fn backend<J: DeserializeOwned + Send + 'static>(consumer: StreamConsumer) -> StreamBackend<J> {
+    BackendBuilder::new()
+        .database(consumer)
+        .fetcher(|c: &mut StreamConsumer, _: &(), _| fetch::<J>(c.clone()))
+        .sink(|_: &mut StreamConsumer, _: &()| -> Push<J> {
+            // Jobs are pushed with parafed's JobQueue, never through apalis.
+            Box::pin(
+                futures::sink::drain()
+                    .sink_map_err(|e: std::convert::Infallible| -> BoxDynError { match e {} }),
+            )
+        })
+        .build()
+        .unwrap_or_else(|e| unreachable!("every part of the backend is set: {e}"))
+}

@@ -1,0 +1,56 @@
+//! What every handler shares: the application state, this worker's identity, and the
+//! acknowledgement of finished jobs.
+
+use std::sync::Arc;
+
+use parafed::app::App;
+
+use crate::backend::Queued;
+use crate::stream::StreamConsumer;
+
+/// Shared by all handlers of one worker process.
+pub struct Ctx {
+    pub app: Arc<App>,
+    /// Unique per process start (`<host>-<pid>-<random>`): names Redis consumers and
+    /// destination leases.
+    pub worker_id: String,
+}
+
+/// The error type handlers return; an unacknowledged job is retried after the idle
+/// timeout.
+pub type JobError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Acknowledges a job whose handler succeeded; leaves it pending otherwise.
+pub async fn finish<J>(
+    consumer: &StreamConsumer,
+    q: &Queued<J>,
+    result: Result<(), JobError>,
+    queue: &'static str,
+) -> Result<(), JobError> {
+    match result {
+        Ok(()) => {
+            metrics::counter!("parafed_jobs_total", "queue" => queue, "outcome" => "ok")
+                .increment(1);
+            if let Err(e) = consumer.ack(&q.entry_id).await {
+                // The job is done; an unacked entry only means it may run once more.
+                tracing::warn!(entry = %q.entry_id, error = %e, "ack failed");
+            }
+            Ok(())
+        }
+        Err(e) => {
+            metrics::counter!("parafed_jobs_total", "queue" => queue, "outcome" => "error")
+                .increment(1);
+            tracing::warn!(queue, entry = %q.entry_id, error = %e, "job failed; it will be retried");
+            Err(e)
+        }
+    }
+}
+
+/// A worker identity unique to this process start.
+pub fn worker_identity() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .unwrap_or_else(|_| "host".into());
+    let r: u32 = rand::random();
+    format!("{host}-{}-{r:08x}", std::process::id())
+}

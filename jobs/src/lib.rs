@@ -1,0 +1,13 @@
+//! parafed's background work: the job handlers (verify, fanout, deliver), the scheduler
+//! that retries, drains and reconciles, the apalis backend they run on, and the fleet
+//! assembly the `parafed-worker` binary runs.
+
+pub mod backend;
+pub mod backoff;
+pub mod context;
+pub mod deliver;
+pub mod fanout;
+pub mod fleet;
+pub mod scheduler;
+pub mod stream;
+pub mod verify;

@@ -1,0 +1,101 @@
+//! The periodic duties every worker process runs (safe to run in all of them at once):
+//!
+//! * **retry / drain** — destinations whose backoff ended, and destinations with waiting
+//!   rows and no drain in progress, get a deliver job (deduplicated in Redis; the drain
+//!   lease keeps one drain per destination);
+//! * **reconcile** — events stored but never verified, and accepted events never fanned
+//!   out, whose job is older than `stale_after` (Redis lost it, or a worker died with it),
+//!   are pushed again (rows are claimed with `SKIP LOCKED`, so workers split them);
+//! * **expire** — outbound rows older than the maximum age become dead.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use parafed::queue::{FanoutJob, QueueName, VerifyJob};
+use parafed::store::{events, outbound};
+
+use crate::context::Ctx;
+
+const EXPIRE_EVERY: Duration = Duration::from_secs(60);
+
+pub async fn run(ctx: Arc<Ctx>, mut stop: tokio::sync::watch::Receiver<bool>) {
+    let cfg = &ctx.app.cfg.worker;
+    let tick = Duration::from_millis(cfg.scheduler_interval_ms.max(10));
+    let reconcile_every = Duration::from_millis(cfg.reconcile_interval_ms.max(10));
+    let mut last_reconcile = Instant::now() - reconcile_every;
+    let mut last_expire = Instant::now() - EXPIRE_EVERY;
+    loop {
+        tokio::select! {
+            () = tokio::time::sleep(tick) => {}
+            _ = stop.changed() => return,
+        }
+        if let Err(e) = schedule_due(&ctx).await {
+            tracing::warn!(error = %e, "scheduling deliveries failed");
+        }
+        if last_reconcile.elapsed() >= reconcile_every {
+            last_reconcile = Instant::now();
+            match reconcile(&ctx).await {
+                Ok((v, f)) if v + f > 0 => {
+                    tracing::info!(verify = v, fanout = f, "re-queued unfinished work")
+                }
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = %e, "reconcile failed"),
+            }
+        }
+        if last_expire.elapsed() >= EXPIRE_EVERY {
+            last_expire = Instant::now();
+            if let Err(e) = expire(&ctx).await {
+                tracing::warn!(error = %e, "expiring old rows failed");
+            }
+        }
+    }
+}
+
+async fn schedule_due(ctx: &Ctx) -> Result<(), crate::context::JobError> {
+    let due = {
+        let mut conn = ctx.app.pool.get().await?;
+        outbound::due_destinations(&mut conn, 1000).await?
+    };
+    ctx.app.queue.schedule_deliveries(&due).await?;
+    Ok(())
+}
+
+/// Pushes jobs again for unfinished work older than `stale_after`; returns the counts.
+pub async fn reconcile(ctx: &Ctx) -> Result<(usize, usize), crate::context::JobError> {
+    let cutoff = chrono::Utc::now()
+        - chrono::Duration::milliseconds(ctx.app.cfg.worker.stale_after_ms as i64);
+    let (mut v_total, mut f_total) = (0, 0);
+    loop {
+        let (verify, fanout) = {
+            let mut conn = ctx.app.pool.get().await?;
+            events::claim_stale(&mut conn, cutoff, 1000).await?
+        };
+        if verify.is_empty() && fanout.is_empty() {
+            return Ok((v_total, f_total));
+        }
+        let v: Vec<VerifyJob> = verify
+            .into_iter()
+            .map(|event_id| VerifyJob { event_id })
+            .collect();
+        let f: Vec<FanoutJob> = fanout
+            .into_iter()
+            .map(|event_id| FanoutJob { event_id })
+            .collect();
+        ctx.app.queue.push_many(QueueName::Verify, &v).await?;
+        ctx.app.queue.push_many(QueueName::Fanout, &f).await?;
+        metrics::counter!("parafed_reconciled_jobs_total").increment((v.len() + f.len()) as u64);
+        v_total += v.len();
+        f_total += f.len();
+    }
+}
+
+async fn expire(ctx: &Ctx) -> Result<(), crate::context::JobError> {
+    let cutoff =
+        chrono::Utc::now() - chrono::Duration::seconds(ctx.app.cfg.delivery.max_age_secs as i64);
+    let mut conn = ctx.app.pool.get().await?;
+    let n = outbound::expire(&mut conn, cutoff).await?;
+    if n > 0 {
+        tracing::info!(rows = n, "outbound rows expired");
+    }
+    Ok(())
+}

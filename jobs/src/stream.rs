@@ -1,0 +1,242 @@
+//! Consuming a queue: a Redis Stream read through a consumer group.
+//!
+//! * `XREADGROUP … BLOCK` wakes a worker the moment work arrives (no polling interval),
+//!   on a connection of its own (a blocking read would stall a shared one);
+//! * an entry is acknowledged (`XACK` + `XDEL`) only after its handler succeeded, so a
+//!   worker killed mid-job loses nothing: the entry stays in the group's pending list;
+//! * every few seconds each consumer claims entries idle longer than `min_idle` (their
+//!   worker died or hangs) — after `max_deliveries` attempts an entry is moved to the
+//!   queue's dead stream for an operator instead of looping forever;
+//! * the group is (re)created on demand, so a Redis restart or `FLUSHALL` is survived;
+//!   what Redis lost, the reconciler rebuilds from Postgres;
+//! * reads are bounded (`COUNT`), whatever the backlog: no "fetch everything due".
+
+use std::time::Duration;
+
+use redis::aio::ConnectionManager;
+use redis::{RedisResult, Value};
+
+/// The consumer group every parafed worker joins.
+pub const GROUP: &str = "workers";
+
+#[derive(Clone)]
+pub struct StreamConsumer {
+    /// For the blocking read only.
+    reader: ConnectionManager,
+    /// For acks, claims and group management.
+    conn: ConnectionManager,
+    key: String,
+    dead_key: String,
+    consumer: String,
+    pub batch: usize,
+    pub block: Duration,
+    pub min_idle: Duration,
+    pub max_deliveries: u64,
+}
+
+/// One stream entry: its id and the job bytes.
+#[derive(Clone, Debug)]
+pub struct Entry {
+    pub id: String,
+    pub payload: Vec<u8>,
+}
+
+impl StreamConsumer {
+    pub fn new(
+        reader: ConnectionManager,
+        conn: ConnectionManager,
+        key: String,
+        dead_key: String,
+        consumer: String,
+    ) -> Self {
+        Self {
+            reader,
+            conn,
+            key,
+            dead_key,
+            consumer,
+            batch: 64,
+            block: Duration::from_millis(1000),
+            min_idle: Duration::from_secs(60),
+            max_deliveries: 20,
+        }
+    }
+
+    pub fn consumer_name(&self) -> &str {
+        &self.consumer
+    }
+
+    /// Creates the group (reading from the stream's start) if it does not exist.
+    pub async fn ensure_group(&self) -> RedisResult<()> {
+        let mut c = self.conn.clone();
+        let r: RedisResult<()> = redis::cmd("XGROUP")
+            .arg("CREATE")
+            .arg(&self.key)
+            .arg(GROUP)
+            .arg("0")
+            .arg("MKSTREAM")
+            .query_async(&mut c)
+            .await;
+        match r {
+            Err(e) if e.code() == Some("BUSYGROUP") => Ok(()),
+            other => other,
+        }
+    }
+
+    /// New entries for this consumer, waiting up to `block` for some.
+    pub async fn read(&self) -> RedisResult<Vec<Entry>> {
+        let mut c = self.reader.clone();
+        let r: RedisResult<Value> = redis::cmd("XREADGROUP")
+            .arg("GROUP")
+            .arg(GROUP)
+            .arg(&self.consumer)
+            .arg("COUNT")
+            .arg(self.batch)
+            .arg("BLOCK")
+            .arg(self.block.as_millis() as u64)
+            .arg("STREAMS")
+            .arg(&self.key)
+            .arg(">")
+            .query_async(&mut c)
+            .await;
+        match r {
+            Ok(v) => Ok(parse_read(&v)),
+            Err(e) if e.code() == Some("NOGROUP") => {
+                self.ensure_group().await?;
+                Ok(Vec::new())
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Takes over entries idle longer than `min_idle`; moves over-delivered ones to the
+    /// dead stream.
+    pub async fn claim_stale(&self) -> RedisResult<Vec<Entry>> {
+        let mut c = self.conn.clone();
+        let idle = self.min_idle.as_millis() as u64;
+        let pending: RedisResult<Vec<(String, String, u64, u64)>> = redis::cmd("XPENDING")
+            .arg(&self.key)
+            .arg(GROUP)
+            .arg("IDLE")
+            .arg(idle)
+            .arg("-")
+            .arg("+")
+            .arg(self.batch)
+            .query_async(&mut c)
+            .await;
+        let pending = match pending {
+            Ok(p) => p,
+            Err(e) if e.code() == Some("NOGROUP") => {
+                self.ensure_group().await?;
+                return Ok(Vec::new());
+            }
+            Err(e) => return Err(e),
+        };
+        let (dead, retry): (Vec<_>, Vec<_>) = pending
+            .into_iter()
+            .partition(|(_, _, _, deliveries)| *deliveries >= self.max_deliveries);
+        if !dead.is_empty() {
+            let ids: Vec<&String> = dead.iter().map(|(id, ..)| id).collect();
+            let claimed = self.claim(&ids, idle).await?;
+            let mut pipe = redis::pipe();
+            for e in &claimed {
+                pipe.cmd("XADD")
+                    .arg(&self.dead_key)
+                    .arg("*")
+                    .arg("job")
+                    .arg(&e.payload)
+                    .arg("from")
+                    .arg(&e.id)
+                    .ignore();
+                pipe.cmd("XACK")
+                    .arg(&self.key)
+                    .arg(GROUP)
+                    .arg(&e.id)
+                    .ignore();
+                pipe.cmd("XDEL").arg(&self.key).arg(&e.id).ignore();
+            }
+            pipe.query_async::<()>(&mut c).await?;
+            tracing::warn!(queue = %self.key, count = claimed.len(), "jobs failed too often; moved to the dead stream");
+        }
+        if retry.is_empty() {
+            return Ok(Vec::new());
+        }
+        let ids: Vec<&String> = retry.iter().map(|(id, ..)| id).collect();
+        self.claim(&ids, idle).await
+    }
+
+    async fn claim(&self, ids: &[&String], idle: u64) -> RedisResult<Vec<Entry>> {
+        let mut c = self.conn.clone();
+        let mut cmd = redis::cmd("XCLAIM");
+        cmd.arg(&self.key).arg(GROUP).arg(&self.consumer).arg(idle);
+        for id in ids {
+            cmd.arg(id.as_str());
+        }
+        let v: Value = cmd.query_async(&mut c).await?;
+        Ok(parse_entries(&v))
+    }
+
+    /// Acknowledges and deletes a finished entry.
+    pub async fn ack(&self, id: &str) -> RedisResult<()> {
+        let mut c = self.conn.clone();
+        redis::pipe()
+            .cmd("XACK")
+            .arg(&self.key)
+            .arg(GROUP)
+            .arg(id)
+            .ignore()
+            .cmd("XDEL")
+            .arg(&self.key)
+            .arg(id)
+            .ignore()
+            .query_async::<()>(&mut c)
+            .await
+    }
+}
+
+fn bulk(v: &Value) -> Option<Vec<u8>> {
+    match v {
+        Value::BulkString(b) => Some(b.clone()),
+        Value::SimpleString(s) => Some(s.as_bytes().to_vec()),
+        _ => None,
+    }
+}
+
+/// `[[id, [field, value, …]], …]` → entries carrying a `job` field.
+fn parse_entries(v: &Value) -> Vec<Entry> {
+    let Value::Array(items) = v else {
+        return Vec::new();
+    };
+    items
+        .iter()
+        .filter_map(|item| {
+            let Value::Array(pair) = item else {
+                return None;
+            };
+            let id = String::from_utf8(bulk(pair.first()?)?).ok()?;
+            let Value::Array(fields) = pair.get(1)? else {
+                return None;
+            };
+            let payload = fields
+                .chunks(2)
+                .find(|kv| bulk(&kv[0]).as_deref() == Some(b"job"))
+                .and_then(|kv| kv.get(1).and_then(bulk))?;
+            Some(Entry { id, payload })
+        })
+        .collect()
+}
+
+/// XREADGROUP's reply: `[[stream, entries]]` (RESP2) or a map (RESP3); nil on timeout.
+fn parse_read(v: &Value) -> Vec<Entry> {
+    match v {
+        Value::Array(streams) => streams
+            .iter()
+            .flat_map(|s| match s {
+                Value::Array(pair) if pair.len() == 2 => parse_entries(&pair[1]),
+                _ => Vec::new(),
+            })
+            .collect(),
+        Value::Map(m) => m.iter().flat_map(|(_, e)| parse_entries(e)).collect(),
+        _ => Vec::new(),
+    }
+}

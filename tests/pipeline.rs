@@ -1,0 +1,600 @@
+//! The delivery pipeline end to end: parafed servers with their worker fleets, and
+//! scripted peers, all real HTTP on 127.0.0.1 with real Postgres and Redis.
+
+mod support;
+
+use std::time::Duration;
+
+use diesel::prelude::*;
+use diesel_async::RunQueryDsl;
+use parafed::store::schema::{
+    delivery_attempts as da, federation_events as fe, outbound_queue as oq,
+};
+use serde_json::json;
+use support::app::{
+    reserve_listener, send, Options, ScriptedPeer, TestServer, TestWorker, FAST_WORKER_TOML,
+};
+use support::wait_for;
+
+const ROOM: &str = "!r:alpha.test";
+
+fn local(token: &str) -> Vec<(String, String)> {
+    vec![
+        ("Authorization".into(), format!("Bearer {token}")),
+        ("Content-Type".into(), "application/json".into()),
+    ]
+}
+
+async fn local_post(s: &TestServer, path: &str, body: serde_json::Value) -> serde_json::Value {
+    let r = send(
+        s.addr,
+        "POST",
+        path,
+        &local("local-secret"),
+        body.to_string().as_bytes(),
+    )
+    .await;
+    assert!(
+        r.status < 300,
+        "{path}: {} {}",
+        r.status,
+        String::from_utf8_lossy(&r.body)
+    );
+    r.json()
+}
+
+async fn submit(
+    s: &TestServer,
+    txn: &str,
+    event_type: &str,
+    sender: &str,
+    content: serde_json::Value,
+) -> String {
+    let j = local_post(
+        s,
+        "/_parafed/local/v1/events",
+        json!({"txn_id": txn, "room_id": ROOM, "event_type": event_type, "sender": sender, "content": content}),
+    )
+    .await;
+    j["event_id"].as_str().unwrap().to_owned()
+}
+
+async fn has_event(s: &TestServer, id: &str) -> bool {
+    let n: i64 = fe::table
+        .filter(fe::event_id.eq(id))
+        .filter(fe::status.eq("accepted"))
+        .count()
+        .get_result(&mut *s.db().await)
+        .await
+        .unwrap();
+    n == 1
+}
+
+async fn server(
+    name: &str,
+    listener: std::net::TcpListener,
+    peers: Vec<(String, String)>,
+) -> TestServer {
+    TestServer::start(Options {
+        server_name: name.into(),
+        peers,
+        listener: Some(listener),
+        signing_key: true,
+        extra_toml: format!(
+            "\n[federation]\ndiscovery = false\nrate_limit_per_minute = 0\n{FAST_WORKER_TOML}"
+        ),
+        ..Options::default()
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_servers_exchange_every_text_feature() {
+    let (la, ua) = reserve_listener();
+    let (lb, ub) = reserve_listener();
+    let (lg, ug) = reserve_listener();
+    let peers = |me: &str| -> Vec<(String, String)> {
+        [("alpha.test", &ua), ("beta.test", &ub), ("gamma.test", &ug)]
+            .iter()
+            .filter(|(n, _)| *n != me)
+            .map(|(n, u)| (n.to_string(), u.to_string()))
+            .collect()
+    };
+    let alpha = server("alpha.test", la, peers("alpha.test")).await;
+    let beta = server("beta.test", lb, peers("beta.test")).await;
+    let gamma = server("gamma.test", lg, peers("gamma.test")).await;
+    let _workers = [
+        TestWorker::start(&alpha),
+        TestWorker::start(&beta),
+        TestWorker::start(&gamma),
+    ];
+
+    // alpha hosts the room; beta and gamma ask for an invite, then join.
+    let r = send(
+        alpha.addr,
+        "PUT",
+        &format!("/_parafed/local/v1/rooms/{ROOM}"),
+        &local("local-secret"),
+        json!({"guild_name": "Federated Guild", "default_channel_id": "1"})
+            .to_string()
+            .as_bytes(),
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    for (s, user) in [(&beta, "@bob:beta.test"), (&gamma, "@carol:gamma.test")] {
+        let inv = local_post(
+            s,
+            "/_parafed/local/v1/invite",
+            json!({"room_id": ROOM, "user_id": user}),
+        )
+        .await;
+        assert_eq!(inv["status"], 200, "{inv}");
+        assert_eq!(inv["response"]["guild_name"], "Federated Guild");
+        let join = local_post(
+            s,
+            "/_parafed/local/v1/join",
+            json!({"room_id": ROOM, "user_id": user}),
+        )
+        .await;
+        assert_eq!(join["status"], 200, "{join}");
+        assert_eq!(join["response"]["joined"], true);
+    }
+
+    // Every text feature, from every server.
+    let mut sent: Vec<(&str, String)> = Vec::new(); // (origin, event id)
+    sent.push((
+        "alpha",
+        submit(
+            &alpha,
+            "a1",
+            "m.message",
+            "@alice:alpha.test",
+            json!({"body": "welcome"}),
+        )
+        .await,
+    ));
+    sent.push((
+        "beta",
+        submit(
+            &beta,
+            "b0",
+            "m.member.join",
+            "@bob:beta.test",
+            json!({"user_id": "bob"}),
+        )
+        .await,
+    ));
+    let msg = submit(
+        &beta,
+        "b1",
+        "m.message",
+        "@bob:beta.test",
+        json!({"body": "hi from beta", "message_id": "b1"}),
+    )
+    .await;
+    sent.push(("beta", msg));
+    sent.push((
+        "beta",
+        submit(
+            &beta,
+            "b2",
+            "m.message.edit",
+            "@bob:beta.test",
+            json!({"message_id": "b1", "body": "hi (edited)"}),
+        )
+        .await,
+    ));
+    sent.push((
+        "gamma",
+        submit(
+            &gamma,
+            "g1",
+            "m.message",
+            "@carol:gamma.test",
+            json!({"body": "hi from gamma", "message_id": "g1"}),
+        )
+        .await,
+    ));
+    sent.push((
+        "gamma",
+        submit(
+            &gamma,
+            "g2",
+            "m.reaction.add",
+            "@carol:gamma.test",
+            json!({"message_id": "b1", "emoji": "👍"}),
+        )
+        .await,
+    ));
+    sent.push((
+        "gamma",
+        submit(
+            &gamma,
+            "g3",
+            "m.reaction.remove",
+            "@carol:gamma.test",
+            json!({"message_id": "b1", "emoji": "👍"}),
+        )
+        .await,
+    ));
+    sent.push((
+        "alpha",
+        submit(
+            &alpha,
+            "a2",
+            "m.message.delete",
+            "@alice:alpha.test",
+            json!({"message_id": "a1"}),
+        )
+        .await,
+    ));
+    sent.push((
+        "beta",
+        submit(
+            &beta,
+            "b3",
+            "m.message.delete",
+            "@bob:beta.test",
+            json!({"message_id": "b1"}),
+        )
+        .await,
+    ));
+
+    let servers = [("alpha", &alpha), ("beta", &beta), ("gamma", &gamma)];
+    for (origin, id) in &sent {
+        for (name, s) in &servers {
+            if name == origin {
+                continue;
+            }
+            wait_for(
+                &format!("{id} (from {origin}) at {name}"),
+                Duration::from_secs(30),
+                || async { has_event(s, id).await.then_some(()) },
+            )
+            .await;
+        }
+    }
+
+    // gamma's events reached beta through alpha's relay.
+    for (origin, id) in sent.iter().filter(|(o, _)| *o == "gamma") {
+        let from: Option<String> = fe::table
+            .filter(fe::event_id.eq(id))
+            .select(fe::received_from)
+            .first(&mut *beta.db().await)
+            .await
+            .unwrap();
+        assert_eq!(
+            from.as_deref(),
+            Some("alpha.test"),
+            "{origin} event {id} came via alpha"
+        );
+    }
+    // beta's feed shows alpha's and gamma's events (and none of its own).
+    let feed = send(
+        beta.addr,
+        "GET",
+        "/_parafed/local/v1/feed?since=0&limit=100",
+        &local("local-secret")[..1],
+        b"",
+    )
+    .await
+    .json();
+    let ids: Vec<&str> = feed["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["event"]["event_id"].as_str().unwrap())
+        .collect();
+    for (origin, id) in &sent {
+        assert_eq!(
+            ids.contains(&id.as_str()),
+            *origin != "beta",
+            "{id} from {origin} in beta's feed: {ids:?}"
+        );
+    }
+
+    // Leave: gamma's user leaves through alpha; alpha's room no longer has gamma.
+    let leave = local_post(
+        &gamma,
+        "/_parafed/local/v1/leave",
+        json!({"room_id": ROOM, "user_id": "@carol:gamma.test"}),
+    )
+    .await;
+    assert_eq!(leave["response"]["left"], true, "{leave}");
+    let servers_in_room = parafed::store::rooms::joined_servers(&mut *alpha.db().await, ROOM)
+        .await
+        .unwrap();
+    assert_eq!(servers_in_room, vec!["beta.test".to_owned()]);
+
+    // Exactly once: each server holds each event once, and alpha delivered each of its
+    // relayed rows once.
+    for (_, s) in &servers {
+        let n: i64 = fe::table
+            .count()
+            .get_result(&mut *s.db().await)
+            .await
+            .unwrap();
+        assert_eq!(n as usize, sent.len(), "every event once in every store");
+    }
+    let undelivered: i64 = oq::table
+        .filter(oq::status.ne("delivered"))
+        .count()
+        .get_result(&mut *alpha.db().await)
+        .await
+        .unwrap();
+    assert_eq!(undelivered, 0);
+}
+
+async fn alpha_with_member(peer_name: &str, peer_url: &str) -> TestServer {
+    let (la, _) = reserve_listener();
+    let alpha = server(
+        "alpha.test",
+        la,
+        vec![(peer_name.to_owned(), peer_url.to_owned())],
+    )
+    .await;
+    let mut c = alpha.db().await;
+    parafed::store::rooms::upsert_hosted(
+        &mut c,
+        &parafed::store::rooms::HostedRoom {
+            room_id: ROOM.into(),
+            guild_id: "r".into(),
+            guild_name: "g".into(),
+            default_channel_id: None,
+        },
+    )
+    .await
+    .unwrap();
+    parafed::store::rooms::set_member(
+        &mut c,
+        ROOM,
+        &format!("@x:{peer_name}"),
+        peer_name,
+        parafed::store::rooms::Membership::Joined,
+        None,
+    )
+    .await
+    .unwrap();
+    parafed::store::rooms::refresh_room_server(&mut c, ROOM, peer_name)
+        .await
+        .unwrap();
+    alpha
+}
+
+async fn attempts_of(
+    s: &TestServer,
+    event_id: &str,
+) -> Vec<(Option<i32>, chrono::DateTime<chrono::Utc>, i32)> {
+    da::table
+        .filter(da::event_id.eq(event_id))
+        .order(da::attempt.asc())
+        .select((da::status_code, da::attempted_at, da::attempt))
+        .load(&mut *s.db().await)
+        .await
+        .unwrap()
+}
+
+async fn row_status(s: &TestServer, event_id: &str) -> Option<(String, Option<String>)> {
+    oq::table
+        .filter(oq::event_id.eq(event_id))
+        .select((oq::status, oq::dead_reason))
+        .first(&mut *s.db().await)
+        .await
+        .optional()
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transient_failures_back_off_with_growing_gaps() {
+    let (lp, up) = reserve_listener();
+    let peer = ScriptedPeer::start(lp, vec![503, 503, 503, 503], 202).await;
+    let alpha = alpha_with_member("beta.test", &up).await;
+    let _w = TestWorker::start(&alpha);
+    let id = submit(
+        &alpha,
+        "t1",
+        "m.message",
+        "@alice:alpha.test",
+        json!({"body": "retry me"}),
+    )
+    .await;
+    wait_for(
+        "delivery after four 503s",
+        Duration::from_secs(30),
+        || async {
+            (row_status(&alpha, &id).await.map(|r| r.0).as_deref() == Some("delivered"))
+                .then_some(())
+        },
+    )
+    .await;
+    let a = attempts_of(&alpha, &id).await;
+    let statuses: Vec<Option<i32>> = a.iter().map(|x| x.0).collect();
+    assert_eq!(
+        statuses,
+        vec![Some(503), Some(503), Some(503), Some(503), Some(202)]
+    );
+    assert_eq!(
+        a.iter().map(|x| x.2).collect::<Vec<_>>(),
+        vec![1, 2, 3, 4, 5]
+    );
+    let gaps: Vec<i64> = a
+        .windows(2)
+        .map(|w| (w[1].1 - w[0].1).num_milliseconds())
+        .collect();
+    assert!(gaps.windows(2).all(|g| g[1] > g[0]), "gaps grow: {gaps:?}");
+    assert_eq!(
+        std::sync::atomic::AtomicU64::load(&peer.hits, std::sync::atomic::Ordering::SeqCst),
+        5
+    );
+    let h = parafed::store::outbound::health(&mut *alpha.db().await, "beta.test")
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!((h.state.as_str(), h.consecutive_failures), ("healthy", 0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn permanent_failures_are_dead_and_403s_show_on_the_destination() {
+    // 400: one attempt, a dead row with the reason.
+    let (lp, up) = reserve_listener();
+    let _peer = ScriptedPeer::start(lp, vec![], 400).await;
+    let alpha = alpha_with_member("beta.test", &up).await;
+    let _w = TestWorker::start(&alpha);
+    let id = submit(
+        &alpha,
+        "p1",
+        "m.message",
+        "@alice:alpha.test",
+        json!({"body": "bad"}),
+    )
+    .await;
+    wait_for("dead row", Duration::from_secs(30), || async {
+        (row_status(&alpha, &id).await.map(|r| r.0).as_deref() == Some("dead")).then_some(())
+    })
+    .await;
+    let (_, reason) = row_status(&alpha, &id).await.unwrap();
+    assert!(reason.unwrap().starts_with("HTTP 400"), "reason kept");
+    assert_eq!(attempts_of(&alpha, &id).await.len(), 1, "one attempt");
+
+    // 403 to everything: the destination says so.
+    let (lq, uq) = reserve_listener();
+    let _peer403 = ScriptedPeer::start(lq, vec![], 403).await;
+    let alpha2 = alpha_with_member("gamma.test", &uq).await;
+    let _w2 = TestWorker::start(&alpha2);
+    for i in 0..4 {
+        submit(
+            &alpha2,
+            &format!("f{i}"),
+            "m.message",
+            "@alice:alpha.test",
+            json!({"n": i}),
+        )
+        .await;
+    }
+    let h = wait_for(
+        "403s on the destination",
+        Duration::from_secs(30),
+        || async {
+            let h = parafed::store::outbound::health(&mut *alpha2.db().await, "gamma.test")
+                .await
+                .unwrap()?;
+            (h.consecutive_forbidden >= 3).then_some(h)
+        },
+    )
+    .await;
+    assert_eq!(h.last_status_code, Some(403));
+    assert_eq!(
+        h.state, "backoff",
+        "a run of 403s backs the destination off instead of dead-lettering"
+    );
+    assert!(h.last_error.unwrap().contains("403"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ten_thousand_events_over_one_link() {
+    const N: usize = 10_000;
+    let (lb, ub) = reserve_listener();
+    let (la, ua) = reserve_listener();
+    let beta = server("beta.test", lb, vec![("alpha.test".into(), ua.clone())]).await;
+    let alpha = {
+        let a = server("alpha.test", la, vec![("beta.test".into(), ub.clone())]).await;
+        let mut c = a.db().await;
+        parafed::store::rooms::upsert_hosted(
+            &mut c,
+            &parafed::store::rooms::HostedRoom {
+                room_id: ROOM.into(),
+                guild_id: "r".into(),
+                guild_name: "g".into(),
+                default_channel_id: None,
+            },
+        )
+        .await
+        .unwrap();
+        parafed::store::rooms::set_member(
+            &mut c,
+            ROOM,
+            "@bob:beta.test",
+            "beta.test",
+            parafed::store::rooms::Membership::Joined,
+            None,
+        )
+        .await
+        .unwrap();
+        parafed::store::rooms::refresh_room_server(&mut c, ROOM, "beta.test")
+            .await
+            .unwrap();
+        drop(c);
+        a
+    };
+    let _wa = TestWorker::start(&alpha);
+    let _wb = TestWorker::start(&beta);
+    let started = std::time::Instant::now();
+    let next = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let tasks: Vec<_> = (0..16)
+        .map(|_| {
+            let next = next.clone();
+            let addr = alpha.addr;
+            tokio::spawn(async move {
+                loop {
+                    let i = next.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    if i >= N {
+                        break;
+                    }
+                    let body = json!({"txn_id": format!("bulk{i}"), "room_id": ROOM, "event_type": "m.message",
+                        "sender": "@alice:alpha.test", "content": {"n": i}}).to_string();
+                    let r = send(addr, "POST", "/_parafed/local/v1/events", &local("local-secret"), body.as_bytes()).await;
+                    assert_eq!(r.status, 202);
+                }
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let count = |s: &TestServer| {
+        let pool = s.app.pool.clone();
+        async move {
+            let n: i64 = fe::table
+                .filter(fe::status.eq("accepted"))
+                .count()
+                .get_result(&mut *pool.get().await.unwrap())
+                .await
+                .unwrap();
+            n as usize
+        }
+    };
+    wait_for(
+        "10 000 events at beta",
+        Duration::from_secs(300),
+        || async { (count(&beta).await == N).then_some(()) },
+    )
+    .await;
+    eprintln!(
+        "10 000 events alpha -> beta in {:?} (debug build)",
+        started.elapsed()
+    );
+    let rows: i64 = fe::table
+        .count()
+        .get_result(&mut *beta.db().await)
+        .await
+        .unwrap();
+    assert_eq!(rows as usize, N, "no duplicates at beta");
+    let delivered: i64 = oq::table
+        .filter(oq::status.eq("delivered"))
+        .count()
+        .get_result(&mut *alpha.db().await)
+        .await
+        .unwrap();
+    assert_eq!(delivered as usize, N);
+    // Every delivered row has its attempt recorded.
+    let attempted: i64 = da::table
+        .filter(da::status_code.eq(202))
+        .select(diesel::dsl::count(da::outbound_id).aggregate_distinct())
+        .first(&mut *alpha.db().await)
+        .await
+        .unwrap();
+    assert_eq!(
+        attempted as usize, N,
+        "every delivery recorded as an attempt"
+    );
+}
