@@ -83,7 +83,7 @@ impl TestServer {
         let cfg = Config::from_toml_and_env(&toml, "test", env).expect("test config");
         if opts.signing_key {
             let pool = parafed::store::pool(&db_url, 1).unwrap();
-            parafed::store::keys::generate(&mut *pool.get().await.unwrap(), None)
+            parafed::store::keys::generate(&mut pool.get().await.unwrap(), None)
                 .await
                 .unwrap();
         }
