@@ -12,6 +12,8 @@
 
 pub mod app;
 pub mod config;
+pub mod demo;
+pub mod devservers;
 pub mod ingress;
 pub mod protocol;
 pub mod queue;

@@ -37,6 +37,16 @@ enum Output {
 
 #[derive(Subcommand)]
 enum Command {
+    /// A local two-server federation (alpha.test and beta.test) on throwaway Postgres and
+    /// Redis, exchanging messages both ways.
+    Demo {
+        /// alpha's HTTP port; beta uses this + 2, metrics these + 1000.
+        #[arg(long, default_value_t = 8448)]
+        port: u16,
+        /// Exit after the exchange instead of running until Ctrl-C.
+        #[arg(long)]
+        once: bool,
+    },
     /// Run the HTTP ingress: federation, local and admin APIs, and /metrics.
     Serve,
     /// Apply pending database migrations (a no-op when none are pending).
@@ -87,6 +97,25 @@ enum ConfigCommand {
 fn main() -> ExitCode {
     parafed::telemetry::init();
     let cli = Cli::parse();
+    if let Command::Demo { port, once } = cli.command {
+        let rt = match tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+        {
+            Ok(rt) => rt,
+            Err(e) => {
+                eprintln!("error: cannot start the async runtime: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
+        return match rt.block_on(parafed::demo::run(port, once)) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("error: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     let cfg = match Config::load(cli.config.as_deref()) {
         Ok(c) => c,
         Err(e) => {
@@ -121,6 +150,7 @@ fn print_json(v: &impl serde::Serialize) -> anyhow::Result<()> {
 async fn run(command: Command, output: Output, cfg: Config) -> anyhow::Result<()> {
     match command {
         Command::Serve => serve(cfg).await?,
+        Command::Demo { .. } => anyhow::bail!("demo runs without a configuration"),
         Command::Migrate => {
             let applied = store::migrate::run_pending(&cfg.database.url).await?;
             if output == Output::Json {

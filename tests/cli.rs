@@ -139,3 +139,42 @@ fn config_check_masks_secrets_and_names_bad_keys() {
     assert!(err.contains("max_skew"), "{err}");
     assert!(bad.stdout.is_empty());
 }
+
+/// A base port whose demo ports (p, p+1000, p+1001, p+2, p+1002, p+1003) are all free.
+fn demo_ports() -> u16 {
+    for _ in 0..200 {
+        let p: u16 = 20_000 + (rand::random::<u16>() % 20_000);
+        let all = [p, p + 1000, p + 1001, p + 2, p + 1002, p + 1003];
+        if all
+            .iter()
+            .all(|q| std::net::TcpListener::bind(("127.0.0.1", *q)).is_ok())
+        {
+            return p;
+        }
+    }
+    panic!("no free port range for the demo");
+}
+
+#[test]
+fn demo_federates_two_servers_with_the_real_binaries() {
+    let port = demo_ports();
+    let out = Command::new(env!("CARGO_BIN_EXE_parafed"))
+        .args(["demo", "--once", "--port", &port.to_string()])
+        .env("PARAFED_LOG", "warn")
+        .output()
+        .expect("run parafed demo");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "demo failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("beta.test's inbound feed") && stdout.contains("hello from alpha"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("alpha.test's inbound feed") && stdout.contains("hello from beta"),
+        "{stdout}"
+    );
+}

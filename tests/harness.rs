@@ -25,9 +25,9 @@ async fn count(url: &str) -> Option<i64> {
 
 #[tokio::test]
 async fn postgres_restarts_keep_data() {
-    let mut pg = Postgres::start().await;
+    let mut pg = Postgres::start().await.unwrap();
     assert_ne!(pg.port, 5432, "never the machine's own Postgres");
-    let url = pg.create_db("h").await;
+    let url = pg.create_db("h").await.unwrap();
     let mut c = AsyncPgConnection::establish(&url).await.unwrap();
     c.batch_execute("CREATE TABLE t (x int); INSERT INTO t VALUES (1), (2)")
         .await
@@ -40,11 +40,11 @@ async fn postgres_restarts_keep_data() {
         None,
         "stopped server must refuse connections"
     );
-    pg.start_again().await;
+    pg.start_again().await.unwrap();
     assert_eq!(count(&url).await, Some(2));
 
     pg.kill();
-    pg.start_again().await;
+    pg.start_again().await.unwrap();
     assert_eq!(
         count(&url).await,
         Some(2),
@@ -54,11 +54,11 @@ async fn postgres_restarts_keep_data() {
 
 #[tokio::test]
 async fn redis_restarts_keep_data() {
-    let mut r = Redis::start().await;
+    let mut r = Redis::start().await.unwrap();
     assert_ne!(r.port, 6379, "never the machine's own Redis");
     assert_eq!(command_line(r.port, "SET k v").unwrap(), "+OK");
     r.stop();
     assert!(command_line(r.port, "PING").is_err());
-    r.start_again().await;
+    r.start_again().await.unwrap();
     assert_eq!(command_line(r.port, "GET k").unwrap(), "$1\r\nv");
 }

@@ -58,7 +58,7 @@ impl Default for Options {
 impl TestServer {
     pub async fn start(opts: Options) -> TestServer {
         let db_url = super::pg::migrated_db().await;
-        let redis = Redis::start().await;
+        let redis = Redis::start().await.expect("start a test Redis");
         let mut toml = format!(
             "server_name = \"{}\"\n{}\n[database]\nurl = \"{}\"\npool_size = 16\n[redis]\nurl = \"{}\"\n",
             opts.server_name,
