@@ -17,6 +17,8 @@ use support::app::{
 use support::wait_for;
 
 const ROOM: &str = "!r:alpha.test";
+/// 403s in a row after which the destination backs off (jobs/src/deliver.rs).
+const FORBIDDEN_RUN: i32 = 3;
 
 fn local(token: &str) -> Vec<(String, String)> {
     vec![
@@ -456,13 +458,16 @@ async fn permanent_failures_are_dead_and_403s_show_on_the_destination() {
     assert!(reason.unwrap().starts_with("HTTP 400"), "reason kept");
     assert_eq!(attempts_of(&alpha, &id).await.len(), 1, "one attempt");
 
-    // 403 to everything: the destination says so.
+    // 403 to everything: the first few events are dead with the 403 kept; then the run of
+    // 403s becomes the destination's state (backing off) and later events stay pending.
     let (lq, uq) = reserve_listener();
     let _peer403 = ScriptedPeer::start(lq, vec![], 403).await;
     let alpha2 = alpha_with_member("gamma.test", &uq).await;
     let _w2 = TestWorker::start(&alpha2);
-    for i in 0..4 {
-        submit(
+    let mut outcomes = Vec::new();
+    let mut h = None;
+    for i in 0..10 {
+        let id = submit(
             &alpha2,
             &format!("f{i}"),
             "m.message",
@@ -470,22 +475,34 @@ async fn permanent_failures_are_dead_and_403s_show_on_the_destination() {
             json!({"n": i}),
         )
         .await;
+        // Wait until this event's row was attempted.
+        let status = wait_for("the 403 attempt", Duration::from_secs(30), || async {
+            let a = attempts_of(&alpha2, &id).await;
+            let r = row_status(&alpha2, &id).await?;
+            (!a.is_empty()).then_some(r.0)
+        })
+        .await;
+        outcomes.push(status);
+        let now = parafed::store::outbound::health(&mut *alpha2.db().await, "gamma.test")
+            .await
+            .unwrap()
+            .unwrap();
+        if now.state == "backoff" {
+            h = Some(now);
+            break;
+        }
     }
-    let h = wait_for(
-        "403s on the destination",
-        Duration::from_secs(30),
-        || async {
-            let h = parafed::store::outbound::health(&mut *alpha2.db().await, "gamma.test")
-                .await
-                .unwrap()?;
-            (h.consecutive_forbidden >= 3).then_some(h)
-        },
-    )
-    .await;
+    let h = h.unwrap_or_else(|| panic!("no backoff after ten 403s: {outcomes:?}"));
+    assert!(h.consecutive_forbidden >= FORBIDDEN_RUN, "{h:?}");
     assert_eq!(h.last_status_code, Some(403));
     assert_eq!(
-        h.state, "backoff",
-        "a run of 403s backs the destination off instead of dead-lettering"
+        outcomes.last().map(String::as_str),
+        Some("pending"),
+        "the event that hit the run is kept: {outcomes:?}"
+    );
+    assert!(
+        outcomes[..outcomes.len() - 1].iter().all(|s| s == "dead"),
+        "{outcomes:?}"
     );
     assert!(h.last_error.unwrap().contains("403"));
 }

@@ -11,8 +11,8 @@ use crate::stream::StreamConsumer;
 /// Shared by all handlers of one worker process.
 pub struct Ctx {
     pub app: Arc<App>,
-    /// Unique per process start (`<host>-<pid>-<random>`): names Redis consumers and
-    /// destination leases.
+    /// Unique per process start (`<host>-<pid>-<random>`): names Redis consumers, and
+    /// prefixes destination lease owners (which add a per-job-run suffix).
     pub worker_id: String,
 }
 

@@ -73,20 +73,22 @@ pub async fn run(ctx: &Ctx, job: &DeliverJob) -> Result<(), JobError> {
         return Ok(());
     };
     let started = Instant::now();
+    // The lease names this job run, not just the process: two deliver jobs of one worker
+    // process must not both hold a destination.
+    let owner = format!("{}-{:016x}", ctx.worker_id, rand::random::<u64>());
     let lease_ttl = chrono::Duration::milliseconds(
         (BUDGET.as_millis() as i64) + 2 * app.cfg.delivery.request_timeout_ms as i64 + 10_000,
     );
     loop {
         {
             let mut conn = app.pool.get().await.map_err(StoreError::from)?;
-            if !outbound::acquire_lease(&mut conn, dest.as_str(), &ctx.worker_id, lease_ttl).await?
-            {
+            if !outbound::acquire_lease(&mut conn, dest.as_str(), &owner, lease_ttl).await? {
                 return Ok(()); // another worker is draining it
             }
         }
         let outcome = drain(ctx, &dest, started).await;
         let mut conn = app.pool.get().await.map_err(StoreError::from)?;
-        outbound::release_lease(&mut conn, dest.as_str(), &ctx.worker_id).await?;
+        outbound::release_lease(&mut conn, dest.as_str(), &owner).await?;
         match outcome? {
             Drain::Stopped => return Ok(()),
             Drain::Budget => {
