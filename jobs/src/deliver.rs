@@ -76,8 +76,13 @@ pub async fn run(ctx: &Ctx, job: &DeliverJob) -> Result<(), JobError> {
     // The lease names this job run, not just the process: two deliver jobs of one worker
     // process must not both hold a destination.
     let owner = format!("{}-{:016x}", ctx.worker_id, rand::random::<u64>());
+    // The lease outlives one batch (renewed before each), so a worker that dies frees
+    // the destination within about `job_timeout_ms`.
     let lease_ttl = chrono::Duration::milliseconds(
-        (BUDGET.as_millis() as i64) + 2 * app.cfg.delivery.request_timeout_ms as i64 + 10_000,
+        app.cfg
+            .worker
+            .job_timeout_ms
+            .max(2 * app.cfg.delivery.request_timeout_ms + 1000) as i64,
     );
     loop {
         {
@@ -86,7 +91,7 @@ pub async fn run(ctx: &Ctx, job: &DeliverJob) -> Result<(), JobError> {
                 return Ok(()); // another worker is draining it
             }
         }
-        let outcome = drain(ctx, &dest, started).await;
+        let outcome = drain(ctx, &dest, &owner, lease_ttl, started).await;
         let mut conn = app.pool.get().await.map_err(StoreError::from)?;
         outbound::release_lease(&mut conn, dest.as_str(), &owner).await?;
         match outcome? {
@@ -105,7 +110,13 @@ pub async fn run(ctx: &Ctx, job: &DeliverJob) -> Result<(), JobError> {
     }
 }
 
-async fn drain(ctx: &Ctx, dest: &ServerName, started: Instant) -> Result<Drain, JobError> {
+async fn drain(
+    ctx: &Ctx,
+    dest: &ServerName,
+    owner: &str,
+    lease_ttl: chrono::Duration,
+    started: Instant,
+) -> Result<Drain, JobError> {
     let app = &ctx.app;
     let window = i64::from(app.cfg.delivery.window);
     loop {
@@ -113,6 +124,9 @@ async fn drain(ctx: &Ctx, dest: &ServerName, started: Instant) -> Result<Drain, 
             return Ok(Drain::Budget);
         }
         let mut conn = app.pool.get().await.map_err(StoreError::from)?;
+        if !outbound::acquire_lease(&mut conn, dest.as_str(), owner, lease_ttl).await? {
+            return Ok(Drain::Stopped); // our lease lapsed and another worker took over
+        }
         let Some(health) = outbound::health(&mut conn, dest.as_str()).await? else {
             return Ok(Drain::Empty);
         };

@@ -5,6 +5,7 @@
 //! membership and every other event needs its sender to be a joined member. Accepted
 //! events join the inbound feed, and in a room hosted here are relayed (fanout).
 
+use diesel_async::AsyncConnection;
 use parafed::protocol::envelope::SignatureError;
 use parafed::protocol::Envelope;
 use parafed::queue::{FanoutJob, QueueName, VerifyJob};
@@ -106,10 +107,21 @@ pub async fn run(ctx: &Ctx, job: &VerifyJob) -> Result<(), JobError> {
     let mut conn = app.pool.get().await?;
     match verdict {
         Ok(()) => {
-            if !events::settle(&mut conn, env.event_id.as_str(), true, None).await? {
+            // Accepted and in the feed together, or neither (a crash in between would
+            // leave an accepted event the local app never sees).
+            let (id, room) = (env.event_id.as_str(), env.room_id.as_str());
+            let settled = conn
+                .transaction::<_, parafed::store::StoreError, _>(async |c| {
+                    if !events::settle(c, id, true, None).await? {
+                        return Ok(false);
+                    }
+                    feed::append(c, &[(id, room)]).await?;
+                    Ok(true)
+                })
+                .await?;
+            if !settled {
                 return Ok(());
             }
-            feed::append(&mut conn, &[(env.event_id.as_str(), env.room_id.as_str())]).await?;
             metrics::counter!("parafed_events_verified_total", "verdict" => "accepted")
                 .increment(1);
             if env.room_id.domain().eq_ignore_ascii_case(app.cfg.domain()) {

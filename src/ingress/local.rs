@@ -8,6 +8,7 @@
 //!   local user; the host's answer is returned.
 
 use bytes::Bytes;
+use diesel_async::AsyncConnection;
 use http::request::Parts;
 use http::{Method, Response, StatusCode};
 use serde::Deserialize;
@@ -162,34 +163,33 @@ pub async fn submit_event(app: &App, body: Bytes) -> Result<Response<Body>, ApiE
     let response_text = response.to_string();
 
     let mut conn = app.pool.get().await.map_err(StoreError::from)?;
-    // The transaction row first: of two concurrent requests with one txn_id, one wins.
-    if !txns::record(
-        &mut conn,
-        &req.txn_id,
-        &request_hash,
-        env.event_id.as_str(),
-        &response_text,
-    )
-    .await?
-    {
-        if let Some(t) = txns::find(&mut conn, &req.txn_id).await? {
-            return replay_txn(&t, &request_hash);
-        }
-    }
-    let inserted = events::insert(
-        &mut conn,
-        &[NewEvent {
-            envelope: &env,
-            received_from: None,
-            status: EventStatus::Accepted,
-        }],
-    )
-    .await?[0];
-    if !inserted {
-        return Err(ApiError::conflict(format!(
-            "event {} already exists",
-            env.event_id
-        )));
+    // The transaction row and the event commit together: a 202 remembered for a txn_id
+    // always means the event is stored. Of two concurrent requests with one txn_id, one
+    // records it; the other answers from its record.
+    let (txn_id, event_id) = (req.txn_id.clone(), env.event_id.to_string());
+    let stored = conn
+        .transaction::<_, StoreError, _>(async |c| {
+            if !txns::record(c, &txn_id, &request_hash, &event_id, &response_text).await? {
+                return Ok(None);
+            }
+            let new = [NewEvent {
+                envelope: &env,
+                received_from: None,
+                status: EventStatus::Accepted,
+            }];
+            if !events::insert(c, &new).await?[0] {
+                return Err(StoreError::Conflict(format!(
+                    "event {event_id} already exists"
+                )));
+            }
+            Ok(Some(()))
+        })
+        .await?;
+    if stored.is_none() {
+        return match txns::find(&mut conn, &req.txn_id).await? {
+            Some(t) => replay_txn(&t, &request_hash),
+            None => Err(ApiError::unavailable("the database")),
+        };
     }
     if let Err(e) = app
         .queue
