@@ -154,15 +154,17 @@ async fn drain(
             )
             .await?;
         }
+        let ids: Vec<&str> = rows.iter().map(|r| r.event_id.as_str()).collect();
+        let mut bodies = events::envelopes(&mut conn, &ids).await?;
         drop(conn);
         if rows.is_empty() {
             continue;
         }
         let forbidden_is_transient = health.consecutive_forbidden + 1 >= FORBIDDEN_RUN;
-        let results = futures::future::join_all(
-            rows.into_iter()
-                .map(|r| send_row(ctx, dest, r, forbidden_is_transient)),
-        )
+        let results = futures::future::join_all(rows.into_iter().map(|r| {
+            let body = bodies.remove(&r.event_id).map(|e| Bytes::from(e.to_wire()));
+            send_row(ctx, dest, r, body, forbidden_is_transient)
+        }))
         .await;
         let results: Vec<RowResult> = results.into_iter().collect::<Result<_, _>>()?;
         if settle(ctx, dest, &health, results).await? {
@@ -276,14 +278,11 @@ async fn send_row(
     ctx: &Ctx,
     dest: &ServerName,
     row: Pending,
+    body: Option<Bytes>,
     forbidden_is_transient: bool,
 ) -> Result<RowResult, JobError> {
     let app = &ctx.app;
-    let stored = {
-        let mut conn = app.pool.get().await.map_err(StoreError::from)?;
-        events::get(&mut conn, &row.event_id).await?
-    };
-    let Some(stored) = stored else {
+    let Some(body) = body else {
         return Ok(RowResult {
             row,
             class: Class::Permanent("the event no longer exists".into()),
@@ -292,7 +291,6 @@ async fn send_row(
             attempts: Vec::new(),
         });
     };
-    let body = Bytes::from(stored.envelope.to_wire());
     let key = app.signing_key().await?;
     let mut attempts = Vec::new();
     let mut n = row.attempts;

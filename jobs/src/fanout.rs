@@ -58,6 +58,8 @@ pub async fn run(ctx: &Ctx, job: &FanoutJob) -> Result<(), JobError> {
     } else {
         Vec::new()
     };
+    // Trust lookups may need a connection of their own: never hold one while asking.
+    drop(conn);
     let mut allowed = Vec::with_capacity(destinations.len());
     for d in destinations.drain(..) {
         let Ok(name) = ServerName::parse(&d) else {
@@ -67,6 +69,7 @@ pub async fn run(ctx: &Ctx, job: &FanoutJob) -> Result<(), JobError> {
             allowed.push(d);
         }
     }
+    let mut conn = app.pool.get().await?;
     let fresh = outbound::enqueue(&mut conn, env.event_id.as_str(), &allowed).await?;
     events::mark_fanned_out(&mut conn, env.event_id.as_str()).await?;
     let healthy = outbound::healthy_among(&mut conn, &fresh).await?;

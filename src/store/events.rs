@@ -341,3 +341,18 @@ pub async fn received_from(
         .optional()?
         .flatten())
 }
+
+/// The envelopes of several events in one query, by id (missing ids are left out).
+pub async fn envelopes(
+    conn: &mut AsyncPgConnection,
+    ids: &[&str],
+) -> Result<std::collections::HashMap<String, Envelope>, StoreError> {
+    let rows: Vec<Row> = fe::table
+        .filter(fe::event_id.eq_any(ids))
+        .select(ENVELOPE_COLUMNS)
+        .load(conn)
+        .await?;
+    rows.into_iter()
+        .map(|r| from_row(r).map(|e| (e.envelope.event_id.to_string(), e.envelope)))
+        .collect()
+}

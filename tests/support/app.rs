@@ -60,7 +60,7 @@ impl TestServer {
         let db_url = super::pg::migrated_db().await;
         let redis = Redis::start().await.expect("start a test Redis");
         let mut toml = format!(
-            "server_name = \"{}\"\n{}\n[database]\nurl = \"{}\"\npool_size = 16\n[redis]\nurl = \"{}\"\n",
+            "server_name = \"{}\"\n{}\n[database]\nurl = \"{}\"\npool_size = 32\n[redis]\nurl = \"{}\"\n",
             opts.server_name,
             "",
             db_url,
@@ -178,6 +178,11 @@ impl TestWorker {
             stop: Some(tx),
             task: Some(task),
         }
+    }
+
+    /// True while the fleet is running (it has not stopped or died).
+    pub fn is_running(&self) -> bool {
+        self.task.as_ref().is_some_and(|t| !t.is_finished())
     }
 
     /// SIGTERM-like stop: in-flight jobs finish.
@@ -543,6 +548,158 @@ impl ScriptedPeer {
 }
 
 impl Drop for ScriptedPeer {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// A peer that accepts every event (202) and remembers each event id, counting any it
+/// receives twice. Serves under any path prefix.
+pub struct CountingPeer {
+    pub seen: Arc<Mutex<std::collections::HashSet<String>>>,
+    pub duplicates: Arc<AtomicU64>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl CountingPeer {
+    pub async fn start(listener: std::net::TcpListener) -> CountingPeer {
+        listener.set_nonblocking(true).unwrap();
+        let listener = TcpListener::from_std(listener).unwrap();
+        let seen: Arc<Mutex<std::collections::HashSet<String>>> = Arc::default();
+        let duplicates = Arc::new(AtomicU64::new(0));
+        let (s, d) = (seen.clone(), duplicates.clone());
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                let (seen, dups) = (s.clone(), d.clone());
+                tokio::spawn(async move {
+                    let svc = service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                        let (seen, dups) = (seen.clone(), dups.clone());
+                        async move {
+                            use http_body_util::BodyExt;
+                            let body = req
+                                .into_body()
+                                .collect()
+                                .await
+                                .map(|c| c.to_bytes())
+                                .unwrap_or_default();
+                            let id = serde_json::from_slice::<serde_json::Value>(&body)
+                                .ok()
+                                .and_then(|v| v["event_id"].as_str().map(str::to_owned))
+                                .unwrap_or_default();
+                            if !seen.lock().unwrap().insert(id.clone()) {
+                                dups.fetch_add(1, Ordering::SeqCst);
+                            }
+                            let mut resp = http::Response::new(Full::new(Bytes::from(
+                                serde_json::json!({"event_id": id, "inserted": true}).to_string(),
+                            )));
+                            *resp.status_mut() = http::StatusCode::ACCEPTED;
+                            Ok::<_, std::convert::Infallible>(resp)
+                        }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), svc)
+                        .await;
+                });
+            }
+        });
+        CountingPeer {
+            seen,
+            duplicates,
+            task,
+        }
+    }
+
+    pub fn received(&self) -> usize {
+        self.seen.lock().unwrap().len()
+    }
+}
+
+impl Drop for CountingPeer {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Peers that never answer: each request is held until the client gives up. Tracks, per
+/// path prefix (one per peer), the requests in flight now and the most ever in flight.
+pub struct Blackhole {
+    pub addr: SocketAddr,
+    pub max_in_flight: Arc<Mutex<HashMap<String, (u64, u64)>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+struct InFlight {
+    key: String,
+    table: Arc<Mutex<HashMap<String, (u64, u64)>>>,
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        if let Some(e) = self.table.lock().unwrap().get_mut(&self.key) {
+            e.0 -= 1;
+        }
+    }
+}
+
+impl Blackhole {
+    pub async fn start() -> Blackhole {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let table: Arc<Mutex<HashMap<String, (u64, u64)>>> = Arc::default();
+        let t = table.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                let table = t.clone();
+                tokio::spawn(async move {
+                    let svc = service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                        let table = table.clone();
+                        async move {
+                            let key = req
+                                .uri()
+                                .path()
+                                .trim_start_matches('/')
+                                .split('/')
+                                .next()
+                                .unwrap_or("")
+                                .to_owned();
+                            {
+                                let mut t = table.lock().unwrap();
+                                let e = t.entry(key.clone()).or_insert((0, 0));
+                                e.0 += 1;
+                                e.1 = e.1.max(e.0);
+                            }
+                            let _guard = InFlight { key, table };
+                            std::future::pending::<()>().await;
+                            Ok::<_, std::convert::Infallible>(http::Response::new(Full::new(
+                                Bytes::new(),
+                            )))
+                        }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), svc)
+                        .await;
+                });
+            }
+        });
+        Blackhole {
+            addr,
+            max_in_flight: table,
+            task,
+        }
+    }
+
+    pub fn base_url(&self, prefix: &str) -> String {
+        format!("http://{}/{prefix}", self.addr)
+    }
+}
+
+impl Drop for Blackhole {
     fn drop(&mut self) {
         self.task.abort();
     }
