@@ -217,6 +217,10 @@ pub struct WorkerConfig {
     /// A job running (or abandoned) longer than this is given to another worker.
     #[serde(deserialize_with = "flex::u64")]
     pub job_timeout_ms: u64,
+    /// Delivery attempts, finished (delivered or dead) outbound rows and local API
+    /// transactions older than this are pruned.
+    #[serde(deserialize_with = "flex::u64")]
+    pub retention_secs: u64,
 }
 
 impl Default for WorkerConfig {
@@ -229,6 +233,7 @@ impl Default for WorkerConfig {
             reconcile_interval_ms: 10_000,
             stale_after_ms: 30_000,
             job_timeout_ms: 120_000,
+            retention_secs: 7 * 24 * 3600,
         }
     }
 }

@@ -77,13 +77,22 @@ async fn server(
     listener: std::net::TcpListener,
     peers: Vec<(String, String)>,
 ) -> TestServer {
+    server_with(name, listener, peers, FAST_WORKER_TOML).await
+}
+
+async fn server_with(
+    name: &str,
+    listener: std::net::TcpListener,
+    peers: Vec<(String, String)>,
+    worker_toml: &str,
+) -> TestServer {
     TestServer::start(Options {
         server_name: name.into(),
         peers,
         listener: Some(listener),
         signing_key: true,
         extra_toml: format!(
-            "\n[federation]\ndiscovery = false\nrate_limit_per_minute = 0\n{FAST_WORKER_TOML}"
+            "\n[federation]\ndiscovery = false\nrate_limit_per_minute = 0\n{worker_toml}"
         ),
         ..Options::default()
     })
@@ -328,11 +337,16 @@ async fn three_servers_exchange_every_text_feature() {
 }
 
 async fn alpha_with_member(peer_name: &str, peer_url: &str) -> TestServer {
+    alpha_with_member_cfg(peer_name, peer_url, FAST_WORKER_TOML).await
+}
+
+async fn alpha_with_member_cfg(peer_name: &str, peer_url: &str, worker_toml: &str) -> TestServer {
     let (la, _) = reserve_listener();
-    let alpha = server(
+    let alpha = server_with(
         "alpha.test",
         la,
         vec![(peer_name.to_owned(), peer_url.to_owned())],
+        worker_toml,
     )
     .await;
     let mut c = alpha.db().await;
@@ -390,7 +404,10 @@ async fn row_status(s: &TestServer, event_id: &str) -> Option<(String, Option<St
 async fn transient_failures_back_off_with_growing_gaps() {
     let (lp, up) = reserve_listener();
     let peer = ScriptedPeer::start(lp, vec![503, 503, 503, 503], 202).await;
-    let alpha = alpha_with_member("beta.test", &up).await;
+    // Base 600 ms: successive gaps differ by at least 200 ms (jobs/src/backoff.rs), far
+    // more than scheduling noise on a loaded machine.
+    let slow = FAST_WORKER_TOML.replace("backoff_base_ms = 200", "backoff_base_ms = 600");
+    let alpha = alpha_with_member_cfg("beta.test", &up, &slow).await;
     let _w = TestWorker::start(&alpha);
     let id = submit(
         &alpha,
@@ -475,11 +492,16 @@ async fn permanent_failures_are_dead_and_403s_show_on_the_destination() {
             json!({"n": i}),
         )
         .await;
-        // Wait until this event's row was attempted.
+        // Wait until this event's row was attempted and settled.
         let status = wait_for("the 403 attempt", Duration::from_secs(30), || async {
-            let a = attempts_of(&alpha2, &id).await;
-            let r = row_status(&alpha2, &id).await?;
-            (!a.is_empty()).then_some(r.0)
+            let (status, attempts): (String, i32) = oq::table
+                .filter(oq::event_id.eq(&id))
+                .select((oq::status, oq::attempts))
+                .first(&mut *alpha2.db().await)
+                .await
+                .optional()
+                .unwrap()?;
+            (attempts >= 1).then_some(status)
         })
         .await;
         outcomes.push(status);

@@ -135,3 +135,37 @@ async fn one_active_key_and_rotation_keeps_the_old() {
     let later = chrono::Utc::now() + chrono::Duration::hours(2);
     assert_eq!(keys::published(&mut c, later).await.unwrap().len(), 1);
 }
+
+#[tokio::test]
+async fn prune_deletes_only_history_past_retention() {
+    use diesel_async::SimpleAsyncConnection;
+    let url = support::pg::migrated_db().await;
+    let mut c = AsyncPgConnection::establish(&url).await.unwrap();
+    c.batch_execute(
+        "INSERT INTO federation_events (event_id, room_id, event_type, sender, origin_server, origin_ts, content, depth, signatures) \
+           VALUES ('$e:a.test', '!r:a.test', 'm.message', '@u:a.test', 'a.test', 1, '{}', 1, '{}'); \
+         INSERT INTO outbound_queue (destination, event_id, status, updated_at) VALUES \
+           ('old.test', '$e:a.test', 'delivered', now() - interval '10 days'), \
+           ('new.test', '$e:a.test', 'delivered', now()), \
+           ('wait.test', '$e:a.test', 'pending', now() - interval '10 days'); \
+         INSERT INTO delivery_attempts (destination, request_kind, attempt, latency_ms, attempted_at) VALUES \
+           ('x.test', 'event', 1, 1, now() - interval '10 days'), ('x.test', 'event', 1, 1, now());",
+    )
+    .await
+    .unwrap();
+    let cutoff = chrono::Utc::now() - chrono::Duration::days(7);
+    let (attempts, rows, txns) = parafed::store::outbound::prune(&mut c, cutoff)
+        .await
+        .unwrap();
+    assert_eq!((attempts, rows, txns), (1, 1, 0));
+    let left = names(
+        &mut c,
+        "SELECT destination AS name FROM outbound_queue ORDER BY destination",
+    )
+    .await;
+    assert_eq!(
+        left,
+        ["new.test", "wait.test"],
+        "pending rows are never pruned"
+    );
+}

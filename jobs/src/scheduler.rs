@@ -6,7 +6,10 @@
 //! * **reconcile** — events stored but never verified, and accepted events never fanned
 //!   out, whose job is older than `stale_after` (Redis lost it, or a worker died with it),
 //!   are pushed again (rows are claimed with `SKIP LOCKED`, so workers split them);
-//! * **expire** — outbound rows older than the maximum age become dead.
+//! * **expire and prune** — outbound rows older than the maximum age become dead;
+//!   attempts, finished rows and local transactions older than `retention_secs` are
+//!   deleted (replay entries expire in Redis by themselves; acknowledged jobs are deleted
+//!   from their stream at once).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -96,6 +99,12 @@ async fn expire(ctx: &Ctx) -> Result<(), crate::context::JobError> {
     let n = outbound::expire(&mut conn, cutoff).await?;
     if n > 0 {
         tracing::info!(rows = n, "outbound rows expired");
+    }
+    let horizon =
+        chrono::Utc::now() - chrono::Duration::seconds(ctx.app.cfg.worker.retention_secs as i64);
+    let (attempts, rows, txns) = outbound::prune(&mut conn, horizon).await?;
+    if attempts + rows + txns > 0 {
+        tracing::info!(attempts, rows, txns, "pruned history past retention");
     }
     Ok(())
 }

@@ -364,3 +364,26 @@ pub async fn healthy_among(
     .await?;
     Ok(rows.into_iter().map(|r| r.destination).collect())
 }
+
+/// Deletes history older than `cutoff`: delivery attempts, finished outbound rows and
+/// local API transactions. Returns the rows deleted, in that order.
+pub async fn prune(
+    conn: &mut AsyncPgConnection,
+    cutoff: DateTime<Utc>,
+) -> Result<(usize, usize, usize), StoreError> {
+    let attempts = diesel::sql_query("DELETE FROM delivery_attempts WHERE attempted_at < $1")
+        .bind::<Timestamptz, _>(cutoff)
+        .execute(conn)
+        .await?;
+    let rows = diesel::sql_query(
+        "DELETE FROM outbound_queue WHERE status IN ('delivered', 'dead', 'cancelled') AND updated_at < $1",
+    )
+    .bind::<Timestamptz, _>(cutoff)
+    .execute(conn)
+    .await?;
+    let txns = diesel::sql_query("DELETE FROM local_transactions WHERE created_at < $1")
+        .bind::<Timestamptz, _>(cutoff)
+        .execute(conn)
+        .await?;
+    Ok((attempts, rows, txns))
+}
