@@ -401,7 +401,11 @@ impl Config {
         let cfg: Config = serde_path_to_error::deserialize(toml::Value::Table(table)).map_err(
             |e: serde_path_to_error::Error<toml::de::Error>| {
                 let path = e.path().to_string();
-                let mut msg = format!("{path}: {}", e.inner().message());
+                let mut msg = if path == "." {
+                    e.inner().message().to_owned()
+                } else {
+                    format!("{path}: {}", e.inner().message())
+                };
                 // Name the environment variable when the bad key or value came from one.
                 for (var, key) in &from_env {
                     let leaf = key.rsplit('.').next().unwrap_or(key);

@@ -15,6 +15,7 @@ pub mod config;
 pub mod demo;
 pub mod devservers;
 pub mod ingress;
+pub mod process;
 pub mod protocol;
 pub mod queue;
 pub mod remote;

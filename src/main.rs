@@ -98,23 +98,7 @@ fn main() -> ExitCode {
     parafed::telemetry::init();
     let cli = Cli::parse();
     if let Command::Demo { port, once } = cli.command {
-        let rt = match tokio::runtime::Builder::new_multi_thread()
-            .enable_all()
-            .build()
-        {
-            Ok(rt) => rt,
-            Err(e) => {
-                eprintln!("error: cannot start the async runtime: {e}");
-                return ExitCode::FAILURE;
-            }
-        };
-        return match rt.block_on(parafed::demo::run(port, once)) {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(e) => {
-                eprintln!("error: {e}");
-                ExitCode::FAILURE
-            }
-        };
+        return parafed::process::run_main(parafed::demo::run(port, once));
     }
     let cfg = match Config::load(cli.config.as_deref()) {
         Ok(c) => c,
@@ -123,23 +107,7 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("error: cannot start the async runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    match rt.block_on(run(cli.command, cli.output, cfg)) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("error: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
+    parafed::process::run_main(run(cli.command, cli.output, cfg))
 }
 
 fn print_json(v: &impl serde::Serialize) -> anyhow::Result<()> {

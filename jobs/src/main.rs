@@ -60,28 +60,11 @@ fn main() -> ExitCode {
     if queues.is_empty() {
         queues = QueueName::ALL.to_vec();
     }
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("error: cannot start the async runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    let result = rt.block_on(async move {
+    parafed::process::run_main(async move {
         let handle = parafed::ingress::metrics::recorder();
         let listener = parafed::ingress::metrics::bind(cfg.worker.metrics_listen).await?;
         tokio::spawn(parafed::ingress::metrics::serve(listener, handle));
         let app = parafed::app::App::new(cfg)?;
         parafed_jobs::fleet::run(app, &queues, shutdown_signal()).await
-    });
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("error: {e}");
-            ExitCode::FAILURE
-        }
-    }
+    })
 }
