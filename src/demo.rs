@@ -274,8 +274,8 @@ pub async fn run(base_port: u16, once: bool) -> Result<(), DemoError> {
         )
         .await?;
         println!(
-            "  {name}'s inbound feed, seq {}: {} says {:?} (signed by {})",
-            ev["seq"],
+            "  {name}'s inbound feed, at {}: {} says {:?} (signed by {})",
+            ev["position"],
             ev["event"]["sender"],
             ev["event"]["content"]["body"].as_str().unwrap_or(""),
             ev["event"]["origin_server"]

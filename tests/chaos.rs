@@ -133,9 +133,16 @@ struct World {
     beta: Deployment,
     gamma: Deployment,
     _dir: tempfile::TempDir,
+    /// Held for the whole scenario (dropped last).
+    _serial: tokio::sync::MutexGuard<'static, ()>,
 }
 
+/// One scenario at a time: each runs nine processes with their own Postgres and Redis,
+/// and two at once on a 2-core machine take longer together than one after the other.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 async fn world() -> World {
+    let serial = SERIAL.lock().await;
     let pg = Postgres::start().await.unwrap();
     let redis = Redis::start().await.unwrap();
     let dir = tempfile::tempdir().unwrap();
@@ -209,6 +216,7 @@ async fn world() -> World {
         beta,
         gamma,
         _dir: dir,
+        _serial: serial,
     };
     for d in [&mut w.alpha, &mut w.beta, &mut w.gamma] {
         d.start_serve();
@@ -377,10 +385,28 @@ async fn diagnose(w: &World, d: &Deployment) -> String {
         let health = parafed::store::outbound::health(&mut c, d.name)
             .await
             .unwrap();
+        let unfanned: i64 = fe::table
+            .filter(fe::status.eq("accepted"))
+            .filter(fe::fanned_out_at.is_null())
+            .count()
+            .get_result(&mut *c)
+            .await
+            .unwrap();
         out += &format!(
-            "{}: events {ev:?}; outbound {ob:?}; health of {}: {health:?}\n",
+            "{}: events {ev:?} ({unfanned} accepted not fanned out); outbound {ob:?}; health of {}: {health:?}\n",
             dep.name, d.name
         );
+        let short = &dep.name[..dep.name.find('.').unwrap()];
+        for q in ["verify", "fanout", "deliver"] {
+            let ask =
+                |cmd: String| support::redis::command_line(w.redis.port, &cmd).unwrap_or_default();
+            out += &format!(
+                "  {short} {q}: XLEN {} · XPENDING {} · dead {}\n",
+                ask(format!("XLEN {short}:q:{q}")),
+                ask(format!("XPENDING {short}:q:{q} workers")).replace("\r\n", " "),
+                ask(format!("XLEN {short}:dead:{q}")),
+            );
+        }
     }
     for entry in std::fs::read_dir(&d.dir).unwrap().flatten() {
         let text = std::fs::read_to_string(entry.path()).unwrap_or_default();

@@ -637,3 +637,96 @@ async fn ten_thousand_events_over_one_link() {
         "every delivery recorded as an attempt"
     );
 }
+
+/// The reconciler re-pushes a job only when Redis lost it: a backlog older than
+/// `stale_after` is left alone (re-pushing it would lengthen the backlog, which makes more
+/// of it stale: a spiral), and a deleted stream is rebuilt from Postgres, once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reconciler_repushes_lost_jobs_and_leaves_a_backlog_alone() {
+    let stale_ms = 300;
+    let cfg = FAST_WORKER_TOML.replace(
+        "stale_after_ms = 2000",
+        &format!("stale_after_ms = {stale_ms}"),
+    );
+    // No worker runs: the fanout jobs of these events wait in the stream.
+    let alpha = alpha_with_member_cfg("beta.test", "http://127.0.0.1:9", &cfg).await;
+    for i in 0..50 {
+        submit(
+            &alpha,
+            &format!("r{i}"),
+            "m.message",
+            "@a:alpha.test",
+            json!({"n": i}),
+        )
+        .await;
+    }
+    let ctx = parafed_jobs::context::Ctx {
+        app: alpha.app.clone(),
+        worker_id: "reconcile-test".into(),
+    };
+    let q = parafed::queue::QueueName::Fanout;
+    assert_eq!(alpha.app.queue.len(q).await.unwrap(), 50);
+    // Every job is now older than stale_after, but all of them are still queued.
+    let newest = {
+        let mut c = alpha.db().await;
+        fe::table
+            .select(diesel::dsl::max(fe::enqueued_at))
+            .first::<Option<chrono::DateTime<chrono::Utc>>>(&mut *c)
+            .await
+            .unwrap()
+            .unwrap()
+    };
+    wait_for(
+        "the backlog to pass stale_after",
+        Duration::from_secs(10),
+        || async {
+            (chrono::Utc::now() - newest > chrono::Duration::milliseconds(stale_ms + 50))
+                .then_some(())
+        },
+    )
+    .await;
+    assert_eq!(
+        parafed_jobs::scheduler::reconcile(&ctx).await.unwrap(),
+        (0, 0)
+    );
+    assert_eq!(alpha.app.queue.len(q).await.unwrap(), 50);
+
+    // Redis loses the stream: every job is re-pushed, once.
+    let mut r = alpha.app.queue.connection();
+    let _: () = redis::cmd("DEL")
+        .arg(alpha.app.queue.keys().queue(q))
+        .query_async(&mut r)
+        .await
+        .unwrap();
+    assert_eq!(
+        parafed_jobs::scheduler::reconcile(&ctx).await.unwrap(),
+        (0, 50)
+    );
+    assert_eq!(
+        parafed_jobs::scheduler::reconcile(&ctx).await.unwrap(),
+        (0, 0)
+    );
+    assert_eq!(alpha.app.queue.len(q).await.unwrap(), 50);
+
+    // A worker then fans every event out: one outbound row each.
+    let mut worker = TestWorker::start(&alpha);
+    wait_for(
+        "every event fanned out",
+        Duration::from_secs(60),
+        || async {
+            let mut c = alpha.db().await;
+            let left: i64 = fe::table
+                .filter(fe::fanned_out_at.is_null())
+                .count()
+                .get_result(&mut *c)
+                .await
+                .unwrap();
+            (left == 0).then_some(())
+        },
+    )
+    .await;
+    let mut c = alpha.db().await;
+    let rows: i64 = oq::table.count().get_result(&mut *c).await.unwrap();
+    assert_eq!(rows, 50);
+    worker.stop().await;
+}

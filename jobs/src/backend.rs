@@ -70,12 +70,17 @@ fn fetch<J: DeserializeOwned + Send + 'static>(consumer: StreamConsumer) -> Fetc
             if st.last_claim.elapsed() >= CLAIM_EVERY {
                 st.last_claim = Instant::now();
                 match st.consumer.claim_stale().await {
-                    Ok(v) if !v.is_empty() => {
-                        tracing::info!(count = v.len(), "claimed abandoned jobs");
-                        st.buffer.extend(v);
-                        continue;
+                    Ok((v, more)) => {
+                        if more && !v.is_empty() {
+                            // Claim again once these are worked through.
+                            st.last_claim = Instant::now() - CLAIM_EVERY;
+                        }
+                        if !v.is_empty() {
+                            tracing::info!(count = v.len(), "claimed abandoned jobs");
+                            st.buffer.extend(v);
+                            continue;
+                        }
                     }
-                    Ok(_) => {}
                     Err(e) => tracing::warn!(error = %e, "claiming abandoned jobs failed"),
                 }
             }

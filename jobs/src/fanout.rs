@@ -19,7 +19,9 @@ pub async fn run(ctx: &Ctx, job: &FanoutJob) -> Result<(), JobError> {
     let Some(stored) = events::get(&mut conn, &job.event_id).await? else {
         return Ok(());
     };
-    if stored.status != "accepted" {
+    // Not accepted, or a duplicate job (the reconciler re-pushed it, or a claim after a
+    // slow ack): nothing to do, and cheap to find out.
+    if stored.status != "accepted" || stored.fanned_out {
         return Ok(());
     }
     let env = stored.envelope;

@@ -4,8 +4,10 @@
 //!   rows and no drain in progress, get a deliver job (deduplicated in Redis; the drain
 //!   lease keeps one drain per destination);
 //! * **reconcile** — events stored but never verified, and accepted events never fanned
-//!   out, whose job is older than `stale_after` (Redis lost it, or a worker died with it),
-//!   are pushed again (rows are claimed with `SKIP LOCKED`, so workers split them);
+//!   out, whose job Redis lost (it is older than `stale_after` and than every job still
+//!   in its stream; see [`reconcile`]), are pushed again (rows are claimed with
+//!   `SKIP LOCKED`, so workers split them). A job a dead worker held is not lost: it stays
+//!   in the stream and another worker claims it after `job_timeout`;
 //! * **expire and prune** — outbound rows older than the maximum age become dead;
 //!   attempts, finished rows and local transactions older than `retention_secs` are
 //!   deleted (replay entries expire in Redis by themselves; acknowledged jobs are deleted
@@ -63,15 +65,32 @@ async fn schedule_due(ctx: &Ctx) -> Result<(), crate::context::JobError> {
     Ok(())
 }
 
-/// Pushes jobs again for unfinished work older than `stale_after`; returns the counts.
+/// Pushes jobs again for unfinished work whose job is lost; returns the counts.
+///
+/// A job counts as lost when it was pushed more than `stale_after` ago *and* before the
+/// oldest job still in its queue's stream (less `stale_after`, the allowance for clock
+/// skew between Redis and Postgres). Only the first rule would re-push every waiting
+/// event of a backlog longer than `stale_after`, again and again: the duplicates lengthen
+/// the backlog, which makes more events stale — a spiral a loaded fleet never leaves.
+/// Acknowledged entries are deleted from the stream, so a job pushed before the oldest
+/// entry still there is finished or gone (FLUSHALL, a Redis restart without persistence).
 pub async fn reconcile(ctx: &Ctx) -> Result<(usize, usize), crate::context::JobError> {
-    let cutoff = chrono::Utc::now()
-        - chrono::Duration::milliseconds(ctx.app.cfg.worker.stale_after_ms as i64);
+    let stale = chrono::Duration::milliseconds(ctx.app.cfg.worker.stale_after_ms as i64);
+    let now = chrono::Utc::now();
+    let cutoff = async |q: QueueName| -> Result<_, crate::context::JobError> {
+        let oldest = ctx.app.queue.oldest_job_ms(q).await?;
+        let bound = oldest
+            .and_then(chrono::DateTime::from_timestamp_millis)
+            .map_or(now, |t| t.min(now));
+        Ok(bound - stale)
+    };
+    let verify_cutoff = cutoff(QueueName::Verify).await?;
+    let fanout_cutoff = cutoff(QueueName::Fanout).await?;
     let (mut v_total, mut f_total) = (0, 0);
     loop {
         let (verify, fanout) = {
             let mut conn = ctx.app.pool.get().await?;
-            events::claim_stale(&mut conn, cutoff, 1000).await?
+            events::claim_stale(&mut conn, verify_cutoff, fanout_cutoff, 1000).await?
         };
         if verify.is_empty() && fanout.is_empty() {
             return Ok((v_total, f_total));

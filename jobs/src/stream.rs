@@ -109,11 +109,19 @@ impl StreamConsumer {
         }
     }
 
+    /// Most entries looked at by one claim round.
+    fn claim_batch(&self) -> usize {
+        self.batch.saturating_mul(4).max(16)
+    }
+
     /// Takes over entries idle longer than `min_idle`; moves over-delivered ones to the
-    /// dead stream.
-    pub async fn claim_stale(&self) -> RedisResult<Vec<Entry>> {
+    /// dead stream. The flag says the round was full: more may be waiting, so the caller
+    /// claims again as soon as it has worked through these (an outage can leave thousands
+    /// of failed entries; claiming a handful every few seconds would take hours).
+    pub async fn claim_stale(&self) -> RedisResult<(Vec<Entry>, bool)> {
         let mut c = self.conn.clone();
         let idle = self.min_idle.as_millis() as u64;
+        let limit = self.claim_batch();
         let pending: RedisResult<Vec<(String, String, u64, u64)>> = redis::cmd("XPENDING")
             .arg(&self.key)
             .arg(GROUP)
@@ -121,17 +129,18 @@ impl StreamConsumer {
             .arg(idle)
             .arg("-")
             .arg("+")
-            .arg(self.batch)
+            .arg(limit)
             .query_async(&mut c)
             .await;
         let pending = match pending {
             Ok(p) => p,
             Err(e) if e.code() == Some("NOGROUP") => {
                 self.ensure_group().await?;
-                return Ok(Vec::new());
+                return Ok((Vec::new(), false));
             }
             Err(e) => return Err(e),
         };
+        let full = pending.len() >= limit;
         let (dead, retry): (Vec<_>, Vec<_>) = pending
             .into_iter()
             .partition(|(_, _, _, deliveries)| *deliveries >= self.max_deliveries);
@@ -159,10 +168,10 @@ impl StreamConsumer {
             tracing::warn!(queue = %self.key, count = claimed.len(), "jobs failed too often; moved to the dead stream");
         }
         if retry.is_empty() {
-            return Ok(Vec::new());
+            return Ok((Vec::new(), full));
         }
         let ids: Vec<&String> = retry.iter().map(|(id, ..)| id).collect();
-        self.claim(&ids, idle).await
+        Ok((self.claim(&ids, idle).await?, full))
     }
 
     async fn claim(&self, ids: &[&String], idle: u64) -> RedisResult<Vec<Entry>> {

@@ -3,7 +3,8 @@
 //! * `PUT  /_parafed/local/v1/rooms/{room_id}` — register a room hosted here;
 //! * `POST /_parafed/local/v1/events` — federate an event (signed as us, stored, fanned
 //!   out), idempotent on `txn_id`;
-//! * `GET  /_parafed/local/v1/feed?since=&limit=` — accepted inbound events, cursor-paged;
+//! * `GET  /_parafed/local/v1/feed?since=&limit=` — accepted inbound events in commit order,
+//!   paged by an opaque position (`since=0`, then each page's `next_since`);
 //! * `POST /_parafed/local/v1/{invite,join,leave}` — ask a room's host on behalf of a
 //!   local user; the host's answer is returned.
 
@@ -225,14 +226,21 @@ pub async fn get_feed(app: &App, parts: &Parts) -> Result<Response<Body>, ApiErr
                 .map_err(|_| ApiError::bad_request(format!("{name} must be an integer")))
         })
     };
-    let since = int("since", 0)?.max(0);
+    let since = match query_param(&q, "since") {
+        None => feed::Position::START,
+        Some(s) => feed::Position::parse(s).ok_or_else(|| {
+            ApiError::bad_request(
+                "since must be 0 or a next_since value from an earlier page of the feed",
+            )
+        })?,
+    };
     let limit = int("limit", 100)?.clamp(1, 1000);
     let mut conn = app.pool.get().await.map_err(StoreError::from)?;
     let page = feed::page(&mut conn, since, limit).await?;
-    let next = page.last().map_or(since, |(seq, _)| *seq);
+    let next = page.last().map_or(since, |(pos, _)| *pos).to_string();
     let events: Vec<Value> = page
         .iter()
-        .map(|(seq, ev)| serde_json::json!({ "seq": seq, "event": ev.envelope }))
+        .map(|(pos, ev)| serde_json::json!({ "position": pos.to_string(), "event": ev.envelope }))
         .collect();
     Ok(json_response(
         StatusCode::OK,

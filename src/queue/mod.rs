@@ -131,6 +131,27 @@ impl JobQueue {
             .await?)
     }
 
+    /// When the oldest job still in a queue's stream was pushed (stream ids carry the
+    /// Redis clock in milliseconds); `None` when the stream is empty. Acknowledged entries
+    /// are deleted, so every job pushed before this instant is finished or lost.
+    pub async fn oldest_job_ms(&self, q: QueueName) -> Result<Option<i64>, QueueError> {
+        let mut conn = self.conn.clone();
+        // Each entry is `[id, [field, value, …]]`; only the id is needed.
+        type Entry = (String, Vec<(String, Vec<u8>)>);
+        let first: Vec<Entry> = redis::cmd("XRANGE")
+            .arg(self.keys.queue(q))
+            .arg("-")
+            .arg("+")
+            .arg("COUNT")
+            .arg(1)
+            .query_async(&mut conn)
+            .await?;
+        Ok(first
+            .first()
+            .and_then(|(id, _)| id.split_once('-'))
+            .and_then(|(ms, _)| ms.parse().ok()))
+    }
+
     /// Pushes a deliver job for each destination that has none queued yet.
     pub async fn schedule_deliveries(&self, destinations: &[String]) -> Result<usize, QueueError> {
         if destinations.is_empty() {

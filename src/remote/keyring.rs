@@ -35,6 +35,10 @@ pub const MAX_CONCURRENT_FETCHES: usize = 16;
 const MAX_KEYS_BODY: usize = 64 * 1024;
 /// Peers remembered by the throttle before it forgets the oldest entries.
 const MAX_THROTTLE_ENTRIES: usize = 100_000;
+/// Peers whose keys are held in memory; past it, some are dropped (Postgres still has
+/// them). Only peers with at least one key are held, so made-up origin names cost a
+/// database lookup each, never memory.
+const MAX_CACHED_SERVERS: usize = 10_000;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum KeyLookupError {
@@ -158,15 +162,20 @@ impl KeyRing {
             .load(&mut conn)
             .await
             .map_err(|e| KeyLookupError::Unavailable(e.to_string()))?;
+        let keys: Vec<(KeyId, CachedKey)> = rows
+            .into_iter()
+            .filter_map(|(kid, pk, valid_until)| {
+                let key = PublicKey::from_hex(&pk).ok()?;
+                Some((KeyId::parse(&kid).ok()?, CachedKey { key, valid_until }))
+            })
+            .collect();
+        if keys.is_empty() {
+            return Ok(());
+        }
         let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
-        let entry = cache.entry(server.clone()).or_default();
-        for (kid, pk, valid_until) in rows {
-            if let (Ok(kid), Ok(key)) = (KeyId::parse(&kid), PublicKey::from_hex(&pk)) {
-                entry
-                    .keys
-                    .entry(kid)
-                    .or_insert(CachedKey { key, valid_until });
-            }
+        let entry = entry_bounded(&mut cache, server, MAX_CACHED_SERVERS);
+        for (kid, k) in keys {
+            entry.keys.entry(kid).or_insert(k);
         }
         entry.loaded = true;
         Ok(())
@@ -249,9 +258,9 @@ impl KeyRing {
             .take(MAX_PUBLISHED_KEYS)
             .filter_map(|k| Some((k.key_id.clone(), k.public_key().ok()?, k.valid_until)))
             .collect();
-        {
+        if !keys.is_empty() {
             let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
-            let entry = cache.entry(server.clone()).or_default();
+            let entry = entry_bounded(&mut cache, server, MAX_CACHED_SERVERS);
             for (kid, key, valid_until) in &keys {
                 entry.keys.insert(
                     kid.clone(),
@@ -291,5 +300,39 @@ impl KeyRing {
                 .map_err(|e| e.to_string())?;
         }
         Ok(())
+    }
+}
+
+/// The cache entry for `server`, making room first when the map is full: the map never
+/// holds more than `max` servers, whatever names peers make up.
+fn entry_bounded<'a>(
+    cache: &'a mut HashMap<ServerName, ServerKeys>,
+    server: &ServerName,
+    max: usize,
+) -> &'a mut ServerKeys {
+    if !cache.contains_key(server) && cache.len() >= max {
+        // Which entries go does not matter for correctness (Postgres holds every key);
+        // dropping a tenth at a time keeps this rare.
+        let drop: Vec<ServerName> = cache.keys().take(max.div_ceil(10)).cloned().collect();
+        for name in drop {
+            cache.remove(&name);
+        }
+    }
+    cache.entry(server.clone()).or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_key_cache_never_holds_more_than_its_bound() {
+        let mut cache = HashMap::new();
+        for i in 0..1000 {
+            let name = ServerName::parse(&format!("s{i}.test")).unwrap();
+            entry_bounded(&mut cache, &name, 100).loaded = true;
+            assert!(cache.len() <= 100, "{} entries after {i}", cache.len());
+            assert!(cache.contains_key(&name), "the new entry is kept");
+        }
     }
 }

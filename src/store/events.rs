@@ -54,6 +54,7 @@ type Row = (
     Option<String>,
     String,
     String,
+    Option<chrono::DateTime<chrono::Utc>>,
 );
 
 const ENVELOPE_COLUMNS: (
@@ -68,6 +69,7 @@ const ENVELOPE_COLUMNS: (
     fe::state_key,
     fe::signatures,
     fe::status,
+    fe::fanned_out_at,
 ) = (
     fe::event_id,
     fe::room_id,
@@ -80,6 +82,7 @@ const ENVELOPE_COLUMNS: (
     fe::state_key,
     fe::signatures,
     fe::status,
+    fe::fanned_out_at,
 );
 
 /// A stored event with its status.
@@ -87,6 +90,9 @@ const ENVELOPE_COLUMNS: (
 pub struct StoredEvent {
     pub envelope: Envelope,
     pub status: String,
+    /// Fan-out already wrote this event's outbound rows (a later fanout job is a
+    /// duplicate and does nothing).
+    pub fanned_out: bool,
 }
 
 fn corrupt(id: &str, what: &str) -> StoreError {
@@ -113,6 +119,7 @@ fn from_row(r: Row) -> Result<StoredEvent, StoreError> {
             signatures,
         },
         status: r.10,
+        fanned_out: r.11.is_some(),
     })
 }
 
@@ -238,6 +245,24 @@ pub async fn get(
     row.map(from_row).transpose()
 }
 
+/// Stored events by id, whatever their status, in one query; ids not held are absent.
+pub async fn get_many(
+    conn: &mut AsyncPgConnection,
+    event_ids: &[&str],
+) -> Result<std::collections::HashMap<String, StoredEvent>, StoreError> {
+    if event_ids.is_empty() {
+        return Ok(std::collections::HashMap::new());
+    }
+    let rows: Vec<Row> = fe::table
+        .filter(fe::event_id.eq_any(event_ids))
+        .select(ENVELOPE_COLUMNS)
+        .load(conn)
+        .await?;
+    rows.into_iter()
+        .map(|r| from_row(r).map(|e| (e.envelope.event_id.to_string(), e)))
+        .collect()
+}
+
 /// Readable events of a room with `depth > since_depth`, by depth, at most `limit`.
 pub async fn room_since(
     conn: &mut AsyncPgConnection,
@@ -292,12 +317,14 @@ pub async fn mark_fanned_out(
     Ok(())
 }
 
-/// Unfinished work whose job was pushed before `cutoff`: pending events (verify) and
-/// accepted events not yet fanned out (fanout). Their `enqueued_at` is moved to now, so
-/// concurrent reconcilers in other workers do not take the same rows.
+/// Unfinished work whose job was pushed before its queue's cutoff: pending events
+/// (verify, before `verify_cutoff`) and accepted events not yet fanned out (fanout, before
+/// `fanout_cutoff`). Their `enqueued_at` is moved to now, so concurrent reconcilers in
+/// other workers do not take the same rows.
 pub async fn claim_stale(
     conn: &mut AsyncPgConnection,
-    cutoff: chrono::DateTime<chrono::Utc>,
+    verify_cutoff: chrono::DateTime<chrono::Utc>,
+    fanout_cutoff: chrono::DateTime<chrono::Utc>,
     limit: i64,
 ) -> Result<(Vec<String>, Vec<String>), StoreError> {
     #[derive(QueryableByName)]
@@ -311,12 +338,14 @@ pub async fn claim_stale(
         "UPDATE federation_events SET enqueued_at = now() \
          WHERE event_id IN ( \
            SELECT event_id FROM federation_events \
-            WHERE (status = 'pending' OR (status = 'accepted' AND fanned_out_at IS NULL)) \
-              AND (enqueued_at IS NULL OR enqueued_at < $1) \
-            LIMIT $2 FOR UPDATE SKIP LOCKED) \
+            WHERE (status = 'pending' AND (enqueued_at IS NULL OR enqueued_at < $1)) \
+               OR (status = 'accepted' AND fanned_out_at IS NULL \
+                   AND (enqueued_at IS NULL OR enqueued_at < $2)) \
+            LIMIT $3 FOR UPDATE SKIP LOCKED) \
          RETURNING event_id, status",
     )
-    .bind::<diesel::sql_types::Timestamptz, _>(cutoff)
+    .bind::<diesel::sql_types::Timestamptz, _>(verify_cutoff)
+    .bind::<diesel::sql_types::Timestamptz, _>(fanout_cutoff)
     .bind::<BigInt, _>(limit)
     .load(conn)
     .await?;

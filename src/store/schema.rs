@@ -160,6 +160,7 @@ diesel::table! {
         event_id -> Text,
         room_id -> Text,
         appended_at -> Timestamptz,
+        txid -> Int8,
     }
 }
 

@@ -1,0 +1,101 @@
+//! The job queue's consumer (`parafed_jobs::stream`) against a real Redis: what a failed
+//! or dead worker leaves behind is taken over by another, all of it and promptly; an
+//! entry that keeps failing goes to the dead stream; a lost consumer group is recreated.
+
+mod support;
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use parafed_jobs::stream::StreamConsumer;
+use support::redis::{command_line, Redis};
+
+async fn consumer(redis: &Redis, name: &str) -> StreamConsumer {
+    let conn = parafed::queue::connect(&redis.url()).unwrap();
+    let reader = parafed::queue::connect(&redis.url()).unwrap();
+    let mut c = StreamConsumer::new(reader, conn, "t:q".into(), "t:dead".into(), name.into());
+    c.batch = 8;
+    c.block = Duration::from_millis(100);
+    c.min_idle = Duration::from_millis(200);
+    c.ensure_group().await.unwrap();
+    c
+}
+
+fn push(redis: &Redis, n: usize) {
+    for i in 0..n {
+        let r = command_line(redis.port, &format!("XADD t:q * job {i}")).unwrap();
+        assert!(r.starts_with('$'), "{r}");
+    }
+}
+
+/// Reads everything there is as `c` (and never acknowledges it: a worker that failed
+/// every job, or died holding them).
+async fn read_all(c: &StreamConsumer) -> usize {
+    let mut n = 0;
+    loop {
+        let got = c.read().await.unwrap();
+        if got.is_empty() {
+            return n;
+        }
+        n += got.len();
+    }
+}
+
+#[tokio::test]
+async fn a_failed_workers_entries_are_all_claimed_in_full_rounds() {
+    let redis = Redis::start().await.unwrap();
+    let (a, b) = (consumer(&redis, "a").await, consumer(&redis, "b").await);
+    push(&redis, 300);
+    assert_eq!(read_all(&a).await, 300);
+    tokio::time::sleep(b.min_idle + Duration::from_millis(50)).await; // let them go idle
+    let mut claimed = HashSet::new();
+    let mut rounds = 0;
+    loop {
+        rounds += 1;
+        let (entries, more) = b.claim_stale().await.unwrap();
+        for e in &entries {
+            assert!(claimed.insert(e.id.clone()), "{} claimed twice", e.id);
+            b.ack(&e.id).await.unwrap();
+        }
+        if !more {
+            break;
+        }
+        assert_eq!(entries.len(), 32, "a full round claims batch × 4");
+    }
+    assert_eq!(claimed.len(), 300);
+    assert!(rounds <= 300 / 32 + 1, "{rounds} rounds");
+    assert_eq!(command_line(redis.port, "XLEN t:q").unwrap(), ":0");
+}
+
+#[tokio::test]
+async fn an_entry_that_keeps_failing_goes_to_the_dead_stream() {
+    let redis = Redis::start().await.unwrap();
+    let mut a = consumer(&redis, "a").await;
+    a.max_deliveries = 3;
+    push(&redis, 1);
+    assert_eq!(read_all(&a).await, 1); // delivery 1
+    for delivery in 2..=3 {
+        tokio::time::sleep(a.min_idle + Duration::from_millis(50)).await;
+        let (entries, _) = a.claim_stale().await.unwrap();
+        assert_eq!(entries.len(), 1, "delivery {delivery}");
+    }
+    tokio::time::sleep(a.min_idle + Duration::from_millis(50)).await;
+    let (entries, _) = a.claim_stale().await.unwrap();
+    assert!(entries.is_empty(), "a fourth delivery: {entries:?}");
+    assert_eq!(command_line(redis.port, "XLEN t:q").unwrap(), ":0");
+    assert_eq!(command_line(redis.port, "XLEN t:dead").unwrap(), ":1");
+}
+
+#[tokio::test]
+async fn a_lost_group_is_recreated_and_new_work_flows() {
+    let redis = Redis::start().await.unwrap();
+    let a = consumer(&redis, "a").await;
+    assert_eq!(command_line(redis.port, "FLUSHALL").unwrap(), "+OK");
+    // The first read finds no group, recreates it and returns nothing...
+    assert!(a.read().await.unwrap().is_empty());
+    push(&redis, 2);
+    // ...and work pushed afterwards is read.
+    assert_eq!(read_all(&a).await, 2);
+    let (entries, more) = a.claim_stale().await.unwrap();
+    assert!(entries.is_empty() && !more, "nothing is idle yet");
+}
