@@ -236,28 +236,23 @@ async fn settle(
         );
         let until =
             Utc::now() + chrono::Duration::from_std(delay).unwrap_or(chrono::Duration::hours(1));
-        outbound::destination_backoff(
-            &mut conn,
-            dest.as_str(),
-            until,
-            &error,
-            status.map(i32::from),
+        let failure = outbound::DestinationFailure {
+            error: &error,
+            status: status.map(i32::from),
             forbidden,
-        )
-        .await?;
+        };
+        outbound::destination_failed(&mut conn, dest.as_str(), &failure, Some(until)).await?;
         metrics::counter!("parafed_destination_backoffs_total").increment(1);
         tracing::info!(destination = %dest, %error, ?delay, "destination backing off");
         return Ok(true);
     }
     if let Some((error, status, forbidden)) = permanent {
-        outbound::destination_note(
-            &mut conn,
-            dest.as_str(),
-            &error,
-            status.map(i32::from),
+        let failure = outbound::DestinationFailure {
+            error: &error,
+            status: status.map(i32::from),
             forbidden,
-        )
-        .await?;
+        };
+        outbound::destination_failed(&mut conn, dest.as_str(), &failure, None).await?;
         metrics::counter!("parafed_deliveries_total", "outcome" => "dead").increment(1);
     }
     Ok(false)

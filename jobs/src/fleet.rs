@@ -15,31 +15,60 @@ use crate::context::{finish, worker_identity, Ctx, JobError};
 use crate::stream::StreamConsumer;
 use crate::{deliver, fanout, verify};
 
-async fn verify_task(
-    task: Queued<VerifyJob>,
-    ctx: Data<Arc<Ctx>>,
-    c: Data<StreamConsumer>,
-) -> Result<(), JobError> {
-    let r = verify::run(&ctx, &task.job).await;
-    finish(&c, &task, r, "verify").await
+/// A job type and the handler that runs it.
+trait Handler: serde::de::DeserializeOwned + Send + Sync + Unpin + 'static {
+    const QUEUE: QueueName;
+    fn run(ctx: &Ctx, job: &Self) -> impl Future<Output = Result<(), JobError>> + Send;
 }
 
-async fn fanout_task(
-    task: Queued<FanoutJob>,
-    ctx: Data<Arc<Ctx>>,
-    c: Data<StreamConsumer>,
-) -> Result<(), JobError> {
-    let r = fanout::run(&ctx, &task.job).await;
-    finish(&c, &task, r, "fanout").await
+impl Handler for VerifyJob {
+    const QUEUE: QueueName = QueueName::Verify;
+    fn run(ctx: &Ctx, job: &Self) -> impl Future<Output = Result<(), JobError>> + Send {
+        verify::run(ctx, job)
+    }
 }
 
-async fn deliver_task(
-    task: Queued<DeliverJob>,
+impl Handler for FanoutJob {
+    const QUEUE: QueueName = QueueName::Fanout;
+    fn run(ctx: &Ctx, job: &Self) -> impl Future<Output = Result<(), JobError>> + Send {
+        fanout::run(ctx, job)
+    }
+}
+
+impl Handler for DeliverJob {
+    const QUEUE: QueueName = QueueName::Deliver;
+    fn run(ctx: &Ctx, job: &Self) -> impl Future<Output = Result<(), JobError>> + Send {
+        deliver::run(ctx, job)
+    }
+}
+
+/// Runs one job and acknowledges it if it succeeded.
+async fn task<J: Handler>(
+    task: Queued<J>,
     ctx: Data<Arc<Ctx>>,
     c: Data<StreamConsumer>,
 ) -> Result<(), JobError> {
-    let r = deliver::run(&ctx, &task.job).await;
-    finish(&c, &task, r, "deliver").await
+    let r = J::run(&ctx, &task.job).await;
+    finish(&c, &task, r, J::QUEUE.as_str()).await
+}
+
+/// Adds the apalis worker for `J`'s queue (restarted with a new run number if it stops).
+fn register<J: Handler>(
+    monitor: Monitor,
+    worker_id: &str,
+    consumer: StreamConsumer,
+    ctx: Arc<Ctx>,
+    concurrency: usize,
+) -> Monitor {
+    let worker_id = worker_id.to_owned();
+    monitor.register(move |run| {
+        WorkerBuilder::new(format!("{worker_id}-{}-{run}", J::QUEUE.as_str()))
+            .backend(backend::<J>(consumer.clone()))
+            .concurrency(concurrency)
+            .data(ctx.clone())
+            .data(consumer.clone())
+            .build(task::<J>)
+    })
 }
 
 /// Runs the given queues until `shutdown` resolves, then drains in-flight jobs.
@@ -72,32 +101,11 @@ pub async fn run(
         if let Err(e) = consumer.ensure_group().await {
             tracing::warn!(queue = q.as_str(), error = %e, "cannot create the consumer group yet; will retry");
         }
-        let (ctx, wid) = (ctx.clone(), worker_id.clone());
+        let (ctx, id) = (ctx.clone(), worker_id.as_str());
         monitor = match q {
-            QueueName::Verify => monitor.register(move |run| {
-                WorkerBuilder::new(format!("{wid}-verify-{run}"))
-                    .backend(backend::<VerifyJob>(consumer.clone()))
-                    .concurrency(concurrency)
-                    .data(ctx.clone())
-                    .data(consumer.clone())
-                    .build(verify_task)
-            }),
-            QueueName::Fanout => monitor.register(move |run| {
-                WorkerBuilder::new(format!("{wid}-fanout-{run}"))
-                    .backend(backend::<FanoutJob>(consumer.clone()))
-                    .concurrency(concurrency)
-                    .data(ctx.clone())
-                    .data(consumer.clone())
-                    .build(fanout_task)
-            }),
-            QueueName::Deliver => monitor.register(move |run| {
-                WorkerBuilder::new(format!("{wid}-deliver-{run}"))
-                    .backend(backend::<DeliverJob>(consumer.clone()))
-                    .concurrency(concurrency)
-                    .data(ctx.clone())
-                    .data(consumer.clone())
-                    .build(deliver_task)
-            }),
+            QueueName::Verify => register::<VerifyJob>(monitor, id, consumer, ctx, concurrency),
+            QueueName::Fanout => register::<FanoutJob>(monitor, id, consumer, ctx, concurrency),
+            QueueName::Deliver => register::<DeliverJob>(monitor, id, consumer, ctx, concurrency),
         };
     }
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);

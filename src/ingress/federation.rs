@@ -260,14 +260,15 @@ fn parse_body<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError
 }
 
 /// Checks shared by invite, join and leave: the body's origin is the transport origin,
-/// the room is hosted here and registered, the user belongs to the origin.
+/// the room is hosted here and registered, the user belongs to the origin. Returns the
+/// room, the user and the connection the handler goes on with.
 async fn membership_request(
     app: &App,
     auth: &Authenticated,
     origin_server: &str,
     room_id: &str,
     user_id: &str,
-) -> Result<(rooms::HostedRoom, UserId), ApiError> {
+) -> Result<(rooms::HostedRoom, UserId, crate::store::PgConn), ApiError> {
     if origin_server != auth.origin.as_str() {
         return Err(ApiError::forbidden(format!(
             "origin_server {origin_server:?} is not the authenticated origin {}",
@@ -304,7 +305,7 @@ async fn membership_request(
     let hosted = rooms::hosted(&mut conn, &canonical)
         .await?
         .ok_or_else(|| ApiError::forbidden(format!("room {canonical} does not federate")))?;
-    Ok((hosted, user))
+    Ok((hosted, user, conn))
 }
 
 async fn authenticated_post(
@@ -321,14 +322,9 @@ async fn authenticated_post(
 pub async fn invite(app: &App, parts: &Parts, body: Bytes) -> Result<Response<Body>, ApiError> {
     let auth = authenticated_post(app, parts, &body).await?;
     let b: InviteBody = parse_body(&body)?;
-    let (room, user) =
+    let (room, user, mut conn) =
         membership_request(app, &auth, &b.origin_server, &b.room_id, &b.sender).await?;
     let expires = b.max_age_seconds.unwrap_or(3600).clamp(60, 7 * 24 * 3600);
-    let mut conn = app
-        .pool
-        .get()
-        .await
-        .map_err(crate::store::StoreError::from)?;
     if rooms::membership(&mut conn, &room.room_id, user.as_str())
         .await?
         .as_deref()
@@ -361,13 +357,8 @@ pub async fn invite(app: &App, parts: &Parts, body: Bytes) -> Result<Response<Bo
 pub async fn join(app: &App, parts: &Parts, body: Bytes) -> Result<Response<Body>, ApiError> {
     let auth = authenticated_post(app, parts, &body).await?;
     let b: MemberBody = parse_body(&body)?;
-    let (room, user) =
+    let (room, user, mut conn) =
         membership_request(app, &auth, &b.origin_server, &b.room_id, &b.user_id).await?;
-    let mut conn = app
-        .pool
-        .get()
-        .await
-        .map_err(crate::store::StoreError::from)?;
     rooms::set_member(
         &mut conn,
         &room.room_id,
@@ -392,13 +383,8 @@ pub async fn join(app: &App, parts: &Parts, body: Bytes) -> Result<Response<Body
 pub async fn leave(app: &App, parts: &Parts, body: Bytes) -> Result<Response<Body>, ApiError> {
     let auth = authenticated_post(app, parts, &body).await?;
     let b: MemberBody = parse_body(&body)?;
-    let (room, user) =
+    let (room, user, mut conn) =
         membership_request(app, &auth, &b.origin_server, &b.room_id, &b.user_id).await?;
-    let mut conn = app
-        .pool
-        .get()
-        .await
-        .map_err(crate::store::StoreError::from)?;
     let was = rooms::membership(&mut conn, &room.room_id, user.as_str()).await?;
     let left = matches!(was.as_deref(), Some("joined") | Some("invited"));
     if left {

@@ -42,48 +42,23 @@ pub struct NewEvent<'a> {
     pub status: EventStatus,
 }
 
-type Row = (
-    String,
-    String,
-    String,
-    String,
-    String,
-    i64,
-    String,
-    i64,
-    Option<String>,
-    String,
-    String,
-    Option<chrono::DateTime<chrono::Utc>>,
-);
-
-const ENVELOPE_COLUMNS: (
-    fe::event_id,
-    fe::room_id,
-    fe::event_type,
-    fe::sender,
-    fe::origin_server,
-    fe::origin_ts,
-    fe::content,
-    fe::depth,
-    fe::state_key,
-    fe::signatures,
-    fe::status,
-    fe::fanned_out_at,
-) = (
-    fe::event_id,
-    fe::room_id,
-    fe::event_type,
-    fe::sender,
-    fe::origin_server,
-    fe::origin_ts,
-    fe::content,
-    fe::depth,
-    fe::state_key,
-    fe::signatures,
-    fe::status,
-    fe::fanned_out_at,
-);
+/// The columns an event is read back with.
+#[derive(Queryable, Selectable)]
+#[diesel(table_name = fe, check_for_backend(diesel::pg::Pg))]
+struct Row {
+    event_id: String,
+    room_id: String,
+    event_type: String,
+    sender: String,
+    origin_server: String,
+    origin_ts: i64,
+    content: String,
+    depth: i64,
+    state_key: Option<String>,
+    signatures: String,
+    status: String,
+    fanned_out_at: Option<chrono::DateTime<chrono::Utc>>,
+}
 
 /// A stored event with its status.
 #[derive(Clone, Debug)]
@@ -100,26 +75,30 @@ fn corrupt(id: &str, what: &str) -> StoreError {
 }
 
 fn from_row(r: Row) -> Result<StoredEvent, StoreError> {
-    let id = r.0.clone();
-    let content: Value = serde_json::from_str(&r.6).map_err(|_| corrupt(&id, "content"))?;
+    let id = r.event_id.clone();
+    let content: Value = serde_json::from_str(&r.content).map_err(|_| corrupt(&id, "content"))?;
     let signatures: Signatures =
-        serde_json::from_str(&r.9).map_err(|_| corrupt(&id, "signatures"))?;
+        serde_json::from_str(&r.signatures).map_err(|_| corrupt(&id, "signatures"))?;
     let bad = |e: crate::protocol::IdError| corrupt(&id, &e.to_string());
     Ok(StoredEvent {
         envelope: Envelope {
-            event_id: EventId::try_from(r.0).map_err(bad)?,
-            room_id: RoomId::try_from(r.1).map_err(bad)?,
-            event_type: EventType::parse(&r.2).map_err(bad)?,
-            sender: UserId::try_from(r.3).map_err(bad)?,
-            origin_server: ServerName::try_from(r.4).map_err(bad)?,
-            origin_ts: r.5,
+            event_id: EventId::try_from(r.event_id).map_err(bad)?,
+            room_id: RoomId::try_from(r.room_id).map_err(bad)?,
+            event_type: EventType::parse(&r.event_type).map_err(bad)?,
+            sender: UserId::try_from(r.sender).map_err(bad)?,
+            origin_server: ServerName::try_from(r.origin_server).map_err(bad)?,
+            origin_ts: r.origin_ts,
             content,
-            depth: r.7,
-            state_key: r.8.map(|s| StateKey::parse(&s)).transpose().map_err(bad)?,
+            depth: r.depth,
+            state_key: r
+                .state_key
+                .map(|s| StateKey::parse(&s))
+                .transpose()
+                .map_err(bad)?,
             signatures,
         },
-        status: r.10,
-        fanned_out: r.11.is_some(),
+        status: r.status,
+        fanned_out: r.fanned_out_at.is_some(),
     })
 }
 
@@ -224,7 +203,7 @@ pub async fn get_readable(
     let row: Option<Row> = fe::table
         .filter(fe::event_id.eq(event_id))
         .filter(fe::status.eq_any(["pending", "accepted"]))
-        .select(ENVELOPE_COLUMNS)
+        .select(Row::as_select())
         .first(conn)
         .await
         .optional()?;
@@ -238,7 +217,7 @@ pub async fn get(
 ) -> Result<Option<StoredEvent>, StoreError> {
     let row: Option<Row> = fe::table
         .filter(fe::event_id.eq(event_id))
-        .select(ENVELOPE_COLUMNS)
+        .select(Row::as_select())
         .first(conn)
         .await
         .optional()?;
@@ -255,7 +234,7 @@ pub async fn get_many(
     }
     let rows: Vec<Row> = fe::table
         .filter(fe::event_id.eq_any(event_ids))
-        .select(ENVELOPE_COLUMNS)
+        .select(Row::as_select())
         .load(conn)
         .await?;
     rows.into_iter()
@@ -276,7 +255,7 @@ pub async fn room_since(
         .filter(fe::status.eq_any(["pending", "accepted"]))
         .order((fe::depth.asc(), fe::event_id.asc()))
         .limit(limit)
-        .select(ENVELOPE_COLUMNS)
+        .select(Row::as_select())
         .load(conn)
         .await?;
     rows.into_iter().map(from_row).collect()
@@ -378,7 +357,7 @@ pub async fn envelopes(
 ) -> Result<std::collections::HashMap<String, Envelope>, StoreError> {
     let rows: Vec<Row> = fe::table
         .filter(fe::event_id.eq_any(ids))
-        .select(ENVELOPE_COLUMNS)
+        .select(Row::as_select())
         .load(conn)
         .await?;
     rows.into_iter()

@@ -258,53 +258,39 @@ pub async fn destination_ok(
     Ok(())
 }
 
-/// A failure that concerns the destination, not the event: back off until `until`.
-pub async fn destination_backoff(
-    conn: &mut AsyncPgConnection,
-    destination: &str,
-    until: DateTime<Utc>,
-    error: &str,
-    status: Option<i32>,
-    forbidden: bool,
-) -> Result<(), StoreError> {
-    let now = Utc::now();
-    diesel::update(dh::table.filter(dh::destination.eq(destination)))
-        .set((
-            dh::state.eq("backoff"),
-            dh::consecutive_failures.eq(dh::consecutive_failures + 1),
-            dh::consecutive_forbidden
-                .eq(dh::consecutive_forbidden * i32::from(forbidden) + i32::from(forbidden)),
-            dh::backoff_until.eq(until),
-            dh::last_error_at.eq(now),
-            dh::last_error.eq(error),
-            dh::last_status_code.eq(status),
-            dh::updated_at.eq(now),
-        ))
-        .execute(conn)
-        .await?;
-    Ok(())
+/// What a failed request says about its destination.
+pub struct DestinationFailure<'a> {
+    pub error: &'a str,
+    pub status: Option<i32>,
+    /// A 403: runs of these are counted (`consecutive_forbidden`).
+    pub forbidden: bool,
 }
 
-/// Notes an event-level failure (a permanent 4xx) on the destination without backing off.
-pub async fn destination_note(
+/// Records a failure on the destination. With `backoff_until` the failure concerns the
+/// destination (it backs off until then, and counts towards the next backoff); without,
+/// it concerned one event (a permanent 4xx) and is only noted.
+pub async fn destination_failed(
     conn: &mut AsyncPgConnection,
     destination: &str,
-    error: &str,
-    status: Option<i32>,
-    forbidden: bool,
+    failure: &DestinationFailure<'_>,
+    backoff_until: Option<DateTime<Utc>>,
 ) -> Result<(), StoreError> {
-    let now = Utc::now();
-    diesel::update(dh::table.filter(dh::destination.eq(destination)))
-        .set((
-            dh::consecutive_forbidden
-                .eq(dh::consecutive_forbidden * i32::from(forbidden) + i32::from(forbidden)),
-            dh::last_error_at.eq(now),
-            dh::last_error.eq(error),
-            dh::last_status_code.eq(status),
-            dh::updated_at.eq(now),
-        ))
-        .execute(conn)
-        .await?;
+    diesel::sql_query(
+        "UPDATE destination_health SET \
+           state = CASE WHEN $2::timestamptz IS NULL THEN state ELSE 'backoff' END, \
+           consecutive_failures = consecutive_failures + (CASE WHEN $2 IS NULL THEN 0 ELSE 1 END), \
+           backoff_until = COALESCE($2, backoff_until), \
+           consecutive_forbidden = CASE WHEN $5 THEN consecutive_forbidden + 1 ELSE 0 END, \
+           last_error_at = now(), last_error = $3, last_status_code = $4, updated_at = now() \
+         WHERE destination = $1",
+    )
+    .bind::<Text, _>(destination)
+    .bind::<diesel::sql_types::Nullable<Timestamptz>, _>(backoff_until)
+    .bind::<Text, _>(failure.error)
+    .bind::<diesel::sql_types::Nullable<diesel::sql_types::Integer>, _>(failure.status)
+    .bind::<diesel::sql_types::Bool, _>(failure.forbidden)
+    .execute(conn)
+    .await?;
     Ok(())
 }
 
