@@ -99,3 +99,25 @@ async fn a_lost_group_is_recreated_and_new_work_flows() {
     let (entries, more) = a.claim_stale().await.unwrap();
     assert!(entries.is_empty() && !more, "nothing is idle yet");
 }
+
+#[tokio::test]
+async fn entries_handed_back_by_a_stopping_worker_are_taken_at_once() {
+    let redis = Redis::start().await.unwrap();
+    let (mut a, mut b) = (consumer(&redis, "a").await, consumer(&redis, "b").await);
+    // A long idle timeout: without the hand-back, b would wait a minute.
+    a.min_idle = Duration::from_secs(60);
+    b.min_idle = Duration::from_secs(60);
+    push(&redis, 5);
+    let read = a.read().await.unwrap();
+    assert_eq!(read.len(), 5);
+    let (none, _) = b.claim_stale().await.unwrap();
+    assert!(none.is_empty(), "entries just read are not idle");
+    a.hand_back(&read.iter().map(|e| e.id.clone()).collect::<Vec<_>>())
+        .await
+        .unwrap();
+    let (taken, _) = b.claim_stale().await.unwrap();
+    let ids =
+        |v: &[parafed_jobs::stream::Entry]| v.iter().map(|e| e.id.clone()).collect::<Vec<_>>();
+    assert_eq!(ids(&taken), ids(&read));
+    assert_eq!(taken[0].payload, b"0");
+}

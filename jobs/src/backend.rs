@@ -45,6 +45,45 @@ struct State {
     failures: u32,
 }
 
+/// Hand-backs started by stopping workers; [`finish_hand_backs`] waits for them.
+static HAND_BACKS: std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>> =
+    std::sync::Mutex::new(Vec::new());
+
+impl Drop for State {
+    /// apalis drops the fetch stream when the worker stops. Entries read but not started
+    /// are handed back so another worker takes them now, not a `job_timeout` later.
+    fn drop(&mut self) {
+        if self.buffer.is_empty() {
+            return;
+        }
+        let ids: Vec<String> = self.buffer.drain(..).map(|e| e.id).collect();
+        let consumer = self.consumer.clone();
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            return; // no runtime left: the entries are claimed after the idle timeout
+        };
+        let task = rt.spawn(async move {
+            match consumer.hand_back(&ids).await {
+                Ok(()) => tracing::info!(count = ids.len(), "handed unstarted jobs back"),
+                Err(e) => tracing::warn!(error = %e, "handing jobs back failed; they are claimed after the idle timeout"),
+            }
+        });
+        HAND_BACKS
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(task);
+    }
+}
+
+/// Waits (at most `limit`) for the hand-backs of stopped workers to reach Redis.
+pub async fn finish_hand_backs(limit: Duration) {
+    let tasks: Vec<_> = HAND_BACKS
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .drain(..)
+        .collect();
+    let _ = tokio::time::timeout(limit, futures::future::join_all(tasks)).await;
+}
+
 fn fetch<J: DeserializeOwned + Send + 'static>(consumer: StreamConsumer) -> Fetch<J> {
     let state = State {
         consumer,

@@ -117,6 +117,7 @@ pub async fn run(
         Ok(())
     };
     monitor.run_with_signal(signal).await?;
+    crate::backend::finish_hand_backs(Duration::from_secs(5)).await;
     let _ = scheduler.await;
     tracing::info!(worker = %worker_id, "parafed-worker stopped");
     Ok(())

@@ -185,6 +185,27 @@ impl StreamConsumer {
         Ok(parse_entries(&v))
     }
 
+    /// Gives entries this consumer read but will not run (it is stopping) back to the
+    /// group: they stay with this consumer, marked idle for `min_idle` already, so the
+    /// next claim round of any other consumer takes them at once instead of a
+    /// `job_timeout` later.
+    pub async fn hand_back(&self, ids: &[String]) -> RedisResult<()> {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let mut c = self.conn.clone();
+        let idle = self.min_idle.as_millis() as u64;
+        let mut cmd = redis::cmd("XCLAIM");
+        cmd.arg(&self.key).arg(GROUP).arg(&self.consumer).arg(0);
+        for id in ids {
+            cmd.arg(id.as_str());
+        }
+        // JUSTID: no delivery-count increment (the entry was never run here).
+        cmd.arg("IDLE").arg(idle).arg("JUSTID");
+        let _: Value = cmd.query_async(&mut c).await?;
+        Ok(())
+    }
+
     /// Acknowledges and deletes a finished entry.
     pub async fn ack(&self, id: &str) -> RedisResult<()> {
         let mut c = self.conn.clone();
