@@ -40,6 +40,8 @@ pub struct App {
     pub keyring: KeyRing,
     pub trust: Trust,
     pub limiter: RateLimiter,
+    /// Group commit of inbound events (see `ingress::intake`).
+    pub intake: crate::ingress::intake::Intake,
     signing: RwLock<Option<(Instant, Keypair)>>,
     published: RwLock<Option<(Instant, Vec<u8>)>>,
 }
@@ -66,6 +68,10 @@ impl App {
             trust: Trust::new(pool.clone(), cfg.federation.mode),
             limiter: RateLimiter::new(redis.clone(), keys.clone()),
             queue: JobQueue::new(redis.clone(), keys.clone()),
+            intake: crate::ingress::intake::Intake::new(
+                pool.clone(),
+                JobQueue::new(redis.clone(), keys.clone()),
+            ),
             cfg,
             pool,
             redis,

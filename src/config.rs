@@ -92,6 +92,8 @@ pub struct HttpConfig {
     /// PEM certificate chain and key: serve HTTPS directly (without a reverse proxy).
     pub tls_cert: Option<std::path::PathBuf>,
     pub tls_key: Option<std::path::PathBuf>,
+    /// Connections open at once; more wait in the accept backlog.
+    pub max_connections: u32,
 }
 
 impl Default for HttpConfig {
@@ -102,6 +104,7 @@ impl Default for HttpConfig {
             public_base_url: None,
             tls_cert: None,
             tls_key: None,
+            max_connections: 10_000,
         }
     }
 }

@@ -1,5 +1,6 @@
-//! The ingress under concurrency: one event posted fifty times at once, and key fetching
-//! under a flood of requests (single flight, bounded refetches).
+//! The ingress under concurrency: one event posted fifty times at once, many distinct
+//! events at once (the group commit answers each request for its own event), and key
+//! fetching under a flood of requests (single flight, bounded refetches).
 
 mod support;
 
@@ -76,6 +77,49 @@ async fn same_event_fifty_times_at_once() {
         1,
         "the peer's key was fetched once"
     );
+}
+
+/// Distinct events arriving together share group commits; each request still gets the
+/// answer for its own event, every event is stored once and has one verify job — also
+/// when some of them are sent twice within the same burst.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn five_hundred_events_at_once_each_get_their_own_answer() {
+    let (_fakes, s, p) = setup().await;
+    let now = parafed::time::now_ms();
+    // 400 distinct events; the first 100 of them are posted twice.
+    let ids: Vec<String> = (0..500)
+        .map(|i| format!("$burst{}:peer.test", i % 400))
+        .collect();
+    let tasks: Vec<_> = ids
+        .iter()
+        .enumerate()
+        .map(|(i, id)| {
+            let body = event(&p, id);
+            let mut h = p.sign_at("POST", EVENT, &body, now + i as i64);
+            h.push(("Content-Type".into(), "application/json".into()));
+            let addr = s.addr;
+            tokio::spawn(async move { send(addr, "POST", EVENT, &h, &body).await })
+        })
+        .collect();
+    let mut inserted = std::collections::HashMap::<String, usize>::new();
+    for (t, id) in tasks.into_iter().zip(&ids) {
+        let r = t.await.unwrap();
+        assert_eq!(r.status, 202, "{}", String::from_utf8_lossy(&r.body));
+        let j = r.json();
+        assert_eq!(
+            j["event_id"],
+            id.as_str(),
+            "the answer is for the request's event"
+        );
+        *inserted.entry(id.clone()).or_default() += usize::from(j["inserted"] == true);
+    }
+    assert_eq!(inserted.len(), 400);
+    assert!(
+        inserted.values().all(|n| *n == 1),
+        "each event is inserted:true exactly once"
+    );
+    assert_eq!(s.event_count().await, 400);
+    assert_eq!(s.app.queue.len(QueueName::Verify).await.unwrap(), 400);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

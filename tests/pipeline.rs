@@ -151,105 +151,88 @@ async fn three_servers_exchange_every_text_feature() {
         assert_eq!(join["response"]["joined"], true);
     }
 
-    // Every text feature, from every server.
-    let mut sent: Vec<(&str, String)> = Vec::new(); // (origin, event id)
-    sent.push((
-        "alpha",
-        submit(
+    // Every text feature, from every server, in this order.
+    let script = [
+        (
+            "alpha",
             &alpha,
             "a1",
             "m.message",
             "@alice:alpha.test",
             json!({"body": "welcome"}),
-        )
-        .await,
-    ));
-    sent.push((
-        "beta",
-        submit(
+        ),
+        (
+            "beta",
             &beta,
             "b0",
             "m.member.join",
             "@bob:beta.test",
             json!({"user_id": "bob"}),
-        )
-        .await,
-    ));
-    let msg = submit(
-        &beta,
-        "b1",
-        "m.message",
-        "@bob:beta.test",
-        json!({"body": "hi from beta", "message_id": "b1"}),
-    )
-    .await;
-    sent.push(("beta", msg));
-    sent.push((
-        "beta",
-        submit(
+        ),
+        (
+            "beta",
+            &beta,
+            "b1",
+            "m.message",
+            "@bob:beta.test",
+            json!({"body": "hi from beta", "message_id": "b1"}),
+        ),
+        (
+            "beta",
             &beta,
             "b2",
             "m.message.edit",
             "@bob:beta.test",
             json!({"message_id": "b1", "body": "hi (edited)"}),
-        )
-        .await,
-    ));
-    sent.push((
-        "gamma",
-        submit(
+        ),
+        (
+            "gamma",
             &gamma,
             "g1",
             "m.message",
             "@carol:gamma.test",
             json!({"body": "hi from gamma", "message_id": "g1"}),
-        )
-        .await,
-    ));
-    sent.push((
-        "gamma",
-        submit(
+        ),
+        (
+            "gamma",
             &gamma,
             "g2",
             "m.reaction.add",
             "@carol:gamma.test",
             json!({"message_id": "b1", "emoji": "👍"}),
-        )
-        .await,
-    ));
-    sent.push((
-        "gamma",
-        submit(
+        ),
+        (
+            "gamma",
             &gamma,
             "g3",
             "m.reaction.remove",
             "@carol:gamma.test",
             json!({"message_id": "b1", "emoji": "👍"}),
-        )
-        .await,
-    ));
-    sent.push((
-        "alpha",
-        submit(
+        ),
+        (
+            "alpha",
             &alpha,
             "a2",
             "m.message.delete",
             "@alice:alpha.test",
             json!({"message_id": "a1"}),
-        )
-        .await,
-    ));
-    sent.push((
-        "beta",
-        submit(
+        ),
+        (
+            "beta",
             &beta,
             "b3",
             "m.message.delete",
             "@bob:beta.test",
             json!({"message_id": "b1"}),
-        )
-        .await,
-    ));
+        ),
+    ];
+    let mut sent: Vec<(&str, String)> = Vec::new(); // (origin, event id)
+    for (origin, server, txn, event_type, sender, content) in script {
+        sent.push((
+            origin,
+            submit(server, txn, event_type, sender, content).await,
+        ));
+    }
 
     let servers = [("alpha", &alpha), ("beta", &beta), ("gamma", &gamma)];
     for (origin, id) in &sent {

@@ -16,8 +16,7 @@ use crate::app::App;
 use crate::protocol::discovery::{FEDERATION_PREFIX, PROTOCOL_VERSION};
 use crate::protocol::envelope::SignatureError;
 use crate::protocol::{Envelope, EventId, RoomId, ServerName, UserId};
-use crate::queue::{QueueName, VerifyJob};
-use crate::store::events::{self, EventStatus, NewEvent};
+use crate::store::events::{self, EventStatus};
 use crate::store::rooms::{self, Membership};
 use crate::trust::rate_limit::Admission;
 use crate::trust::Standing;
@@ -143,37 +142,15 @@ pub async fn post_event(app: &App, parts: &Parts, body: Bytes) -> Result<Respons
     } else {
         EventStatus::Pending
     };
-    let inserted = {
-        let mut conn = app
-            .pool
-            .get()
-            .await
-            .map_err(crate::store::StoreError::from)?;
-        events::insert(
-            &mut conn,
-            &[NewEvent {
-                envelope: &env,
-                received_from: Some(&auth.origin),
-                status,
-            }],
-        )
-        .await?[0]
-    };
-    if inserted && status == EventStatus::Pending {
-        let job = VerifyJob {
-            event_id: env.event_id.to_string(),
-        };
-        // The row is stored: if Redis is down now, the reconciler re-pushes it later.
-        if let Err(e) = app.queue.push(QueueName::Verify, &job).await {
-            metrics::counter!("parafed_enqueue_failures_total", "queue" => "verify").increment(1);
-            tracing::warn!(event_id = %env.event_id, error = %e, "verify job not pushed; the reconciler will");
-        }
-    }
+    // Stored (and its verify job pushed) by the intake's group commit, with the other
+    // events arriving now.
+    let event_id = env.event_id.clone();
+    let inserted = app.intake.store(env, auth.origin.clone(), status).await?;
     metrics::counter!("parafed_events_received_total", "inserted" => if inserted { "true" } else { "false" })
         .increment(1);
     Ok(json_response(
         StatusCode::ACCEPTED,
-        &serde_json::json!({ "event_id": env.event_id, "inserted": inserted }),
+        &serde_json::json!({ "event_id": event_id, "inserted": inserted }),
     ))
 }
 

@@ -10,6 +10,7 @@ pub mod admin;
 pub mod auth;
 pub mod error;
 pub mod federation;
+pub mod intake;
 pub mod local;
 pub mod metrics;
 pub mod request;

@@ -12,6 +12,7 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_rustls::TlsAcceptor;
 
 use crate::app::App;
@@ -52,8 +53,14 @@ pub fn tls_acceptor(cert: &Path, key: &Path) -> Result<TlsAcceptor, TlsError> {
     Ok(TlsAcceptor::from(Arc::new(cfg)))
 }
 
-fn serve_io<I>(app: Arc<App>, io: I, graceful: &GracefulShutdown)
-where
+/// Serves one connection (plain or TLS) until it ends or shutdown drains it; `permit`
+/// is its slot among `http.max_connections`, given back when it ends.
+async fn serve_connection<I>(
+    app: Arc<App>,
+    io: I,
+    watcher: hyper_util::server::graceful::Watcher,
+    permit: OwnedSemaphorePermit,
+) where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let svc = service_fn(move |req| super::handle(app.clone(), req));
@@ -63,15 +70,17 @@ where
         .keep_alive(true)
         .max_buf_size(64 * 1024)
         .serve_connection(TokioIo::new(io), svc);
-    let conn = graceful.watch(conn);
-    tokio::spawn(async move {
-        if let Err(e) = conn.await {
-            tracing::debug!(error = %e, "connection ended with an error");
-        }
-    });
+    if let Err(e) = watcher.watch(conn).await {
+        tracing::debug!(error = %e, "connection ended with an error");
+    }
+    drop(permit);
 }
 
 /// Serves until `shutdown` resolves, then stops accepting and drains.
+///
+/// At most `http.max_connections` connections are open at once; past that, new ones wait
+/// in the kernel's accept backlog until one closes (an idle keep-alive connection is
+/// closed after `HEADER_READ_TIMEOUT`).
 pub async fn serve(
     app: Arc<App>,
     listener: TcpListener,
@@ -79,8 +88,16 @@ pub async fn serve(
     shutdown: impl Future<Output = ()>,
 ) {
     let graceful = GracefulShutdown::new();
+    let slots = Arc::new(Semaphore::new(app.cfg.http.max_connections.max(1) as usize));
     tokio::pin!(shutdown);
     loop {
+        let permit = tokio::select! {
+            p = slots.clone().acquire_owned() => match p {
+                Ok(p) => p,
+                Err(_) => break, // the semaphore is never closed
+            },
+            () = &mut shutdown => break,
+        };
         tokio::select! {
             accepted = listener.accept() => {
                 let (stream, _) = match accepted {
@@ -92,22 +109,16 @@ pub async fn serve(
                     }
                 };
                 let _ = stream.set_nodelay(true);
+                let (app, watcher) = (app.clone(), graceful.watcher());
                 match &tls {
-                    None => serve_io(app.clone(), stream, &graceful),
+                    None => {
+                        tokio::spawn(serve_connection(app, stream, watcher, permit));
+                    }
                     Some(acceptor) => {
                         let acceptor = acceptor.clone();
-                        let app = app.clone();
-                        let watcher = graceful.watcher();
                         tokio::spawn(async move {
                             match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
-                                Ok(Ok(tls_stream)) => {
-                                    let svc = service_fn(move |req| super::handle(app.clone(), req));
-                                    let conn = http1::Builder::new()
-                                        .timer(TokioTimer::new())
-                                        .header_read_timeout(HEADER_READ_TIMEOUT)
-                                        .serve_connection(TokioIo::new(tls_stream), svc);
-                                    let _ = watcher.watch(conn).await;
-                                }
+                                Ok(Ok(tls_stream)) => serve_connection(app, tls_stream, watcher, permit).await,
                                 _ => tracing::debug!("TLS handshake failed or timed out"),
                             }
                         });

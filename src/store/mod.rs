@@ -40,6 +40,25 @@ pub enum StoreError {
     NotFound(String),
     #[error("stored data is corrupt: {0}")]
     Corrupt(String),
+    /// A query error shared by every caller of one failed operation (a group commit).
+    #[error("database error: {0}")]
+    Shared(String),
+}
+
+impl StoreError {
+    /// This error again, for each of several callers that shared one failed operation:
+    /// the kind is kept where it can be, the text always.
+    pub fn for_each_caller(&self) -> StoreError {
+        match self {
+            StoreError::Unavailable(m) => StoreError::Unavailable(m.clone()),
+            StoreError::Migration(m) => StoreError::Migration(m.clone()),
+            StoreError::Conflict(m) => StoreError::Conflict(m.clone()),
+            StoreError::NotFound(m) => StoreError::NotFound(m.clone()),
+            StoreError::Corrupt(m) => StoreError::Corrupt(m.clone()),
+            StoreError::Query(e) => StoreError::Shared(e.to_string()),
+            StoreError::Shared(m) => StoreError::Shared(m.clone()),
+        }
+    }
 }
 
 impl From<deadpool::PoolError> for StoreError {

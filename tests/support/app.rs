@@ -258,6 +258,68 @@ impl Peer {
     }
 }
 
+/// A request as a fake peer sees it.
+pub struct FakeRequest {
+    pub path: String,
+    pub body: Bytes,
+}
+
+/// Serves HTTP/1.1 on `listener`, answering each request with `handle`'s status and
+/// body, until the returned task is aborted. The one accept loop every fake peer uses.
+fn serve_fake<F, Fut>(listener: TcpListener, handle: F) -> tokio::task::JoinHandle<()>
+where
+    F: Fn(FakeRequest) -> Fut + Clone + Send + Sync + 'static,
+    Fut: std::future::Future<Output = (u16, String)> + Send + 'static,
+{
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
+            let handle = handle.clone();
+            tokio::spawn(async move {
+                let svc = service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                    let handle = handle.clone();
+                    async move {
+                        use http_body_util::BodyExt;
+                        let path = req.uri().path().to_owned();
+                        let body = req
+                            .into_body()
+                            .collect()
+                            .await
+                            .map(|c| c.to_bytes())
+                            .unwrap_or_default();
+                        let (status, body) = handle(FakeRequest { path, body }).await;
+                        let mut resp = http::Response::new(Full::new(Bytes::from(body)));
+                        *resp.status_mut() = http::StatusCode::from_u16(status).unwrap();
+                        Ok::<_, std::convert::Infallible>(resp)
+                    }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), svc)
+                    .await;
+            });
+        }
+    })
+}
+
+/// The first path segment: which of several fake peers on one server is meant.
+fn prefix_of(path: &str) -> String {
+    path.trim_start_matches('/')
+        .split('/')
+        .next()
+        .unwrap_or("")
+        .to_owned()
+}
+
+/// The `event_id` of a JSON body, or "".
+fn event_id_of(body: &[u8]) -> String {
+    serde_json::from_slice::<serde_json::Value>(body)
+        .ok()
+        .and_then(|v| v["event_id"].as_str().map(str::to_owned))
+        .unwrap_or_default()
+}
+
 /// What a fake peer serves at `/<prefix>/_paracord/federation/v1/keys`.
 #[derive(Clone)]
 pub enum KeysAnswer {
@@ -285,54 +347,30 @@ impl FakePeers {
         ));
         let table: Arc<HashMap<String, KeysAnswer>> = Arc::new(peers.into_iter().collect());
         let h = hits.clone();
-        let task = tokio::spawn(async move {
-            loop {
-                let Ok((stream, _)) = listener.accept().await else {
-                    continue;
+        let task = serve_fake(listener, move |r: FakeRequest| {
+            let (table, hits) = (table.clone(), h.clone());
+            async move {
+                if !r.path.ends_with("/_paracord/federation/v1/keys") {
+                    return (404, String::new());
+                }
+                let prefix = prefix_of(&r.path);
+                if let Some(c) = hits.lock().unwrap().get(&prefix) {
+                    c.fetch_add(1, Ordering::SeqCst);
+                }
+                let Some(KeysAnswer::Keys(ps)) = table.get(&prefix) else {
+                    return (404, String::new());
                 };
-                let table = table.clone();
-                let hits = h.clone();
-                tokio::spawn(async move {
-                    let svc = service_fn(move |req: http::Request<hyper::body::Incoming>| {
-                        let table = table.clone();
-                        let hits = hits.clone();
-                        async move {
-                            let path = req.uri().path().to_owned();
-                            let prefix = path
-                                .trim_start_matches('/')
-                                .split('/')
-                                .next()
-                                .unwrap_or("")
-                                .to_owned();
-                            let mut resp = http::Response::new(Full::new(Bytes::new()));
-                            *resp.status_mut() = http::StatusCode::NOT_FOUND;
-                            if path.ends_with("/_paracord/federation/v1/keys") {
-                                if let Some(c) = hits.lock().unwrap().get(&prefix) {
-                                    c.fetch_add(1, Ordering::SeqCst);
-                                }
-                                if let Some(KeysAnswer::Keys(ps)) = table.get(&prefix) {
-                                    let name = ps[0].name.to_string();
-                                    let doc = serde_json::json!({
-                                        "keys": ps.iter().map(|p| serde_json::json!({
-                                            "key_id": p.key.key_id(),
-                                            "public_key": p.key.public_key_hex(),
-                                            "server_name": name,
-                                            "valid_until": parafed::time::now_ms() + 86_400_000,
-                                        })).collect::<Vec<_>>(),
-                                        "server_name": name,
-                                    });
-                                    resp = http::Response::new(Full::new(Bytes::from(
-                                        doc.to_string(),
-                                    )));
-                                }
-                            }
-                            Ok::<_, std::convert::Infallible>(resp)
-                        }
-                    });
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(TokioIo::new(stream), svc)
-                        .await;
+                let name = ps[0].name.to_string();
+                let doc = serde_json::json!({
+                    "keys": ps.iter().map(|p| serde_json::json!({
+                        "key_id": p.key.key_id(),
+                        "public_key": p.key.public_key_hex(),
+                        "server_name": name,
+                        "valid_until": parafed::time::now_ms() + 86_400_000,
+                    })).collect::<Vec<_>>(),
+                    "server_name": name,
                 });
+                (200, doc.to_string())
             }
         });
         FakePeers { addr, hits, task }
@@ -501,46 +539,16 @@ impl ScriptedPeer {
         let hits = Arc::new(AtomicU64::new(0));
         let script = Arc::new(script);
         let h = hits.clone();
-        let task = tokio::spawn(async move {
-            loop {
-                let Ok((stream, _)) = listener.accept().await else {
-                    continue;
-                };
-                let (hits, script) = (h.clone(), script.clone());
-                tokio::spawn(async move {
-                    let svc = service_fn(move |req: http::Request<hyper::body::Incoming>| {
-                        let (hits, script) = (hits.clone(), script.clone());
-                        async move {
-                            use http_body_util::BodyExt;
-                            let is_event = req.uri().path().ends_with("/event");
-                            let body = req
-                                .into_body()
-                                .collect()
-                                .await
-                                .map(|c| c.to_bytes())
-                                .unwrap_or_default();
-                            let mut resp = http::Response::new(Full::new(Bytes::new()));
-                            if is_event {
-                                let n = hits.fetch_add(1, Ordering::SeqCst) as usize;
-                                let status = script.get(n).copied().unwrap_or(then);
-                                let id = serde_json::from_slice::<serde_json::Value>(&body)
-                                    .ok()
-                                    .and_then(|v| v["event_id"].as_str().map(str::to_owned))
-                                    .unwrap_or_default();
-                                *resp.body_mut() = Full::new(Bytes::from(
-                                    serde_json::json!({"event_id": id, "inserted": true, "code": "SCRIPTED"}).to_string(),
-                                ));
-                                *resp.status_mut() = http::StatusCode::from_u16(status).unwrap();
-                            } else {
-                                *resp.status_mut() = http::StatusCode::NOT_FOUND;
-                            }
-                            Ok::<_, std::convert::Infallible>(resp)
-                        }
-                    });
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(TokioIo::new(stream), svc)
-                        .await;
-                });
+        let task = serve_fake(listener, move |r: FakeRequest| {
+            let (hits, script) = (h.clone(), script.clone());
+            async move {
+                if !r.path.ends_with("/event") {
+                    return (404, String::new());
+                }
+                let n = hits.fetch_add(1, Ordering::SeqCst) as usize;
+                let status = script.get(n).copied().unwrap_or(then);
+                let body = serde_json::json!({"event_id": event_id_of(&r.body), "inserted": true, "code": "SCRIPTED"});
+                (status, body.to_string())
             }
         });
         ScriptedPeer { addr, hits, task }
@@ -568,41 +576,17 @@ impl CountingPeer {
         let seen: Arc<Mutex<std::collections::HashSet<String>>> = Arc::default();
         let duplicates = Arc::new(AtomicU64::new(0));
         let (s, d) = (seen.clone(), duplicates.clone());
-        let task = tokio::spawn(async move {
-            loop {
-                let Ok((stream, _)) = listener.accept().await else {
-                    continue;
-                };
-                let (seen, dups) = (s.clone(), d.clone());
-                tokio::spawn(async move {
-                    let svc = service_fn(move |req: http::Request<hyper::body::Incoming>| {
-                        let (seen, dups) = (seen.clone(), dups.clone());
-                        async move {
-                            use http_body_util::BodyExt;
-                            let body = req
-                                .into_body()
-                                .collect()
-                                .await
-                                .map(|c| c.to_bytes())
-                                .unwrap_or_default();
-                            let id = serde_json::from_slice::<serde_json::Value>(&body)
-                                .ok()
-                                .and_then(|v| v["event_id"].as_str().map(str::to_owned))
-                                .unwrap_or_default();
-                            if !seen.lock().unwrap().insert(id.clone()) {
-                                dups.fetch_add(1, Ordering::SeqCst);
-                            }
-                            let mut resp = http::Response::new(Full::new(Bytes::from(
-                                serde_json::json!({"event_id": id, "inserted": true}).to_string(),
-                            )));
-                            *resp.status_mut() = http::StatusCode::ACCEPTED;
-                            Ok::<_, std::convert::Infallible>(resp)
-                        }
-                    });
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(TokioIo::new(stream), svc)
-                        .await;
-                });
+        let task = serve_fake(listener, move |r: FakeRequest| {
+            let (seen, dups) = (s.clone(), d.clone());
+            async move {
+                let id = event_id_of(&r.body);
+                if !seen.lock().unwrap().insert(id.clone()) {
+                    dups.fetch_add(1, Ordering::SeqCst);
+                }
+                (
+                    202,
+                    serde_json::json!({"event_id": id, "inserted": true}).to_string(),
+                )
             }
         });
         CountingPeer {
@@ -650,41 +634,19 @@ impl Blackhole {
         let addr = listener.local_addr().unwrap();
         let table: Arc<Mutex<HashMap<String, (u64, u64)>>> = Arc::default();
         let t = table.clone();
-        let task = tokio::spawn(async move {
-            loop {
-                let Ok((stream, _)) = listener.accept().await else {
-                    continue;
-                };
-                let table = t.clone();
-                tokio::spawn(async move {
-                    let svc = service_fn(move |req: http::Request<hyper::body::Incoming>| {
-                        let table = table.clone();
-                        async move {
-                            let key = req
-                                .uri()
-                                .path()
-                                .trim_start_matches('/')
-                                .split('/')
-                                .next()
-                                .unwrap_or("")
-                                .to_owned();
-                            {
-                                let mut t = table.lock().unwrap();
-                                let e = t.entry(key.clone()).or_insert((0, 0));
-                                e.0 += 1;
-                                e.1 = e.1.max(e.0);
-                            }
-                            let _guard = InFlight { key, table };
-                            std::future::pending::<()>().await;
-                            Ok::<_, std::convert::Infallible>(http::Response::new(Full::new(
-                                Bytes::new(),
-                            )))
-                        }
-                    });
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(TokioIo::new(stream), svc)
-                        .await;
-                });
+        let task = serve_fake(listener, move |r: FakeRequest| {
+            let table = t.clone();
+            async move {
+                let key = prefix_of(&r.path);
+                {
+                    let mut t = table.lock().unwrap();
+                    let e = t.entry(key.clone()).or_insert((0, 0));
+                    e.0 += 1;
+                    e.1 = e.1.max(e.0);
+                }
+                let _guard = InFlight { key, table };
+                std::future::pending::<()>().await;
+                (200, String::new())
             }
         });
         Blackhole {

@@ -1,0 +1,146 @@
+//! Group commit of inbound events: many requests, one INSERT and one pipelined XADD.
+//!
+//! Each accepted `POST /event` hands its envelope to the intake and waits for the
+//! outcome. Writer tasks take whatever is waiting — up to [`MAX_BATCH`] — store it with
+//! one multi-row insert, push the verify jobs of the new rows in one Redis round trip,
+//! and answer every request of the batch. Under light load a batch is one event and
+//! nothing waits for a timer; under heavy load batches grow by themselves, which is what
+//! lets one Postgres take thousands of events a second.
+//!
+//! Every request is answered only after its row is committed and its job pushed (or the
+//! push failed and was logged: the reconciler pushes it later), exactly as a lone insert
+//! would be. A failed batch fails each of its requests with the batch's error — a 503 the
+//! peer retries — and stores nothing of it.
+
+use std::sync::{Arc, OnceLock};
+
+use tokio::sync::{mpsc, oneshot, Mutex};
+
+use crate::protocol::{Envelope, ServerName};
+use crate::queue::{JobQueue, QueueName, VerifyJob};
+use crate::store::events::{self, EventStatus, NewEvent};
+use crate::store::{PgPool, StoreError};
+
+/// Most events stored by one statement.
+pub const MAX_BATCH: usize = 256;
+/// Writer tasks: while one writes a batch, another gathers the next.
+const WRITERS: usize = 2;
+/// Events waiting for a writer before new requests wait to hand theirs over.
+const QUEUE_DEPTH: usize = 4 * MAX_BATCH;
+
+struct Item {
+    envelope: Envelope,
+    received_from: ServerName,
+    status: EventStatus,
+    reply: oneshot::Sender<Result<bool, StoreError>>,
+}
+
+pub struct Intake {
+    pool: PgPool,
+    queue: JobQueue,
+    /// Started on first use, on the runtime of the first request.
+    tx: OnceLock<mpsc::Sender<Item>>,
+}
+
+impl Intake {
+    pub fn new(pool: PgPool, queue: JobQueue) -> Self {
+        Self {
+            pool,
+            queue,
+            tx: OnceLock::new(),
+        }
+    }
+
+    fn sender(&self) -> &mpsc::Sender<Item> {
+        self.tx.get_or_init(|| {
+            let (tx, rx) = mpsc::channel(QUEUE_DEPTH);
+            let rx = Arc::new(Mutex::new(rx));
+            for _ in 0..WRITERS {
+                tokio::spawn(writer(rx.clone(), self.pool.clone(), self.queue.clone()));
+            }
+            tx
+        })
+    }
+
+    /// Stores an inbound event (idempotently, see [`events::insert`]) and, when it is new
+    /// and pending, pushes its verify job. `true` when this call stored it.
+    pub async fn store(
+        &self,
+        envelope: Envelope,
+        received_from: ServerName,
+        status: EventStatus,
+    ) -> Result<bool, StoreError> {
+        let (reply, answer) = oneshot::channel();
+        let item = Item {
+            envelope,
+            received_from,
+            status,
+            reply,
+        };
+        let stopped = || StoreError::Unavailable("the event intake has stopped".into());
+        self.sender().send(item).await.map_err(|_| stopped())?;
+        answer.await.map_err(|_| stopped())?
+    }
+}
+
+async fn writer(rx: Arc<Mutex<mpsc::Receiver<Item>>>, pool: PgPool, queue: JobQueue) {
+    loop {
+        let batch = {
+            let mut rx = rx.lock().await;
+            let Some(first) = rx.recv().await else {
+                return; // every sender is gone: the app is shutting down
+            };
+            let mut batch = vec![first];
+            while batch.len() < MAX_BATCH {
+                match rx.try_recv() {
+                    Ok(item) => batch.push(item),
+                    Err(_) => break,
+                }
+            }
+            batch
+        };
+        metrics::histogram!("parafed_intake_batch_size").record(batch.len() as f64);
+        match write(&pool, &queue, &batch).await {
+            Ok(inserted) => {
+                for (item, inserted) in batch.into_iter().zip(inserted) {
+                    let _ = item.reply.send(Ok(inserted));
+                }
+            }
+            Err(e) => {
+                for item in batch {
+                    let _ = item.reply.send(Err(e.for_each_caller()));
+                }
+            }
+        }
+    }
+}
+
+async fn write(pool: &PgPool, queue: &JobQueue, batch: &[Item]) -> Result<Vec<bool>, StoreError> {
+    let rows: Vec<NewEvent> = batch
+        .iter()
+        .map(|i| NewEvent {
+            envelope: &i.envelope,
+            received_from: Some(&i.received_from),
+            status: i.status,
+        })
+        .collect();
+    let inserted = {
+        let mut conn = pool.get().await?;
+        events::insert(&mut conn, &rows).await?
+    };
+    let jobs: Vec<VerifyJob> = batch
+        .iter()
+        .zip(&inserted)
+        .filter(|(i, new)| **new && i.status == EventStatus::Pending)
+        .map(|(i, _)| VerifyJob {
+            event_id: i.envelope.event_id.to_string(),
+        })
+        .collect();
+    // The rows are stored: if Redis is down now, the reconciler pushes the jobs later.
+    if let Err(e) = queue.push_many(QueueName::Verify, &jobs).await {
+        metrics::counter!("parafed_enqueue_failures_total", "queue" => "verify")
+            .increment(jobs.len() as u64);
+        tracing::warn!(jobs = jobs.len(), error = %e, "verify jobs not pushed; the reconciler will");
+    }
+    Ok(inserted)
+}
