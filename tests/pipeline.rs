@@ -626,7 +626,9 @@ async fn ten_thousand_events_over_one_link() {
 /// of it stale: a spiral), and a deleted stream is rebuilt from Postgres, once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reconciler_repushes_lost_jobs_and_leaves_a_backlog_alone() {
-    let stale_ms = 300;
+    // Long enough that an event's insert and its job's push (milliseconds apart) never
+    // look further apart than this, even on a loaded machine.
+    let stale_ms = 1000;
     let cfg = FAST_WORKER_TOML.replace(
         "stale_after_ms = 2000",
         &format!("stale_after_ms = {stale_ms}"),
