@@ -18,6 +18,9 @@ use redis::{RedisResult, Value};
 
 /// The consumer group every parafed worker joins.
 pub const GROUP: &str = "workers";
+/// Entries a dead stream keeps (roughly: Redis trims in whole nodes); the oldest go
+/// first. The work itself is not lost with them — Postgres still holds its rows.
+pub const MAX_DEAD_ENTRIES: usize = 10_000;
 
 #[derive(Clone)]
 pub struct StreamConsumer {
@@ -151,6 +154,9 @@ impl StreamConsumer {
             for e in &claimed {
                 pipe.cmd("XADD")
                     .arg(&self.dead_key)
+                    .arg("MAXLEN")
+                    .arg("~")
+                    .arg(MAX_DEAD_ENTRIES)
                     .arg("*")
                     .arg("job")
                     .arg(&e.payload)
