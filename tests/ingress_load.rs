@@ -184,3 +184,37 @@ async fn random_unknown_key_ids_cause_bounded_fetches() {
     );
     assert_eq!(s.event_count().await, 0);
 }
+
+/// With discovery off only configured peers federate: requests from made-up origin names
+/// are refused without a key lookup, so cycling names costs parafed nothing to remember
+/// and never a fetch.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn made_up_origins_cause_no_key_lookups() {
+    let (fakes, s, _) = setup().await;
+    let tasks: Vec<_> = (0..300u32)
+        .map(|i| {
+            let mut seed = [7u8; 32];
+            seed[..4].copy_from_slice(&i.to_be_bytes());
+            let p = Peer::new(&format!("made-up-{i}.test"), "ed25519:x", seed);
+            let body = event(&p, &format!("$m{i}:made-up-{i}.test"));
+            let h = json_signed(&p, EVENT, &body);
+            let addr = s.addr;
+            tokio::spawn(async move { send(addr, "POST", EVENT, &h, &body).await })
+        })
+        .collect();
+    for t in tasks {
+        let r = t.await.unwrap();
+        assert_eq!(r.status, 403, "{}", String::from_utf8_lossy(&r.body));
+        assert!(r.json()["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("made-up-"));
+    }
+    assert_eq!(
+        s.app.keyring.fetch_count(),
+        0,
+        "no fetch was even attempted"
+    );
+    assert_eq!(fakes.key_fetches("peer"), 0);
+    assert_eq!(s.event_count().await, 0);
+}

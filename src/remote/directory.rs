@@ -96,6 +96,12 @@ impl PeerDirectory {
         self.configured.contains_key(name.as_str())
     }
 
+    /// False when the peer can never be reached: discovery is off and it is not
+    /// configured. Its keys are then not looked up at all.
+    pub fn may_resolve(&self, name: &ServerName) -> bool {
+        self.discovery || self.is_configured(name)
+    }
+
     /// The peer's endpoint: configured, remembered, or discovered now.
     pub async fn resolve(&self, name: &ServerName) -> Result<PeerEndpoint, DirectoryError> {
         if let Some(p) = self.configured.get(name.as_str()) {

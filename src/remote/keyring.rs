@@ -114,6 +114,14 @@ impl KeyRing {
         server: &ServerName,
         key_id: &KeyId,
     ) -> Result<PublicKey, KeyLookupError> {
+        // With discovery off only configured peers federate: a made-up origin costs
+        // neither a query nor a slot in the fetch throttle.
+        if !self.directory.may_resolve(server) {
+            return Err(KeyLookupError::UnknownKey {
+                server: server.clone(),
+                key_id: key_id.clone(),
+            });
+        }
         let now_ms = crate::time::now_ms();
         let (hit, loaded) = self.cached(server, key_id);
         if let Some(k) = hit {
