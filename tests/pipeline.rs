@@ -715,3 +715,109 @@ async fn reconciler_repushes_lost_jobs_and_leaves_a_backlog_alone() {
     assert_eq!(rows, 50);
     worker.stop().await;
 }
+
+/// Sets (or with `None` lifts) the operator's decision about `peer`, as the admin
+/// commands will.
+async fn set_trust(s: &TestServer, peer: &str, state: Option<&str>) {
+    use diesel_async::SimpleAsyncConnection;
+    let sql = match state {
+        Some(st) => format!(
+            "INSERT INTO peer_trust (server_name, state, reason) VALUES ('{peer}', '{st}', 'test') \
+             ON CONFLICT (server_name) DO UPDATE SET state = EXCLUDED.state"
+        ),
+        None => format!("DELETE FROM peer_trust WHERE server_name = '{peer}'"),
+    };
+    s.db().await.batch_execute(&sql).await.unwrap();
+    s.app.trust.invalidate();
+}
+
+/// Nothing is sent to a quarantined peer (its rows wait, and go once it is released);
+/// a blocked peer's waiting rows are cancelled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quarantined_peers_get_nothing_until_released_and_blocked_ones_are_cancelled() {
+    let (lp, up) = reserve_listener();
+    let peer = ScriptedPeer::start(lp, vec![], 202).await;
+    let alpha = alpha_with_member("beta.test", &up).await;
+    set_trust(&alpha, "beta.test", Some("quarantine")).await;
+    let _w = TestWorker::start(&alpha);
+    let held = submit(
+        &alpha,
+        "q1",
+        "m.message",
+        "@alice:alpha.test",
+        json!({"body": "held"}),
+    )
+    .await;
+    let health = wait_for(
+        "the destination to be held",
+        Duration::from_secs(30),
+        || async {
+            let h = parafed::store::outbound::health(&mut *alpha.db().await, "beta.test")
+                .await
+                .unwrap()?;
+            h.paused_reason
+                .as_deref()?
+                .contains("quarantined")
+                .then_some(h)
+        },
+    )
+    .await;
+    assert_eq!(health.consecutive_failures, 0, "holding is not a failure");
+    assert_eq!(row_status(&alpha, &held).await.unwrap().0, "pending");
+    assert_eq!(
+        std::sync::atomic::AtomicU64::load(&peer.hits, std::sync::atomic::Ordering::SeqCst),
+        0
+    );
+
+    // Released: the waiting row goes at the next look.
+    set_trust(&alpha, "beta.test", None).await;
+    wait_for(
+        "the held row delivered",
+        Duration::from_secs(30),
+        || async { (row_status(&alpha, &held).await?.0 == "delivered").then_some(()) },
+    )
+    .await;
+    assert_eq!(
+        std::sync::atomic::AtomicU64::load(&peer.hits, std::sync::atomic::Ordering::SeqCst),
+        1
+    );
+
+    // Quarantined again, a row waits; then blocked, it is cancelled, never sent.
+    set_trust(&alpha, "beta.test", Some("quarantine")).await;
+    let second = submit(
+        &alpha,
+        "q2",
+        "m.message",
+        "@alice:alpha.test",
+        json!({"body": "never"}),
+    )
+    .await;
+    wait_for("the second row held", Duration::from_secs(30), || async {
+        let h = parafed::store::outbound::health(&mut *alpha.db().await, "beta.test")
+            .await
+            .unwrap()?;
+        (h.paused_reason.is_some() && row_status(&alpha, &second).await?.0 == "pending")
+            .then_some(())
+    })
+    .await;
+    set_trust(&alpha, "beta.test", Some("block")).await;
+    let (status, reason) = wait_for(
+        "the waiting row cancelled",
+        Duration::from_secs(30),
+        || async {
+            row_status(&alpha, &second)
+                .await
+                .filter(|(s, _)| s == "cancelled")
+        },
+    )
+    .await;
+    assert_eq!(status, "cancelled");
+    assert!(
+        reason.unwrap_or_default().contains("blocked"),
+        "the reason is kept"
+    );
+    assert_eq!(
+        std::sync::atomic::AtomicU64::load(&peer.hits, std::sync::atomic::Ordering::SeqCst),
+        1
+    );
+}

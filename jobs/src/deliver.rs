@@ -7,7 +7,9 @@
 //! itself, so one busy peer cannot hold a worker from the others).
 //!
 //! A destination coming out of backoff is probed with its oldest row alone; success
-//! drains the rest. Every HTTP attempt is a row in `delivery_attempts`.
+//! drains the rest. Every HTTP attempt is a row in `delivery_attempts`. Nothing goes to a
+//! peer the operator quarantined (its rows wait, looked at again every minute) or
+//! blocked (its waiting rows are cancelled).
 //!
 //! How answers are treated (PROTOCOL.md "What a sender must treat as what"):
 //! 2xx delivered (`inserted:false` too); 409 re-signed and sent once more; 401, 408, 429,
@@ -27,12 +29,16 @@ use parafed::remote::send::send_signed;
 use parafed::store::attempts::{self, Attempt};
 use parafed::store::outbound::{self, Pending, RowOutcome};
 use parafed::store::{events, StoreError};
+use parafed::trust::Standing;
 
 use crate::backoff;
 use crate::context::{Ctx, JobError};
 
 /// How long one job drains before yielding to other destinations.
 const BUDGET: Duration = Duration::from_secs(10);
+/// How often a quarantined destination is looked at again (it may have been released),
+/// at most; never less often than the longest backoff.
+const HOLD_RECHECK: Duration = Duration::from_secs(60);
 /// 403s in a row after which 403 is the destination's problem, not the event's.
 const FORBIDDEN_RUN: i32 = 3;
 
@@ -72,6 +78,9 @@ pub async fn run(ctx: &Ctx, job: &DeliverJob) -> Result<(), JobError> {
     let Ok(dest) = ServerName::parse(&job.destination) else {
         return Ok(());
     };
+    if !may_send(ctx, &dest).await? {
+        return Ok(());
+    }
     let started = Instant::now();
     // The lease names this job run, not just the process: two deliver jobs of one worker
     // process must not both hold a destination.
@@ -106,6 +115,35 @@ pub async fn run(ctx: &Ctx, job: &DeliverJob) -> Result<(), JobError> {
                     return Ok(());
                 }
             }
+        }
+    }
+}
+
+/// The trust decision about the destination: a blocked peer's waiting rows are
+/// cancelled, a quarantined peer's wait (looked at again every `HOLD_RECHECK`) — our
+/// events go to neither.
+async fn may_send(ctx: &Ctx, dest: &ServerName) -> Result<bool, JobError> {
+    let app = &ctx.app;
+    let standing = app.trust.standing(dest).await?;
+    let mut conn = app.pool.get().await.map_err(StoreError::from)?;
+    match standing {
+        Standing::Allowed { .. } => Ok(true),
+        Standing::Quarantined { .. } => {
+            let recheck = HOLD_RECHECK.min(Duration::from_millis(
+                app.cfg.delivery.backoff_cap_ms.max(1),
+            ));
+            let until = Utc::now()
+                + chrono::Duration::from_std(recheck).unwrap_or(chrono::Duration::minutes(1));
+            let reason = format!("outbound paused: {dest} is quarantined");
+            outbound::destination_held(&mut conn, dest.as_str(), until, &reason).await?;
+            Ok(false)
+        }
+        Standing::Refused { reason } => {
+            let n = outbound::cancel_waiting(&mut conn, dest.as_str(), &reason).await?;
+            if n > 0 {
+                tracing::info!(destination = %dest, rows = n, %reason, "waiting rows cancelled");
+            }
+            Ok(false)
         }
     }
 }

@@ -14,7 +14,8 @@ use super::schema::{destination_health as dh, outbound_queue as oq};
 use super::StoreError;
 
 /// A destination's delivery state.
-#[derive(Clone, Debug, Queryable, serde::Serialize)]
+#[derive(Clone, Debug, Queryable, Selectable, serde::Serialize)]
+#[diesel(table_name = dh, check_for_backend(diesel::pg::Pg))]
 pub struct Health {
     pub destination: String,
     pub state: String,
@@ -25,29 +26,9 @@ pub struct Health {
     pub last_error_at: Option<DateTime<Utc>>,
     pub last_error: Option<String>,
     pub last_status_code: Option<i32>,
+    /// Why nothing is sent although nothing failed (a quarantined peer).
+    pub paused_reason: Option<String>,
 }
-
-const HEALTH_COLUMNS: (
-    dh::destination,
-    dh::state,
-    dh::consecutive_failures,
-    dh::consecutive_forbidden,
-    dh::backoff_until,
-    dh::last_success_at,
-    dh::last_error_at,
-    dh::last_error,
-    dh::last_status_code,
-) = (
-    dh::destination,
-    dh::state,
-    dh::consecutive_failures,
-    dh::consecutive_forbidden,
-    dh::backoff_until,
-    dh::last_success_at,
-    dh::last_error_at,
-    dh::last_error,
-    dh::last_status_code,
-);
 
 /// A pending row to send.
 #[derive(Clone, Debug, Queryable)]
@@ -92,7 +73,7 @@ pub async fn health(
 ) -> Result<Option<Health>, StoreError> {
     Ok(dh::table
         .filter(dh::destination.eq(destination))
-        .select(HEALTH_COLUMNS)
+        .select(Health::as_select())
         .first(conn)
         .await
         .optional()?)
@@ -250,12 +231,55 @@ pub async fn destination_ok(
             dh::consecutive_failures.eq(0),
             dh::consecutive_forbidden.eq(0),
             dh::backoff_until.eq(None::<DateTime<Utc>>),
+            dh::paused_reason.eq(None::<String>),
             dh::last_success_at.eq(now),
             dh::updated_at.eq(now),
         ))
         .execute(conn)
         .await?;
     Ok(())
+}
+
+/// Holds the destination back until `until` for a reason that is not a failure (a
+/// quarantined peer): nothing is sent, no failure is counted, and the scheduler brings
+/// it back then to look again.
+pub async fn destination_held(
+    conn: &mut AsyncPgConnection,
+    destination: &str,
+    until: DateTime<Utc>,
+    reason: &str,
+) -> Result<(), StoreError> {
+    diesel::update(dh::table.filter(dh::destination.eq(destination)))
+        .set((
+            dh::state.eq("backoff"),
+            dh::backoff_until.eq(until),
+            dh::paused_reason.eq(reason),
+            dh::updated_at.eq(Utc::now()),
+        ))
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
+/// Cancels every row still waiting for `destination` (a peer the operator blocked);
+/// returns how many.
+pub async fn cancel_waiting(
+    conn: &mut AsyncPgConnection,
+    destination: &str,
+    reason: &str,
+) -> Result<usize, StoreError> {
+    Ok(diesel::update(
+        oq::table
+            .filter(oq::destination.eq(destination))
+            .filter(oq::status.eq_any(["pending", "inflight"])),
+    )
+    .set((
+        oq::status.eq("cancelled"),
+        oq::dead_reason.eq(reason),
+        oq::updated_at.eq(Utc::now()),
+    ))
+    .execute(conn)
+    .await?)
 }
 
 /// What a failed request says about its destination.
