@@ -104,7 +104,7 @@ impl Default for HttpConfig {
             public_base_url: None,
             tls_cert: None,
             tls_key: None,
-            max_connections: 10_000,
+            max_connections: 1024,
         }
     }
 }

@@ -121,3 +121,45 @@ async fn shutdown_finishes_in_flight_requests_and_stops_accepting() {
         .unwrap();
     assert_eq!(hosted.unwrap().guild_name, "late");
 }
+
+/// Past `http.max_connections`, a new connection waits (in the accept backlog) until one
+/// of the open ones closes, and is then served.
+#[tokio::test]
+async fn connections_past_the_limit_wait_for_a_free_slot() {
+    let s = TestServer::start(Options {
+        extra_toml: "\n[http]\nmax_connections = 2\n".into(),
+        ..Options::default()
+    })
+    .await;
+    // Two idle connections take both slots.
+    let first = tokio::net::TcpStream::connect(s.addr).await.unwrap();
+    let _second = tokio::net::TcpStream::connect(s.addr).await.unwrap();
+    let mut third = tokio::net::TcpStream::connect(s.addr).await.unwrap();
+    third
+        .write_all(
+            b"GET /.well-known/paracord/server HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        )
+        .await
+        .unwrap();
+    let mut out = Vec::new();
+    let early = tokio::time::timeout(
+        std::time::Duration::from_millis(500),
+        third.read_to_end(&mut out),
+    )
+    .await;
+    assert!(
+        early.is_err(),
+        "served past the limit: {:?}",
+        String::from_utf8_lossy(&out)
+    );
+    drop(first);
+    tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        third.read_to_end(&mut out),
+    )
+    .await
+    .expect("served once a slot is free")
+    .unwrap();
+    let text = String::from_utf8_lossy(&out);
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+}
