@@ -64,14 +64,12 @@ impl App {
             directory.clone(),
             Duration::from_millis(cfg.federation.key_refetch_interval_ms),
         );
+        let queue = JobQueue::new(redis.clone(), keys.clone());
         Ok(Arc::new(App {
             trust: Trust::new(pool.clone(), cfg.federation.mode),
             limiter: RateLimiter::new(redis.clone(), keys.clone()),
-            queue: JobQueue::new(redis.clone(), keys.clone()),
-            intake: crate::ingress::intake::Intake::new(
-                pool.clone(),
-                JobQueue::new(redis.clone(), keys.clone()),
-            ),
+            intake: crate::ingress::intake::Intake::new(pool.clone(), queue.clone()),
+            queue,
             cfg,
             pool,
             redis,

@@ -424,14 +424,8 @@ async fn transient_failures_back_off_with_growing_gaps() {
         .map(|w| (w[1].1 - w[0].1).num_milliseconds())
         .collect();
     assert!(gaps.windows(2).all(|g| g[1] > g[0]), "gaps grow: {gaps:?}");
-    assert_eq!(
-        std::sync::atomic::AtomicU64::load(&peer.hits, std::sync::atomic::Ordering::SeqCst),
-        5
-    );
-    let h = parafed::store::outbound::health(&mut *alpha.db().await, "beta.test")
-        .await
-        .unwrap()
-        .unwrap();
+    assert_eq!(peer.hits(), 5);
+    let h = alpha.health("beta.test").await.unwrap();
     assert_eq!((h.state.as_str(), h.consecutive_failures), ("healthy", 0));
 }
 
@@ -488,10 +482,7 @@ async fn permanent_failures_are_dead_and_403s_show_on_the_destination() {
         })
         .await;
         outcomes.push(status);
-        let now = parafed::store::outbound::health(&mut *alpha2.db().await, "gamma.test")
-            .await
-            .unwrap()
-            .unwrap();
+        let now = alpha2.health("gamma.test").await.unwrap();
         if now.state == "backoff" {
             h = Some(now);
             break;
@@ -752,9 +743,7 @@ async fn quarantined_peers_get_nothing_until_released_and_blocked_ones_are_cance
         "the destination to be held",
         Duration::from_secs(30),
         || async {
-            let h = parafed::store::outbound::health(&mut *alpha.db().await, "beta.test")
-                .await
-                .unwrap()?;
+            let h = alpha.health("beta.test").await?;
             h.paused_reason
                 .as_deref()?
                 .contains("quarantined")
@@ -764,23 +753,21 @@ async fn quarantined_peers_get_nothing_until_released_and_blocked_ones_are_cance
     .await;
     assert_eq!(health.consecutive_failures, 0, "holding is not a failure");
     assert_eq!(row_status(&alpha, &held).await.unwrap().0, "pending");
-    assert_eq!(
-        std::sync::atomic::AtomicU64::load(&peer.hits, std::sync::atomic::Ordering::SeqCst),
-        0
-    );
+    assert_eq!(peer.hits(), 0);
 
     // Released: the waiting row goes at the next look.
     set_trust(&alpha, "beta.test", None).await;
     wait_for(
-        "the held row delivered",
+        "the held row delivered and the hold lifted",
         Duration::from_secs(30),
-        || async { (row_status(&alpha, &held).await?.0 == "delivered").then_some(()) },
+        || async {
+            // Delivered, and the hold lifted (so the next wait cannot see this one's).
+            let lifted = alpha.health("beta.test").await?.paused_reason.is_none();
+            (lifted && row_status(&alpha, &held).await?.0 == "delivered").then_some(())
+        },
     )
     .await;
-    assert_eq!(
-        std::sync::atomic::AtomicU64::load(&peer.hits, std::sync::atomic::Ordering::SeqCst),
-        1
-    );
+    assert_eq!(peer.hits(), 1);
 
     // Quarantined again, a row waits; then blocked, it is cancelled, never sent.
     set_trust(&alpha, "beta.test", Some("quarantine")).await;
@@ -793,9 +780,7 @@ async fn quarantined_peers_get_nothing_until_released_and_blocked_ones_are_cance
     )
     .await;
     wait_for("the second row held", Duration::from_secs(30), || async {
-        let h = parafed::store::outbound::health(&mut *alpha.db().await, "beta.test")
-            .await
-            .unwrap()?;
+        let h = alpha.health("beta.test").await?;
         (h.paused_reason.is_some() && row_status(&alpha, &second).await?.0 == "pending")
             .then_some(())
     })
@@ -816,8 +801,5 @@ async fn quarantined_peers_get_nothing_until_released_and_blocked_ones_are_cance
         reason.unwrap_or_default().contains("blocked"),
         "the reason is kept"
     );
-    assert_eq!(
-        std::sync::atomic::AtomicU64::load(&peer.hits, std::sync::atomic::Ordering::SeqCst),
-        1
-    );
+    assert_eq!(peer.hits(), 1);
 }

@@ -16,7 +16,7 @@ async fn consumer(redis: &Redis, name: &str) -> StreamConsumer {
     let mut c = StreamConsumer::new(reader, conn, "t:q".into(), "t:dead".into(), name.into());
     c.batch = 8;
     c.block = Duration::from_millis(100);
-    c.min_idle = Duration::from_millis(200);
+    c.min_idle = Duration::from_secs(60);
     c.ensure_group().await.unwrap();
     c
 }
@@ -44,10 +44,11 @@ async fn read_all(c: &StreamConsumer) -> usize {
 #[tokio::test]
 async fn a_failed_workers_entries_are_all_claimed_in_full_rounds() {
     let redis = Redis::start().await.unwrap();
-    let (a, b) = (consumer(&redis, "a").await, consumer(&redis, "b").await);
+    let (a, mut b) = (consumer(&redis, "a").await, consumer(&redis, "b").await);
+    // Any idle time counts: whatever `a` holds is abandoned as far as `b` is concerned.
+    b.min_idle = Duration::ZERO;
     push(&redis, 300);
     assert_eq!(read_all(&a).await, 300);
-    tokio::time::sleep(b.min_idle + Duration::from_millis(50)).await; // let them go idle
     let mut claimed = HashSet::new();
     let mut rounds = 0;
     loop {
@@ -72,14 +73,13 @@ async fn an_entry_that_keeps_failing_goes_to_the_dead_stream() {
     let redis = Redis::start().await.unwrap();
     let mut a = consumer(&redis, "a").await;
     a.max_deliveries = 3;
+    a.min_idle = Duration::ZERO; // every claim round takes the entry again
     push(&redis, 1);
     assert_eq!(read_all(&a).await, 1); // delivery 1
     for delivery in 2..=3 {
-        tokio::time::sleep(a.min_idle + Duration::from_millis(50)).await;
         let (entries, _) = a.claim_stale().await.unwrap();
         assert_eq!(entries.len(), 1, "delivery {delivery}");
     }
-    tokio::time::sleep(a.min_idle + Duration::from_millis(50)).await;
     let (entries, _) = a.claim_stale().await.unwrap();
     assert!(entries.is_empty(), "a fourth delivery: {entries:?}");
     assert_eq!(command_line(redis.port, "XLEN t:q").unwrap(), ":0");
@@ -103,10 +103,8 @@ async fn a_lost_group_is_recreated_and_new_work_flows() {
 #[tokio::test]
 async fn entries_handed_back_by_a_stopping_worker_are_taken_at_once() {
     let redis = Redis::start().await.unwrap();
-    let (mut a, mut b) = (consumer(&redis, "a").await, consumer(&redis, "b").await);
-    // A long idle timeout: without the hand-back, b would wait a minute.
-    a.min_idle = Duration::from_secs(60);
-    b.min_idle = Duration::from_secs(60);
+    // The idle timeout is a minute: without the hand-back, b would wait that long.
+    let (a, b) = (consumer(&redis, "a").await, consumer(&redis, "b").await);
     push(&redis, 5);
     let read = a.read().await.unwrap();
     assert_eq!(read.len(), 5);

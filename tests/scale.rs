@@ -103,9 +103,7 @@ async fn backlog_of_100k_drains_when_the_peer_returns() {
         "beta to be backing off",
         Duration::from_secs(30),
         || async {
-            let h = parafed::store::outbound::health(&mut *s.db().await, "beta.test")
-                .await
-                .unwrap()?;
+            let h = s.health("beta.test").await?;
             (h.state == "backoff").then_some(())
         },
     )

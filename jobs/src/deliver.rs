@@ -124,12 +124,7 @@ pub async fn run(ctx: &Ctx, job: &DeliverJob) -> Result<(), JobError> {
 /// events go to neither.
 async fn may_send(ctx: &Ctx, dest: &ServerName) -> Result<bool, JobError> {
     let app = &ctx.app;
-    let standing = app.trust.standing(dest).await?;
-    if let Standing::Allowed { .. } = standing {
-        return Ok(true);
-    }
-    let mut conn = app.pool.get().await.map_err(StoreError::from)?;
-    match standing {
+    match app.trust.standing(dest).await? {
         Standing::Allowed { .. } => Ok(true),
         Standing::Quarantined { .. } => {
             let recheck = HOLD_RECHECK.min(Duration::from_millis(
@@ -138,10 +133,12 @@ async fn may_send(ctx: &Ctx, dest: &ServerName) -> Result<bool, JobError> {
             let until = Utc::now()
                 + chrono::Duration::from_std(recheck).unwrap_or(chrono::Duration::minutes(1));
             let reason = format!("outbound paused: {dest} is quarantined");
+            let mut conn = app.pool.get().await.map_err(StoreError::from)?;
             outbound::destination_held(&mut conn, dest.as_str(), until, &reason).await?;
             Ok(false)
         }
         Standing::Refused { reason } => {
+            let mut conn = app.pool.get().await.map_err(StoreError::from)?;
             let n = outbound::cancel_waiting(&mut conn, dest.as_str(), &reason).await?;
             if n > 0 {
                 tracing::info!(destination = %dest, rows = n, %reason, "waiting rows cancelled");

@@ -200,14 +200,9 @@ pub async fn get_readable(
     conn: &mut AsyncPgConnection,
     event_id: &str,
 ) -> Result<Option<StoredEvent>, StoreError> {
-    let row: Option<Row> = fe::table
-        .filter(fe::event_id.eq(event_id))
-        .filter(fe::status.eq_any(["pending", "accepted"]))
-        .select(Row::as_select())
-        .first(conn)
-        .await
-        .optional()?;
-    row.map(from_row).transpose()
+    Ok(get(conn, event_id)
+        .await?
+        .filter(|e| matches!(e.status.as_str(), "pending" | "accepted")))
 }
 
 /// Any stored event, whatever its status.

@@ -143,6 +143,13 @@ impl TestServer {
         self.app.pool.get().await.unwrap()
     }
 
+    /// The delivery state of `destination` here, if it has one.
+    pub async fn health(&self, destination: &str) -> Option<parafed::store::outbound::Health> {
+        parafed::store::outbound::health(&mut *self.db().await, destination)
+            .await
+            .unwrap()
+    }
+
     /// Rows in federation_events.
     pub async fn event_count(&self) -> i64 {
         use diesel::prelude::*;
@@ -552,6 +559,13 @@ impl ScriptedPeer {
             }
         });
         ScriptedPeer { addr, hits, task }
+    }
+}
+
+impl ScriptedPeer {
+    /// Event requests seen so far.
+    pub fn hits(&self) -> u64 {
+        AtomicU64::load(&self.hits, Ordering::SeqCst)
     }
 }
 
