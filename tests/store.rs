@@ -234,3 +234,77 @@ async fn feed_pages_never_skip_an_entry_that_commits_late() {
     assert!(feed::page(&mut reader, next, 100).await.unwrap().is_empty());
     assert_eq!(Position::parse(&next.to_string()), Some(next));
 }
+
+/// Two group commits that share event ids lock them in one order, so they queue behind
+/// each other instead of deadlocking. `first` holds `$a` in an open transaction; a batch
+/// listing `$b` before `$a` must wait for `$a` without taking `$b` first — else `first`,
+/// inserting `$b` next, would wait on it and Postgres would fail one of the two.
+#[tokio::test]
+async fn batches_sharing_event_ids_queue_instead_of_deadlocking() {
+    use diesel_async::SimpleAsyncConnection;
+    use parafed::protocol::{Envelope, EventId, EventType, RoomId, ServerName, Signatures, UserId};
+    use parafed::store::events::{self, EventStatus, NewEvent};
+    let url = support::pg::migrated_db().await;
+    let origin = ServerName::parse("a.test").unwrap();
+    let env = |id: &str| Envelope {
+        event_id: EventId::parse(id).unwrap(),
+        room_id: RoomId::parse("!r:a.test").unwrap(),
+        event_type: EventType::parse("m.message").unwrap(),
+        sender: UserId::parse("@u:a.test").unwrap(),
+        origin_server: origin.clone(),
+        origin_ts: 1,
+        content: serde_json::json!({}),
+        depth: 1,
+        state_key: None,
+        signatures: Signatures::default(),
+    };
+    let (a, b) = (env("$a:a.test"), env("$b:a.test"));
+    fn row<'a>(e: &'a Envelope, from: &'a ServerName) -> NewEvent<'a> {
+        NewEvent {
+            envelope: e,
+            received_from: Some(from),
+            status: EventStatus::Pending,
+        }
+    }
+    let mut first = AsyncPgConnection::establish(&url).await.unwrap();
+    first.batch_execute("BEGIN").await.unwrap();
+    assert_eq!(
+        events::insert(&mut first, &[row(&a, &origin)])
+            .await
+            .unwrap(),
+        [true]
+    );
+
+    let second_url = url.clone();
+    let (b2, a2, from) = (b.clone(), a.clone(), origin.clone());
+    let second = tokio::spawn(async move {
+        let mut c = AsyncPgConnection::establish(&second_url).await.unwrap();
+        events::insert(&mut c, &[row(&b2, &from), row(&a2, &from)]).await
+    });
+    // Wait until the second batch is blocked on a row lock.
+    support::wait_for(
+        "the second batch to wait for a lock",
+        std::time::Duration::from_secs(20),
+        || async {
+            let mut watch = AsyncPgConnection::establish(&url).await.unwrap();
+            let waiting = names(
+                &mut watch,
+                "SELECT pid::text AS name FROM pg_stat_activity \
+                  WHERE wait_event_type = 'Lock' AND datname = current_database()",
+            )
+            .await;
+            (!waiting.is_empty()).then_some(())
+        },
+    )
+    .await;
+    // Would deadlock if the second batch had taken `$b` before waiting for `$a`.
+    assert_eq!(
+        events::insert(&mut first, &[row(&b, &origin)])
+            .await
+            .unwrap(),
+        [true]
+    );
+    first.batch_execute("COMMIT").await.unwrap();
+    let second = second.await.unwrap().expect("the second batch succeeds");
+    assert_eq!(second, [false, false], "both were stored by the first");
+}

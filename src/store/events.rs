@@ -117,6 +117,10 @@ pub async fn insert(
         .iter()
         .filter(|e| seen.insert(e.envelope.event_id.as_str()))
         .collect();
+    // Rows are written in event-id order. Two group commits that share event ids (a peer
+    // retrying, two peers relaying the same event) then lock them in the same order: in
+    // arrival order they could each hold an id the other waits for — a deadlock, which
+    // Postgres breaks by failing one batch, every request of it.
     // UNNEST of one array per column: one statement whatever the batch size, so the
     // prepared statement is reused, and the conflict rule can carry a WHERE.
     let col = |f: &dyn Fn(&Envelope) -> String| -> Vec<String> {
@@ -157,6 +161,7 @@ pub async fn insert(
                        $6::bigint[], $7::text[], $8::bigint[], $9::text[], $10::text[], \
                        $11::text[], $12::text[]) \
                 AS x(e, r, t, s, o, ts, c, d, sk, sig, rf, st) \
+          ORDER BY e \
          ON CONFLICT (event_id) DO UPDATE SET \
            room_id = EXCLUDED.room_id, event_type = EXCLUDED.event_type, \
            sender = EXCLUDED.sender, origin_server = EXCLUDED.origin_server, \

@@ -49,7 +49,15 @@ pub async fn enqueue(
     if destinations.is_empty() {
         return Ok(Vec::new());
     }
-    let health: Vec<_> = destinations.iter().map(|d| dh::destination.eq(d)).collect();
+    // Sorted, so concurrent fan-outs that add the same new destinations take their locks
+    // in one order and cannot deadlock (see `events::insert`).
+    let mut destinations: Vec<&String> = destinations.iter().collect();
+    destinations.sort_unstable();
+    destinations.dedup();
+    let health: Vec<_> = destinations
+        .iter()
+        .map(|d| dh::destination.eq(*d))
+        .collect();
     diesel::insert_into(dh::table)
         .values(&health)
         .on_conflict_do_nothing()
@@ -57,7 +65,7 @@ pub async fn enqueue(
         .await?;
     let rows: Vec<_> = destinations
         .iter()
-        .map(|d| (oq::destination.eq(d), oq::event_id.eq(event_id)))
+        .map(|d| (oq::destination.eq(*d), oq::event_id.eq(event_id)))
         .collect();
     Ok(diesel::insert_into(oq::table)
         .values(&rows)

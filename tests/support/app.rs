@@ -96,6 +96,7 @@ impl TestServer {
         redis: Redis,
         listener: Option<std::net::TcpListener>,
     ) -> TestServer {
+        super::log_to_test_output();
         let app = App::new(cfg).expect("app");
         let listener = match listener {
             Some(l) => {

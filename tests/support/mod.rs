@@ -18,3 +18,16 @@ where
         .await
         .unwrap_or_else(|e| panic!("{e}"))
 }
+
+/// Sends parafed's warnings and errors to the test's captured output, so a failing test
+/// shows what the server logged (an "internal error; it has been logged" answer is
+/// otherwise a dead end). `RUST_LOG` overrides the level. Idempotent.
+pub fn log_to_test_output() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_test_writer()
+        .with_ansi(false)
+        .try_init();
+}
