@@ -12,6 +12,7 @@
 
 pub mod app;
 pub mod config;
+pub mod delivery;
 pub mod demo;
 pub mod devservers;
 pub mod ingress;

@@ -382,7 +382,7 @@ async fn diagnose(w: &World, d: &Deployment) -> String {
             .load(&mut *c)
             .await
             .unwrap();
-        let health = parafed::store::outbound::health(&mut c, d.name)
+        let health = parafed::store::destinations::get(&mut c, d.name)
             .await
             .unwrap();
         let unfanned: i64 = fe::table

@@ -104,7 +104,7 @@ async fn backlog_of_100k_drains_when_the_peer_returns() {
         Duration::from_secs(30),
         || async {
             let h = s.health("beta.test").await?;
-            (h.state == "backoff").then_some(())
+            (h.state == "backing_off").then_some(())
         },
     )
     .await;

@@ -14,6 +14,8 @@ pub struct Ctx {
     /// Unique per process start (`<host>-<pid>-<random>`): names Redis consumers, and
     /// prefixes destination lease owners (which add a per-job-run suffix).
     pub worker_id: String,
+    /// The delivery rules' numbers, from the configuration.
+    pub policy: parafed::delivery::Policy,
 }
 
 /// The error type handlers return; an unacknowledged job is retried after the idle

@@ -2,71 +2,57 @@
 //!
 //! One job per destination, not per row. The job takes the destination's lease (so one
 //! worker in the fleet drains it at a time, and at most `window` requests are in flight
-//! to it), then sends its oldest pending rows, a window at a time, until the backlog is
-//! empty, the destination fails, or the job's time budget is spent (it then re-queues
-//! itself, so one busy peer cannot hold a worker from the others).
+//! to it), then sends its waiting rows, oldest first, until the backlog is empty, the
+//! destination fails, or the job's time budget is spent (it then re-queues itself, so one
+//! busy peer cannot hold a worker from the others).
 //!
-//! A destination coming out of backoff is probed with its oldest row alone; success
-//! drains the rest. Every HTTP attempt is a row in `delivery_attempts`. Nothing goes to a
-//! peer the operator quarantined (its rows wait, looked at again every minute) or
-//! blocked (its waiting rows are cancelled).
+//! This file only does I/O. What it decides comes from `parafed::delivery`: which rows
+//! may be in flight together (`order`: dependants after what they depend on), what an
+//! answer means (`outcome`), what the attempt log keeps (`attempt`), and how the
+//! destination's state moves (`destination`, saved through `store::destinations`).
 //!
-//! How answers are treated (PROTOCOL.md "What a sender must treat as what"):
-//! 2xx delivered (`inserted:false` too); 409 re-signed and sent once more; 401, 408, 429,
-//! 5xx and network errors are transient (the destination backs off, `Retry-After`
-//! honoured); other 4xx are permanent for that event (dead, reason kept) — except a run
-//! of 403s, which says our key or registration is wrong there: the destination then backs
-//! off with the 403 on its state instead of dead-lettering everything.
+//! Every request has an attempt row written *before* it is sent; a row left open by a
+//! worker that died mid-request is closed as interrupted by the next drain.
 
-use std::time::{Duration, Instant};
+use std::collections::HashMap;
+use std::time::{Instant, SystemTime};
 
 use bytes::Bytes;
 use chrono::Utc;
-use http::{Method, StatusCode};
+use http::Method;
+use parafed::delivery::attempt::{self, AttemptResult};
+use parafed::delivery::backoff::random_jitter;
+use parafed::delivery::destination::Sending;
+use parafed::delivery::order::{self, OrderKeys, Unsettled};
+use parafed::delivery::outcome::{self, Previous};
+use parafed::delivery::{Destination, DestinationEvent, Outcome};
 use parafed::protocol::ServerName;
 use parafed::queue::DeliverJob;
 use parafed::remote::send::send_signed;
-use parafed::store::attempts::{self, Attempt};
-use parafed::store::outbound::{self, Pending, RowOutcome};
-use parafed::store::{events, StoreError};
+use parafed::store::attempts::{self, Finished};
+use parafed::store::destinations::{self, Health};
+use parafed::store::outbound::{self, Waiting};
+use parafed::store::{events, retention, StoreError};
 use parafed::trust::Standing;
 
-use crate::backoff;
 use crate::context::{Ctx, JobError};
 
-/// How long one job drains before yielding to other destinations.
-const BUDGET: Duration = Duration::from_secs(10);
-/// How often a quarantined destination is looked at again (it may have been released),
-/// at most; never less often than the longest backoff.
-const HOLD_RECHECK: Duration = Duration::from_secs(60);
-/// 403s in a row after which 403 is the destination's problem, not the event's.
-const FORBIDDEN_RUN: i32 = 3;
-
 enum Drain {
+    /// Nothing left to send.
     Empty,
+    /// The destination cannot take more now (backing off, held, paused, blocked rows).
     Stopped,
+    /// The time budget is spent; the job re-queues itself.
     Budget,
 }
 
-#[derive(Debug)]
-enum Class {
-    Delivered,
-    Permanent(String),
-    Transient {
-        error: String,
-        retry_after: Option<Duration>,
-    },
-}
-
-/// One HTTP attempt: number, status, error class, latency (ms), response excerpt.
-type SentAttempt = (i32, Option<i32>, Option<&'static str>, i32, Option<String>);
-
-struct RowResult {
-    row: Pending,
-    class: Class,
-    status: Option<u16>,
-    forbidden: bool,
-    attempts: Vec<SentAttempt>,
+/// One row's request(s) and what they meant.
+struct Sent {
+    row: Waiting,
+    /// Every request sent for the row: its attempt row and result.
+    attempts: Vec<(i64, AttemptResult)>,
+    outcome: Outcome,
+    status: Option<i32>,
 }
 
 pub async fn run(ctx: &Ctx, job: &DeliverJob) -> Result<(), JobError> {
@@ -93,16 +79,26 @@ pub async fn run(ctx: &Ctx, job: &DeliverJob) -> Result<(), JobError> {
             .job_timeout_ms
             .max(2 * app.cfg.delivery.request_timeout_ms + 1000) as i64,
     );
+    let mut first = true;
     loop {
         {
             let mut conn = app.pool.get().await.map_err(StoreError::from)?;
-            if !outbound::acquire_lease(&mut conn, dest.as_str(), &owner, lease_ttl).await? {
+            if !destinations::acquire_lease(&mut conn, dest.as_str(), &owner, lease_ttl).await? {
                 return Ok(()); // another worker is draining it
+            }
+            if first {
+                // Nobody else sends to this destination while we hold the lease: an
+                // attempt still open was cut short by a sender that stopped.
+                let n = attempts::close_open(&mut conn, dest.as_str()).await?;
+                if n > 0 {
+                    tracing::info!(destination = %dest, attempts = n, "closed attempts a stopped worker left open");
+                }
+                first = false;
             }
         }
         let outcome = drain(ctx, &dest, &owner, lease_ttl, started).await;
         let mut conn = app.pool.get().await.map_err(StoreError::from)?;
-        outbound::release_lease(&mut conn, dest.as_str(), &owner).await?;
+        destinations::release_lease(&mut conn, dest.as_str(), &owner).await?;
         match outcome? {
             Drain::Stopped => return Ok(()),
             Drain::Budget => {
@@ -111,7 +107,7 @@ pub async fn run(ctx: &Ctx, job: &DeliverJob) -> Result<(), JobError> {
             }
             Drain::Empty => {
                 // Rows that arrived while we held the lease, after our last look.
-                if !outbound::has_pending(&mut conn, dest.as_str()).await? {
+                if !outbound::has_waiting(&mut conn, dest.as_str()).await? {
                     return Ok(());
                 }
             }
@@ -119,28 +115,56 @@ pub async fn run(ctx: &Ctx, job: &DeliverJob) -> Result<(), JobError> {
     }
 }
 
+/// Applies `event` to the destination's state through the one save path.
+async fn transition(
+    ctx: &Ctx,
+    dest: &ServerName,
+    events: Vec<DestinationEvent>,
+) -> Result<Option<Health>, JobError> {
+    let mut conn = ctx.app.pool.get().await.map_err(StoreError::from)?;
+    let policy = &ctx.policy;
+    Ok(destinations::update(&mut conn, dest.as_str(), |h| {
+        let mut d = Destination::from_row(h).map_err(StoreError::Corrupt)?;
+        for e in &events {
+            d = d.apply(e.clone(), policy);
+        }
+        Ok(d.to_row())
+    })
+    .await?)
+}
+
 /// The trust decision about the destination: a blocked peer's waiting rows are
-/// cancelled, a quarantined peer's wait (looked at again every `HOLD_RECHECK`) — our
-/// events go to neither.
+/// cancelled, a quarantined peer's wait (the destination is held and looked at again
+/// after `hold_recheck`), an allowed peer's destination is released if it was held.
 async fn may_send(ctx: &Ctx, dest: &ServerName) -> Result<bool, JobError> {
     let app = &ctx.app;
     match app.trust.standing(dest).await? {
-        Standing::Allowed { .. } => Ok(true),
+        Standing::Allowed { .. } => {
+            let held = {
+                let mut conn = app.pool.get().await.map_err(StoreError::from)?;
+                destinations::get(&mut conn, dest.as_str())
+                    .await?
+                    .is_some_and(|h| h.state == "held")
+            };
+            if held {
+                transition(ctx, dest, vec![DestinationEvent::Release]).await?;
+            }
+            Ok(true)
+        }
         Standing::Quarantined { .. } => {
-            let recheck = HOLD_RECHECK.min(Duration::from_millis(
-                app.cfg.delivery.backoff_cap_ms.max(1),
-            ));
             let until = Utc::now()
-                + chrono::Duration::from_std(recheck).unwrap_or(chrono::Duration::minutes(1));
-            let reason = format!("outbound paused: {dest} is quarantined");
-            let mut conn = app.pool.get().await.map_err(StoreError::from)?;
-            outbound::destination_held(&mut conn, dest.as_str(), until, &reason).await?;
+                + chrono::Duration::from_std(ctx.policy.hold_recheck)
+                    .unwrap_or(chrono::Duration::minutes(1));
+            let reason = format!("outbound held: {dest} is quarantined");
+            transition(ctx, dest, vec![DestinationEvent::Hold { reason, until }]).await?;
             Ok(false)
         }
         Standing::Refused { reason } => {
             let mut conn = app.pool.get().await.map_err(StoreError::from)?;
             let n = outbound::cancel_waiting(&mut conn, dest.as_str(), &reason).await?;
             if n > 0 {
+                metrics::counter!("parafed_deliveries_total", "outcome" => "cancelled")
+                    .increment(n as u64);
                 tracing::info!(destination = %dest, rows = n, %reason, "waiting rows cancelled");
             }
             Ok(false)
@@ -156,180 +180,237 @@ async fn drain(
     started: Instant,
 ) -> Result<Drain, JobError> {
     let app = &ctx.app;
-    let window = i64::from(app.cfg.delivery.window);
+    let policy = &ctx.policy;
     loop {
-        if started.elapsed() > BUDGET {
+        if started.elapsed() > policy.drain_budget {
             return Ok(Drain::Budget);
         }
         let mut conn = app.pool.get().await.map_err(StoreError::from)?;
-        if !outbound::acquire_lease(&mut conn, dest.as_str(), owner, lease_ttl).await? {
+        if !destinations::acquire_lease(&mut conn, dest.as_str(), owner, lease_ttl).await? {
             return Ok(Drain::Stopped); // our lease lapsed and another worker took over
         }
-        let Some(health) = outbound::health(&mut conn, dest.as_str()).await? else {
+        let Some(health) = destinations::get(&mut conn, dest.as_str()).await? else {
             return Ok(Drain::Empty);
         };
-        if health.state == "paused" {
-            return Ok(Drain::Stopped);
-        }
-        if health.backoff_until.is_some_and(|t| t > Utc::now()) {
-            return Ok(Drain::Stopped);
-        }
-        let probing = health.state == "backoff";
-        let rows = outbound::next_batch(&mut conn, dest.as_str(), if probing { 1 } else { window })
-            .await?;
+        let destination = Destination::from_row(health).map_err(StoreError::Corrupt)?;
+        let limit = match destination.sending(Utc::now()) {
+            Sending::Window => policy.window,
+            Sending::Probe => 1,
+            Sending::Wait | Sending::Recheck => return Ok(Drain::Stopped),
+        };
+        let scan = policy.order_scan.max(limit) as i64;
+        let rows = outbound::waiting(&mut conn, dest.as_str(), scan).await?;
         if rows.is_empty() {
             return Ok(Drain::Empty);
         }
         // Rows past their maximum age are not sent any more.
-        let cutoff = Utc::now() - chrono::Duration::seconds(app.cfg.delivery.max_age_secs as i64);
-        let (expired, rows): (Vec<Pending>, Vec<Pending>) =
+        let cutoff = Utc::now()
+            - chrono::Duration::from_std(policy.max_age).unwrap_or(chrono::Duration::days(1));
+        let (expired, rows): (Vec<Waiting>, Vec<Waiting>) =
             rows.into_iter().partition(|r| r.created_at < cutoff);
-        for r in &expired {
-            outbound::settle(
-                &mut conn,
-                r.id,
-                RowOutcome::Dead("expired: not delivered within max_age"),
-            )
-            .await?;
-        }
-        let ids: Vec<&str> = rows.iter().map(|r| r.event_id.as_str()).collect();
-        let mut bodies = events::envelopes(&mut conn, &ids).await?;
-        drop(conn);
-        if rows.is_empty() {
+        if !expired.is_empty() {
+            let dead: Vec<(i64, String)> = expired
+                .iter()
+                .map(|r| (r.id, retention::EXPIRED.to_owned()))
+                .collect();
+            let n = outbound::dead(&mut conn, &dead).await?;
+            metrics::counter!("parafed_deliveries_total", "outcome" => "dead").increment(n as u64);
             continue;
         }
-        let forbidden_is_transient = health.consecutive_forbidden + 1 >= FORBIDDEN_RUN;
-        let results = futures::future::join_all(rows.into_iter().map(|r| {
+        let chosen = choose(ctx, &mut conn, rows, limit).await?;
+        if chosen.is_empty() {
+            // Everything waits for earlier events not yet fanned out: the scheduler
+            // brings the destination back within a tick.
+            return Ok(Drain::Stopped);
+        }
+        let ids: Vec<&str> = chosen.iter().map(|r| r.event_id.as_str()).collect();
+        let mut bodies = events::envelopes(&mut conn, &ids).await?;
+        let row_ids: Vec<i64> = chosen.iter().map(|r| r.id).collect();
+        let begun = attempts::begin(&mut conn, dest.as_str(), &row_ids).await?;
+        drop(conn);
+        let mut attempt_of: HashMap<i64, i64> =
+            begun.into_iter().map(|s| (s.outbound_id, s.id)).collect();
+        let previous = Previous {
+            resent: false,
+            forbidden_in_a_row: destination.forbidden_in_a_row,
+        };
+        let sends = chosen.into_iter().map(|r| {
             let body = bodies.remove(&r.event_id).map(|e| Bytes::from(e.to_wire()));
-            send_row(ctx, dest, r, body, forbidden_is_transient)
-        }))
-        .await;
-        let results: Vec<RowResult> = results.into_iter().collect::<Result<_, _>>()?;
-        if settle(ctx, dest, &health, results).await? {
+            let attempt_id = attempt_of.remove(&r.id);
+            send_row(ctx, dest, r, body, attempt_id, previous)
+        });
+        let results: Vec<Sent> = futures::future::join_all(sends)
+            .await
+            .into_iter()
+            .collect::<Result<_, _>>()?;
+        if settle(ctx, dest, results).await? {
             return Ok(Drain::Stopped);
         }
     }
 }
 
-/// Records attempts and row outcomes; updates the destination. True when it backed off.
-async fn settle(
+/// The rows that may be sent now, at most `limit`, in order (`delivery::order`).
+async fn choose(
     ctx: &Ctx,
-    dest: &ServerName,
-    health: &outbound::Health,
-    results: Vec<RowResult>,
-) -> Result<bool, JobError> {
-    let app = &ctx.app;
-    let mut conn = app.pool.get().await.map_err(StoreError::from)?;
-    let attempt_rows: Vec<Attempt> = results
+    conn: &mut parafed::store::PgConn,
+    rows: Vec<Waiting>,
+    limit: usize,
+) -> Result<Vec<Waiting>, JobError> {
+    let keys: Vec<OrderKeys> = rows
         .iter()
-        .flat_map(|r| {
-            r.attempts
-                .iter()
-                .map(|(n, status, class, latency, excerpt)| Attempt {
-                    outbound_id: Some(r.row.id),
-                    destination: dest.as_str(),
-                    event_id: Some(r.row.event_id.as_str()),
-                    request_kind: "event",
-                    attempt: *n,
-                    status_code: *status,
-                    error_class: *class,
-                    latency_ms: *latency,
-                    response_excerpt: excerpt.clone(),
-                })
+        .map(|r| OrderKeys {
+            provides: r.order_provides.clone(),
+            waits: r.order_waits.clone(),
         })
         .collect();
-    attempts::record(&mut conn, &attempt_rows).await?;
+    let mut rooms: Vec<&str> = rows.iter().map(|r| r.room_id.as_str()).collect();
+    rooms.sort_unstable();
+    rooms.dedup();
+    let last_seq = rows.iter().map(|r| r.event_seq).max().unwrap_or(0);
+    let since = Utc::now()
+        - chrono::Duration::from_std(ctx.policy.dependency_wait)
+            .unwrap_or(chrono::Duration::minutes(5));
+    let earlier =
+        events::unsettled_before(conn, &rooms, last_seq, since, ctx.policy.order_scan as i64)
+            .await?;
+    let earlier_keys: Vec<(i64, OrderKeys)> = earlier
+        .iter()
+        .map(|e| {
+            let env = &e.envelope;
+            (
+                e.seq,
+                order::keys_for(
+                    env.room_id.as_str(),
+                    env.event_type.as_str(),
+                    env.sender.as_str(),
+                    &env.content,
+                ),
+            )
+        })
+        .collect();
+    let candidates: Vec<Unsettled> = rows
+        .iter()
+        .zip(&keys)
+        .map(|(r, k)| Unsettled {
+            seq: r.event_seq,
+            keys: k,
+        })
+        .collect();
+    let pending: Vec<Unsettled> = earlier_keys
+        .iter()
+        .map(|(seq, k)| Unsettled { seq: *seq, keys: k })
+        .collect();
+    let picked = order::sendable(&candidates, &pending, limit);
+    let mut rows: Vec<Option<Waiting>> = rows.into_iter().map(Some).collect();
+    Ok(picked.into_iter().filter_map(|i| rows[i].take()).collect())
+}
 
+/// Records the results: attempts completed, rows settled, the destination's state moved
+/// (one save). True when the destination backed off.
+async fn settle(ctx: &Ctx, dest: &ServerName, results: Vec<Sent>) -> Result<bool, JobError> {
+    let app = &ctx.app;
+    let now = Utc::now();
+    let finished: Vec<Finished> = results
+        .iter()
+        .flat_map(|s| {
+            s.attempts.iter().map(|(id, a)| Finished {
+                id: *id,
+                status_code: a.status_code,
+                error_class: a.error_class,
+                latency_ms: a.latency_ms,
+                response_excerpt: a.response_excerpt.as_deref(),
+            })
+        })
+        .collect();
     let mut delivered = Vec::new();
-    let mut transient: Option<(String, Option<u16>, Option<Duration>, bool)> = None;
-    let mut permanent: Option<(String, Option<u16>, bool)> = None;
-    for r in &results {
-        match &r.class {
-            Class::Delivered => delivered.push(r.row.id),
-            Class::Permanent(reason) => {
-                outbound::settle(&mut conn, r.row.id, RowOutcome::Dead(reason)).await?;
-                permanent = Some((reason.clone(), r.status, r.forbidden));
+    let mut dead = Vec::new();
+    let mut waiting = Vec::new();
+    let mut changes = Vec::new();
+    let mut failure = None;
+    for s in &results {
+        let forbidden = s.status == Some(403);
+        match &s.outcome {
+            Outcome::Delivered => {
+                delivered.push(s.row.id);
+                changes.push(DestinationEvent::Delivered { at: now });
             }
-            Class::Transient { error, retry_after } => {
-                outbound::settle(&mut conn, r.row.id, RowOutcome::Retry(error)).await?;
-                if transient.is_none() {
-                    transient = Some((error.clone(), r.status, *retry_after, r.forbidden));
-                }
+            Outcome::Permanent { reason } => {
+                dead.push((s.row.id, reason.clone()));
+                changes.push(DestinationEvent::EventRefused {
+                    at: now,
+                    reason: reason.clone(),
+                    status: s.status,
+                    forbidden,
+                });
             }
+            Outcome::Transient {
+                reason,
+                retry_after,
+            }
+            | Outcome::DestinationProblem {
+                reason,
+                retry_after,
+            } => {
+                waiting.push((s.row.id, reason.clone()));
+                // One backoff step per batch, however many of its requests failed.
+                failure.get_or_insert(DestinationEvent::Failed {
+                    at: now,
+                    reason: reason.clone(),
+                    status: s.status,
+                    retry_after: *retry_after,
+                    forbidden,
+                    jitter: random_jitter(),
+                });
+            }
+            // `send_row` resends after a 409; it never returns this.
+            Outcome::Resign => waiting.push((s.row.id, "HTTP 409".to_owned())),
         }
     }
+    let backs_off = failure.is_some();
+    changes.extend(failure);
+    let mut conn = app.pool.get().await.map_err(StoreError::from)?;
+    attempts::finish(&mut conn, &finished).await?;
     outbound::delivered(&mut conn, &delivered).await?;
+    let n_dead = outbound::dead(&mut conn, &dead).await?;
+    outbound::note_errors(&mut conn, &waiting).await?;
+    drop(conn);
+    let saved = transition(ctx, dest, changes).await?;
     metrics::counter!("parafed_deliveries_total", "outcome" => "delivered")
         .increment(delivered.len() as u64);
-    if !delivered.is_empty() {
-        outbound::destination_ok(&mut conn, dest.as_str()).await?;
-    }
-    if let Some((error, status, retry_after, forbidden)) = transient {
-        let failures = u32::try_from(health.consecutive_failures).unwrap_or(0) + 1;
-        let delay = backoff::delay(
-            failures,
-            Duration::from_millis(app.cfg.delivery.backoff_base_ms),
-            Duration::from_millis(app.cfg.delivery.backoff_cap_ms),
-            retry_after,
-        );
-        let until =
-            Utc::now() + chrono::Duration::from_std(delay).unwrap_or(chrono::Duration::hours(1));
-        let failure = outbound::DestinationFailure {
-            error: &error,
-            status: status.map(i32::from),
-            forbidden,
-        };
-        outbound::destination_failed(&mut conn, dest.as_str(), &failure, Some(until)).await?;
+    metrics::counter!("parafed_deliveries_total", "outcome" => "dead").increment(n_dead as u64);
+    if backs_off {
         metrics::counter!("parafed_destination_backoffs_total").increment(1);
-        tracing::info!(destination = %dest, %error, ?delay, "destination backing off");
-        return Ok(true);
+        if let Some(h) = saved {
+            tracing::info!(destination = %dest, error = ?h.last_error, until = ?h.backoff_until, "destination backing off");
+        }
     }
-    if let Some((error, status, forbidden)) = permanent {
-        let failure = outbound::DestinationFailure {
-            error: &error,
-            status: status.map(i32::from),
-            forbidden,
-        };
-        outbound::destination_failed(&mut conn, dest.as_str(), &failure, None).await?;
-        metrics::counter!("parafed_deliveries_total", "outcome" => "dead").increment(1);
-    }
-    Ok(false)
+    Ok(backs_off)
 }
 
-fn retry_after(resp: &parafed::remote::Response) -> Option<Duration> {
-    resp.headers
-        .get(http::header::RETRY_AFTER)?
-        .to_str()
-        .ok()?
-        .trim()
-        .parse::<u64>()
-        .ok()
-        .map(Duration::from_secs)
-}
-
+/// Sends one row (and, after a 409, once more with a fresh signature), each request
+/// with its attempt row written first.
 async fn send_row(
     ctx: &Ctx,
     dest: &ServerName,
-    row: Pending,
+    row: Waiting,
     body: Option<Bytes>,
-    forbidden_is_transient: bool,
-) -> Result<RowResult, JobError> {
+    attempt_id: Option<i64>,
+    mut previous: Previous,
+) -> Result<Sent, JobError> {
     let app = &ctx.app;
-    let Some(body) = body else {
-        return Ok(RowResult {
+    let (Some(body), Some(mut attempt_id)) = (body, attempt_id) else {
+        return Ok(Sent {
             row,
-            class: Class::Permanent("the event no longer exists".into()),
-            status: None,
-            forbidden: false,
             attempts: Vec::new(),
+            outcome: Outcome::Permanent {
+                reason: "the event no longer exists".into(),
+            },
+            status: None,
         });
     };
     let key = app.signing_key().await?;
     let mut attempts = Vec::new();
-    let mut n = row.attempts;
-    // At most two sends: a 409 (an identical request seen) is re-signed once.
-    for resend in 0..2 {
-        n += 1;
+    loop {
         let started = Instant::now();
         let r = send_signed(
             &app.client,
@@ -342,78 +423,36 @@ async fn send_row(
             body.clone(),
         )
         .await;
-        let latency = started.elapsed().as_millis().min(i32::MAX as u128) as i32;
         metrics::histogram!("parafed_delivery_duration_seconds")
             .record(started.elapsed().as_secs_f64());
-        let (class, status, forbidden) = match &r {
-            Err(e) => {
-                attempts.push((n, None, Some(e.class()), latency, Some(e.to_string())));
-                (
-                    Class::Transient {
-                        error: e.to_string(),
-                        retry_after: None,
-                    },
-                    None,
-                    false,
-                )
+        attempts.push((attempt_id, attempt::result_of(r.as_ref(), started.elapsed())));
+        let status = r.as_ref().ok().map(|resp| i32::from(resp.status.as_u16()));
+        let outcome = outcome::classify(r.as_ref(), previous, &ctx.policy, SystemTime::now());
+        if outcome == Outcome::Resign {
+            // A 409: an identical request was seen. Sign afresh and send once more, as
+            // a new attempt with its own number.
+            previous.resent = true;
+            let mut conn = app.pool.get().await.map_err(StoreError::from)?;
+            match attempts::begin(&mut conn, dest.as_str(), &[row.id]).await?.first() {
+                Some(s) => attempt_id = s.id,
+                None => {
+                    break Ok(Sent {
+                        row,
+                        attempts,
+                        outcome: Outcome::Permanent {
+                            reason: "the outbound row no longer exists".into(),
+                        },
+                        status,
+                    })
+                }
             }
-            Ok(resp) => {
-                let s = resp.status;
-                let excerpt = attempts::excerpt(&resp.body);
-                let class_label: Option<&'static str> = if s.is_success() {
-                    None
-                } else if s.is_client_error() {
-                    Some("http_4xx")
-                } else {
-                    Some("http_5xx")
-                };
-                attempts.push((
-                    n,
-                    Some(i32::from(s.as_u16())),
-                    class_label,
-                    latency,
-                    Some(excerpt.clone()),
-                ));
-                let error = format!("HTTP {}: {}", s.as_u16(), excerpt);
-                let class = if s.is_success() {
-                    Class::Delivered
-                } else if s == StatusCode::CONFLICT && resend == 0 {
-                    continue;
-                } else if s == StatusCode::FORBIDDEN {
-                    if forbidden_is_transient {
-                        Class::Transient {
-                            error,
-                            retry_after: retry_after(resp),
-                        }
-                    } else {
-                        Class::Permanent(error)
-                    }
-                } else if s.is_server_error()
-                    || matches!(
-                        s,
-                        StatusCode::UNAUTHORIZED
-                            | StatusCode::REQUEST_TIMEOUT
-                            | StatusCode::TOO_MANY_REQUESTS
-                            | StatusCode::CONFLICT
-                    )
-                {
-                    Class::Transient {
-                        error,
-                        retry_after: retry_after(resp),
-                    }
-                } else {
-                    Class::Permanent(error)
-                };
-                (class, Some(s.as_u16()), s == StatusCode::FORBIDDEN)
-            }
-        };
-        return Ok(RowResult {
+            continue;
+        }
+        break Ok(Sent {
             row,
-            class,
-            status,
-            forbidden,
             attempts,
+            outcome,
+            status,
         });
     }
-    unreachable!("the loop returns on its second pass")
 }

@@ -5,10 +5,12 @@
 //! elsewhere, the host. Blocked peers get nothing. Deliver jobs are pushed only for
 //! destinations that are healthy now; the others are drained when their backoff ends.
 
+use parafed::delivery::order;
 use parafed::protocol::ServerName;
 use parafed::queue::FanoutJob;
 use parafed::store::rooms::{self, Membership};
-use parafed::store::{events, outbound};
+use parafed::store::outbound::{self, NewOutbound};
+use parafed::store::{destinations, events};
 use parafed::trust::Standing;
 
 use crate::context::{Ctx, JobError};
@@ -71,10 +73,23 @@ pub async fn run(ctx: &Ctx, job: &FanoutJob) -> Result<(), JobError> {
             allowed.push(d);
         }
     }
+    // What the event depends on at each destination (delivery order).
+    let keys = order::keys_for(
+        env.room_id.as_str(),
+        env.event_type.as_str(),
+        env.sender.as_str(),
+        &env.content,
+    );
+    let row = NewOutbound {
+        event_id: env.event_id.as_str(),
+        event_seq: stored.seq,
+        provides: &keys.provides,
+        waits: &keys.waits,
+    };
     let mut conn = app.pool.get().await?;
-    let fresh = outbound::enqueue(&mut conn, env.event_id.as_str(), &allowed).await?;
+    let fresh = outbound::enqueue(&mut conn, &row, &allowed).await?;
     events::mark_fanned_out(&mut conn, env.event_id.as_str()).await?;
-    let healthy = outbound::healthy_among(&mut conn, &fresh).await?;
+    let healthy = destinations::healthy_among(&mut conn, &fresh).await?;
     drop(conn);
     app.queue.schedule_deliveries(&healthy).await?;
     metrics::counter!("parafed_outbound_rows_total").increment(fresh.len() as u64);

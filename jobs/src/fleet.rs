@@ -79,6 +79,7 @@ pub async fn run(
 ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     let worker_id = worker_identity();
     let ctx = Arc::new(Ctx {
+        policy: parafed::delivery::Policy::from_config(&app.cfg),
         app: app.clone(),
         worker_id: worker_id.clone(),
     });

@@ -3,7 +3,6 @@
 //! assembly the `parafed-worker` binary runs.
 
 pub mod backend;
-pub mod backoff;
 pub mod context;
 pub mod deliver;
 pub mod fanout;

@@ -17,7 +17,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use parafed::queue::{FanoutJob, QueueName, VerifyJob};
-use parafed::store::{events, outbound};
+use parafed::store::{destinations, events, retention};
 
 use crate::context::Ctx;
 
@@ -59,7 +59,7 @@ pub async fn run(ctx: Arc<Ctx>, mut stop: tokio::sync::watch::Receiver<bool>) {
 async fn schedule_due(ctx: &Ctx) -> Result<(), crate::context::JobError> {
     let due = {
         let mut conn = ctx.app.pool.get().await?;
-        outbound::due_destinations(&mut conn, 1000).await?
+        destinations::due(&mut conn, 1000).await?
     };
     ctx.app.queue.schedule_deliveries(&due).await?;
     Ok(())
@@ -115,13 +115,21 @@ async fn expire(ctx: &Ctx) -> Result<(), crate::context::JobError> {
     let cutoff =
         chrono::Utc::now() - chrono::Duration::seconds(ctx.app.cfg.delivery.max_age_secs as i64);
     let mut conn = ctx.app.pool.get().await?;
-    let n = outbound::expire(&mut conn, cutoff).await?;
+    let n = retention::expire(&mut conn, cutoff).await?;
     if n > 0 {
+        metrics::counter!("parafed_deliveries_total", "outcome" => "dead").increment(n as u64);
         tracing::info!(rows = n, "outbound rows expired");
+    }
+    // No request outlives its timeout: an attempt open for twice as long lost its sender.
+    let abandoned = chrono::Utc::now()
+        - chrono::Duration::milliseconds(2 * ctx.app.cfg.delivery.request_timeout_ms as i64 + 1000);
+    let n = retention::close_abandoned_attempts(&mut conn, abandoned).await?;
+    if n > 0 {
+        tracing::info!(attempts = n, "closed attempts their sender left open");
     }
     let horizon =
         chrono::Utc::now() - chrono::Duration::seconds(ctx.app.cfg.worker.retention_secs as i64);
-    let (attempts, rows, txns) = outbound::prune(&mut conn, horizon).await?;
+    let (attempts, rows, txns) = retention::prune(&mut conn, horizon).await?;
     if attempts + rows + txns > 0 {
         tracing::info!(attempts, rows, txns, "pruned history past retention");
     }

@@ -100,6 +100,23 @@ impl Redis {
         }
     }
 
+    /// Kills the server and starts it again with nothing kept: what a Redis restart
+    /// without persistence does to parafed's queues.
+    pub async fn restart_empty(&mut self) -> Result<(), DevServerError> {
+        self.kill();
+        if let Ok(entries) = std::fs::read_dir(&self.dir) {
+            for e in entries.flatten() {
+                let p = e.path();
+                let _ = if p.is_dir() {
+                    std::fs::remove_dir_all(&p)
+                } else {
+                    std::fs::remove_file(&p)
+                };
+            }
+        }
+        self.start_again().await
+    }
+
     pub fn url(&self) -> String {
         format!("redis://127.0.0.1:{}/", self.port)
     }

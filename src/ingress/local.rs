@@ -23,7 +23,8 @@ use crate::protocol::envelope::Signatures;
 use crate::protocol::{Envelope, EventId, EventType, RoomId, ServerName, StateKey, UserId};
 use crate::queue::{FanoutJob, QueueName};
 use crate::remote::send::send_signed;
-use crate::store::attempts::{self, Attempt};
+use crate::delivery::attempt;
+use crate::store::attempts;
 use crate::store::events::{self, EventStatus, NewEvent};
 use crate::store::rooms::{self, HostedRoom, Membership};
 use crate::store::{feed, local as txns, StoreError};
@@ -290,6 +291,13 @@ pub async fn outbound_membership(
     }
     .unwrap_or_default();
     let key = app.signing_key().await.map_err(app_error)?;
+    // The attempt is on record before the request leaves: a crash mid-request still
+    // leaves its row (closed as interrupted by the scheduler).
+    let attempt_id = {
+        let mut conn = app.pool.get().await.map_err(StoreError::from)?;
+        attempts::begin_one(&mut conn, host.as_str(), kind, 1).await?
+    };
+    let started = std::time::Instant::now();
     let result = send_signed(
         &app.client,
         &app.directory,
@@ -301,34 +309,23 @@ pub async fn outbound_membership(
         Bytes::from(wire),
     )
     .await;
+    let record = attempt::result_of(result.as_ref(), started.elapsed());
     let mut conn = app.pool.get().await.map_err(StoreError::from)?;
-    let (status, answer) = match &result {
-        Ok(r) => (
-            Some(i32::from(r.status.as_u16())),
-            Some(
-                serde_json::from_slice::<Value>(&r.body)
-                    .unwrap_or_else(|_| Value::String(attempts::excerpt(&r.body))),
-            ),
-        ),
-        Err(_) => (None, None),
-    };
-    attempts::record(
+    attempts::finish(
         &mut conn,
-        &[Attempt {
-            outbound_id: None,
-            destination: host.as_str(),
-            event_id: None,
-            request_kind: kind,
-            attempt: 1,
-            status_code: status,
-            error_class: result.as_ref().err().map(|e| e.class()),
-            latency_ms: result
-                .as_ref()
-                .map_or(0, |r| r.latency.as_millis().min(i32::MAX as u128) as i32),
-            response_excerpt: result.as_ref().ok().map(|r| attempts::excerpt(&r.body)),
+        &[attempts::Finished {
+            id: attempt_id,
+            status_code: record.status_code,
+            error_class: record.error_class,
+            latency_ms: record.latency_ms,
+            response_excerpt: record.response_excerpt.as_deref(),
         }],
     )
     .await?;
+    let answer = result.as_ref().ok().map(|r| {
+        serde_json::from_slice::<Value>(&r.body)
+            .unwrap_or_else(|_| Value::String(attempt::excerpt(&r.body)))
+    });
     let resp = match result {
         Ok(r) => r,
         Err(e) => {

@@ -92,6 +92,24 @@ impl JobQueue {
         Self { conn, keys }
     }
 
+    /// Runs a Redis call, and once more on a fresh connection when it failed because the
+    /// connection broke. After a Redis restart every multiplexed connection is stale: the
+    /// first call on it fails ("broken pipe") and the connection manager reconnects, so
+    /// the retry goes through — without it that job would wait for the reconciler.
+    async fn call<T, F, Fut>(&self, f: F) -> Result<T, QueueError>
+    where
+        F: Fn(ConnectionManager) -> Fut,
+        Fut: std::future::Future<Output = redis::RedisResult<T>>,
+    {
+        match f(self.conn.clone()).await {
+            Err(e) if e.is_connection_dropped() || e.is_io_error() => {
+                tracing::debug!(error = %e, "redis connection broke; retrying once on a fresh one");
+                Ok(f(self.conn.clone()).await?)
+            }
+            r => Ok(r?),
+        }
+    }
+
     /// Pushes one job.
     pub async fn push<J: Serialize>(&self, q: QueueName, job: &J) -> Result<(), QueueError> {
         self.push_many(q, std::slice::from_ref(job)).await
@@ -116,35 +134,45 @@ impl JobQueue {
                 .arg(serde_json::to_vec(j)?)
                 .ignore();
         }
-        let mut conn = self.conn.clone();
-        pipe.query_async::<()>(&mut conn).await?;
-        Ok(())
+        self.call(|mut c| {
+            let pipe = pipe.clone();
+            async move { pipe.query_async::<()>(&mut c).await }
+        })
+        .await
     }
 
     /// Entries in a queue's stream (acknowledged entries are deleted, so this is the
     /// queued plus in-flight count).
     pub async fn len(&self, q: QueueName) -> Result<u64, QueueError> {
-        let mut conn = self.conn.clone();
-        Ok(redis::cmd("XLEN")
-            .arg(self.keys.queue(q))
-            .query_async(&mut conn)
-            .await?)
+        let key = self.keys.queue(q);
+        self.call(|mut c| {
+            let key = key.clone();
+            async move { redis::cmd("XLEN").arg(key).query_async(&mut c).await }
+        })
+        .await
     }
 
     /// When the oldest job still in a queue's stream was pushed (stream ids carry the
     /// Redis clock in milliseconds); `None` when the stream is empty. Acknowledged entries
     /// are deleted, so every job pushed before this instant is finished or lost.
     pub async fn oldest_job_ms(&self, q: QueueName) -> Result<Option<i64>, QueueError> {
-        let mut conn = self.conn.clone();
         // Each entry is `[id, [field, value, …]]`; only the id is needed.
         type Entry = (String, Vec<(String, Vec<u8>)>);
-        let first: Vec<Entry> = redis::cmd("XRANGE")
-            .arg(self.keys.queue(q))
-            .arg("-")
-            .arg("+")
-            .arg("COUNT")
-            .arg(1)
-            .query_async(&mut conn)
+        let key = self.keys.queue(q);
+        let first: Vec<Entry> = self
+            .call(|mut c| {
+                let key = key.clone();
+                async move {
+                    redis::cmd("XRANGE")
+                        .arg(key)
+                        .arg("-")
+                        .arg("+")
+                        .arg("COUNT")
+                        .arg(1)
+                        .query_async(&mut c)
+                        .await
+                }
+            })
             .await?;
         Ok(first
             .first()
@@ -157,7 +185,6 @@ impl JobQueue {
         if destinations.is_empty() {
             return Ok(0);
         }
-        let mut conn = self.conn.clone();
         let mut pipe = redis::pipe();
         for d in destinations {
             pipe.cmd("SET")
@@ -167,7 +194,12 @@ impl JobQueue {
                 .arg("PX")
                 .arg(30_000);
         }
-        let fresh: Vec<Option<String>> = pipe.query_async(&mut conn).await?;
+        let fresh: Vec<Option<String>> = self
+            .call(|mut c| {
+                let pipe = pipe.clone();
+                async move { pipe.query_async(&mut c).await }
+            })
+            .await?;
         let due: Vec<DeliverJob> = destinations
             .iter()
             .zip(fresh)
@@ -182,12 +214,12 @@ impl JobQueue {
 
     /// Forgets that a deliver job is queued for `destination` (its drain has started).
     pub async fn clear_scheduled(&self, destination: &str) -> Result<(), QueueError> {
-        let mut conn = self.conn.clone();
-        redis::cmd("DEL")
-            .arg(self.keys.deliver_scheduled(destination))
-            .query_async::<()>(&mut conn)
-            .await?;
-        Ok(())
+        let key = self.keys.deliver_scheduled(destination);
+        self.call(|mut c| {
+            let key = key.clone();
+            async move { redis::cmd("DEL").arg(key).query_async::<()>(&mut c).await }
+        })
+        .await
     }
 
     pub fn keys(&self) -> &Keys {

@@ -58,6 +58,7 @@ struct Row {
     signatures: String,
     status: String,
     fanned_out_at: Option<chrono::DateTime<chrono::Utc>>,
+    seq: i64,
 }
 
 /// A stored event with its status.
@@ -68,6 +69,8 @@ pub struct StoredEvent {
     /// Fan-out already wrote this event's outbound rows (a later fanout job is a
     /// duplicate and does nothing).
     pub fanned_out: bool,
+    /// Storage order (`federation_events.seq`): the order dependants are sent in.
+    pub seq: i64,
 }
 
 fn corrupt(id: &str, what: &str) -> StoreError {
@@ -99,6 +102,7 @@ fn from_row(r: Row) -> Result<StoredEvent, StoreError> {
         },
         status: r.status,
         fanned_out: r.fanned_out_at.is_some(),
+        seq: r.seq,
     })
 }
 
@@ -363,4 +367,35 @@ pub async fn envelopes(
     rows.into_iter()
         .map(|r| from_row(r).map(|e| (e.envelope.event_id.to_string(), e.envelope)))
         .collect()
+}
+
+/// Events of `rooms` stored before `before_seq` (and after `since`) that may still get
+/// outbound rows: not yet verified, or accepted and not yet fanned out. Oldest first, at
+/// most `limit`; rows that cannot be read back are left out. The deliver job holds back
+/// their dependants (`delivery::order`).
+pub async fn unsettled_before(
+    conn: &mut AsyncPgConnection,
+    rooms: &[&str],
+    before_seq: i64,
+    since: chrono::DateTime<chrono::Utc>,
+    limit: i64,
+) -> Result<Vec<StoredEvent>, StoreError> {
+    if rooms.is_empty() {
+        return Ok(Vec::new());
+    }
+    let rows: Vec<Row> = fe::table
+        .filter(fe::room_id.eq_any(rooms))
+        .filter(fe::seq.lt(before_seq))
+        .filter(
+            fe::status
+                .eq("pending")
+                .or(fe::status.eq("accepted").and(fe::fanned_out_at.is_null())),
+        )
+        .filter(fe::received_at.gt(since))
+        .order(fe::seq.asc())
+        .limit(limit)
+        .select(Row::as_select())
+        .load(conn)
+        .await?;
+    Ok(rows.into_iter().filter_map(|r| from_row(r).ok()).collect())
 }

@@ -20,6 +20,7 @@ diesel::table! {
         verified_at -> Nullable<Timestamptz>,
         enqueued_at -> Nullable<Timestamptz>,
         fanned_out_at -> Nullable<Timestamptz>,
+        seq -> Int8,
     }
 }
 
@@ -111,12 +112,14 @@ diesel::table! {
         event_id -> Text,
         status -> Text,
         attempts -> Int4,
-        next_attempt_at -> Timestamptz,
         created_at -> Timestamptz,
         updated_at -> Timestamptz,
         delivered_at -> Nullable<Timestamptz>,
         last_error -> Nullable<Text>,
         dead_reason -> Nullable<Text>,
+        event_seq -> Int8,
+        order_provides -> Array<Int8>,
+        order_waits -> Array<Int8>,
     }
 }
 
@@ -130,9 +133,10 @@ diesel::table! {
         attempt -> Int4,
         status_code -> Nullable<Int4>,
         error_class -> Nullable<Text>,
-        latency_ms -> Int4,
+        latency_ms -> Nullable<Int4>,
         response_excerpt -> Nullable<Text>,
         attempted_at -> Timestamptz,
+        finished_at -> Nullable<Timestamptz>,
     }
 }
 
@@ -151,6 +155,8 @@ diesel::table! {
         lease_owner -> Nullable<Text>,
         lease_until -> Nullable<Timestamptz>,
         updated_at -> Timestamptz,
+        paused_by -> Nullable<Text>,
+        version -> Int8,
     }
 }
 
@@ -161,14 +167,6 @@ diesel::table! {
         room_id -> Text,
         appended_at -> Timestamptz,
         txid -> Int8,
-    }
-}
-
-diesel::table! {
-    feed_cursors (consumer) {
-        consumer -> Text,
-        seq -> Int8,
-        updated_at -> Timestamptz,
     }
 }
 
@@ -199,7 +197,6 @@ diesel::allow_tables_to_appear_in_same_query!(
     delivery_attempts,
     destination_health,
     inbound_feed,
-    feed_cursors,
     local_transactions,
 );
 
@@ -217,6 +214,5 @@ pub const TABLES: &[&str] = &[
     "delivery_attempts",
     "destination_health",
     "inbound_feed",
-    "feed_cursors",
     "local_transactions",
 ];

@@ -145,8 +145,8 @@ impl TestServer {
     }
 
     /// The delivery state of `destination` here, if it has one.
-    pub async fn health(&self, destination: &str) -> Option<parafed::store::outbound::Health> {
-        parafed::store::outbound::health(&mut *self.db().await, destination)
+    pub async fn health(&self, destination: &str) -> Option<parafed::store::destinations::Health> {
+        parafed::store::destinations::get(&mut *self.db().await, destination)
             .await
             .unwrap()
     }
@@ -272,12 +272,38 @@ pub struct FakeRequest {
     pub body: Bytes,
 }
 
+/// A fake peer's answer: status, extra headers, body.
+pub struct FakeAnswer {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: String,
+}
+
 /// Serves HTTP/1.1 on `listener`, answering each request with `handle`'s status and
 /// body, until the returned task is aborted. The one accept loop every fake peer uses.
 fn serve_fake<F, Fut>(listener: TcpListener, handle: F) -> tokio::task::JoinHandle<()>
 where
     F: Fn(FakeRequest) -> Fut + Clone + Send + Sync + 'static,
     Fut: std::future::Future<Output = (u16, String)> + Send + 'static,
+{
+    serve_fake_full(listener, move |r| {
+        let f = handle(r);
+        async move {
+            let (status, body) = f.await;
+            FakeAnswer {
+                status,
+                headers: Vec::new(),
+                body,
+            }
+        }
+    })
+}
+
+/// [`serve_fake`] with headers in the answer.
+fn serve_fake_full<F, Fut>(listener: TcpListener, handle: F) -> tokio::task::JoinHandle<()>
+where
+    F: Fn(FakeRequest) -> Fut + Clone + Send + Sync + 'static,
+    Fut: std::future::Future<Output = FakeAnswer> + Send + 'static,
 {
     tokio::spawn(async move {
         loop {
@@ -297,9 +323,15 @@ where
                             .await
                             .map(|c| c.to_bytes())
                             .unwrap_or_default();
-                        let (status, body) = handle(FakeRequest { path, body }).await;
-                        let mut resp = http::Response::new(Full::new(Bytes::from(body)));
-                        *resp.status_mut() = http::StatusCode::from_u16(status).unwrap();
+                        let a = handle(FakeRequest { path, body }).await;
+                        let mut resp = http::Response::new(Full::new(Bytes::from(a.body)));
+                        *resp.status_mut() = http::StatusCode::from_u16(a.status).unwrap();
+                        for (k, v) in a.headers {
+                            resp.headers_mut().insert(
+                                http::HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                                http::HeaderValue::from_str(&v).unwrap(),
+                            );
+                        }
                         Ok::<_, std::convert::Infallible>(resp)
                     }
                 });
@@ -311,6 +343,88 @@ where
     })
 }
 
+/// A peer whose every answer comes from a function of the request (and may take its
+/// time); for tests that need headers, delays or a record of arrival order.
+pub struct FnPeer {
+    pub addr: SocketAddr,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl FnPeer {
+    pub async fn start<F, Fut>(listener: std::net::TcpListener, handle: F) -> FnPeer
+    where
+        F: Fn(FakeRequest) -> Fut + Clone + Send + Sync + 'static,
+        Fut: std::future::Future<Output = FakeAnswer> + Send + 'static,
+    {
+        listener.set_nonblocking(true).unwrap();
+        let listener = TcpListener::from_std(listener).unwrap();
+        let addr = listener.local_addr().unwrap();
+        FnPeer {
+            addr,
+            task: serve_fake_full(listener, handle),
+        }
+    }
+}
+
+impl Drop for FnPeer {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// The `event_id` of a JSON body, or "".
+pub fn event_id_of(body: &[u8]) -> String {
+    serde_json::from_slice::<serde_json::Value>(body)
+        .ok()
+        .and_then(|v| v["event_id"].as_str().map(str::to_owned))
+        .unwrap_or_default()
+}
+
+/// A `parafed-worker` process for a test server (same database, Redis and peers), for
+/// tests that must kill a worker the hard way.
+pub struct WorkerProcess {
+    child: Option<std::process::Child>,
+    _dir: tempfile::TempDir,
+}
+
+impl WorkerProcess {
+    pub fn start(server: &TestServer) -> WorkerProcess {
+        let mut cfg = server.app.cfg.clone();
+        cfg.local.token = None;
+        cfg.admin.token = None;
+        cfg.worker.metrics_listen = SocketAddr::from(([127, 0, 0, 1], 0));
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("worker.toml");
+        std::fs::write(&path, toml::to_string(&cfg).unwrap()).unwrap();
+        let bin = std::path::Path::new(env!("CARGO_BIN_EXE_parafed")).with_file_name("parafed-worker");
+        assert!(bin.exists(), "{} missing: run `cargo build --workspace --bins` first", bin.display());
+        let mut cmd = std::process::Command::new(bin);
+        cmd.arg("--config")
+            .arg(&path)
+            .env("PARAFED_LOG", "warn")
+            .stdin(std::process::Stdio::null());
+        let child = parafed::devservers::spawn::spawn_tied(cmd).unwrap();
+        WorkerProcess {
+            child: Some(child),
+            _dir: dir,
+        }
+    }
+
+    /// SIGKILL: no clean-up of any kind.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for WorkerProcess {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
 /// The first path segment: which of several fake peers on one server is meant.
 fn prefix_of(path: &str) -> String {
     path.trim_start_matches('/')
@@ -320,13 +434,6 @@ fn prefix_of(path: &str) -> String {
         .to_owned()
 }
 
-/// The `event_id` of a JSON body, or "".
-fn event_id_of(body: &[u8]) -> String {
-    serde_json::from_slice::<serde_json::Value>(body)
-        .ok()
-        .and_then(|v| v["event_id"].as_str().map(str::to_owned))
-        .unwrap_or_default()
-}
 
 /// What a fake peer serves at `/<prefix>/_paracord/federation/v1/keys`.
 #[derive(Clone)]

@@ -1,6 +1,6 @@
 //! The listener itself: metrics, TLS, graceful shutdown.
 
-mod support;
+use crate::support;
 
 use std::sync::Arc;
 

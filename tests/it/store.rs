@@ -1,6 +1,6 @@
 //! Migrations and schema against a real, empty Postgres database.
 
-mod support;
+use crate::support;
 
 use diesel::prelude::*;
 use diesel::sql_types::Text;
@@ -18,20 +18,28 @@ async fn names(conn: &mut AsyncPgConnection, sql: &str) -> Vec<String> {
     rows.into_iter().map(|r| r.name).collect()
 }
 
-/// Every `CREATE [UNIQUE] INDEX <name>` in the migration files.
+/// Every index the migration files leave: `CREATE [UNIQUE] INDEX <name>` less
+/// `DROP INDEX <name>` of later migrations.
 fn indexes_in_migrations() -> Vec<String> {
     let dir = format!("{}/migrations", env!("CARGO_MANIFEST_DIR"));
-    let mut out = Vec::new();
-    for entry in std::fs::read_dir(dir).unwrap().flatten() {
-        let up = std::fs::read_to_string(entry.path().join("up.sql")).unwrap();
+    let mut dirs: Vec<_> = std::fs::read_dir(dir).unwrap().flatten().map(|e| e.path()).collect();
+    dirs.sort();
+    let mut out: Vec<String> = Vec::new();
+    for d in dirs {
+        let up = std::fs::read_to_string(d.join("up.sql")).unwrap();
         for line in up.lines() {
             let words: Vec<&str> = line.split_whitespace().collect();
-            let at = match words.as_slice() {
-                ["CREATE", "INDEX", ..] => 2,
-                ["CREATE", "UNIQUE", "INDEX", ..] => 3,
-                _ => continue,
-            };
-            out.push(words[at].to_owned());
+            match words.as_slice() {
+                ["CREATE", "INDEX", name, ..] | ["CREATE", "UNIQUE", "INDEX", name, ..] => {
+                    out.push((*name).to_owned())
+                }
+                ["DROP", "INDEX", name, ..] => {
+                    let name = name.trim_end_matches(';');
+                    assert!(out.iter().any(|i| i == name), "{name} dropped before it was created");
+                    out.retain(|i| i != name);
+                }
+                _ => {}
+            }
         }
     }
     out
@@ -105,7 +113,6 @@ async fn check_diesel_columns(c: &mut AsyncPgConnection) {
         delivery_attempts,
         destination_health,
         inbound_feed,
-        feed_cursors,
         local_transactions,
     );
 }
@@ -154,7 +161,7 @@ async fn prune_deletes_only_history_past_retention() {
     .await
     .unwrap();
     let cutoff = chrono::Utc::now() - chrono::Duration::days(7);
-    let (attempts, rows, txns) = parafed::store::outbound::prune(&mut c, cutoff)
+    let (attempts, rows, txns) = parafed::store::retention::prune(&mut c, cutoff)
         .await
         .unwrap();
     assert_eq!((attempts, rows, txns), (1, 1, 0));

@@ -1,7 +1,7 @@
 //! The ingress over real HTTP: discovery documents, events in and out, the local and admin
 //! APIs, and the request-level guards.
 
-mod support;
+use crate::support;
 
 use parafed::protocol::envelope::Signatures;
 use parafed::protocol::{Envelope, EventId, EventType, RoomId, UserId};

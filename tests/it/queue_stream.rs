@@ -2,7 +2,7 @@
 //! or dead worker leaves behind is taken over by another, all of it and promptly; an
 //! entry that keeps failing goes to the dead stream; a lost consumer group is recreated.
 
-mod support;
+use crate::support;
 
 use std::collections::HashSet;
 use std::time::Duration;

@@ -1,7 +1,7 @@
 //! The harness itself: servers start on their own ports, survive a restart with their
 //! data, and come back after a crash.
 
-mod support;
+use crate::support;
 
 use diesel::sql_types::BigInt;
 use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl, SimpleAsyncConnection};

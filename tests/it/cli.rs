@@ -1,6 +1,6 @@
 //! The `parafed` binary as an operator runs it: migrate, keys, config check.
 
-mod support;
+use crate::support;
 
 use std::process::{Command, Output};
 

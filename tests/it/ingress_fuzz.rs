@@ -4,7 +4,7 @@
 //! the size limit. parafed must answer none of them with a 5xx, never panic, and store
 //! nothing. The generator is seeded, so a failure reproduces.
 
-mod support;
+use crate::support;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;

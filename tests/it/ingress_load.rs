@@ -2,7 +2,7 @@
 //! events at once (the group commit answers each request for its own event), and key
 //! fetching under a flood of requests (single flight, bounded refetches).
 
-mod support;
+use crate::support;
 
 use parafed::protocol::envelope::Signatures;
 use parafed::protocol::{Envelope, EventId, EventType, RoomId, UserId};

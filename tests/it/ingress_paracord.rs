@@ -12,7 +12,7 @@
 //! each with its reason from PROTOCOL.md. Every error answer must carry the JSON error
 //! body.
 
-mod support;
+use crate::support;
 
 use std::collections::HashMap;
 

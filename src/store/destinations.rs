@@ -1,0 +1,205 @@
+//! `destination_health`: one row per destination holding its delivery state (see
+//! `delivery::destination` for the states and their transitions) and its drain lease.
+//!
+//! The state columns are written in one place, [`update`]: load, apply a transition,
+//! save only if nobody saved in between (`version`), else load again and re-apply — so a
+//! drain that loaded the row before an operator paused the destination cannot undo the
+//! pause. The lease columns are separate: the worker holding the lease is the only one
+//! sending to the destination, so at most `window` requests are ever in flight to it.
+
+use chrono::{DateTime, Utc};
+use diesel::prelude::*;
+use diesel::sql_types::{Array, BigInt, Text};
+use diesel_async::{AsyncPgConnection, RunQueryDsl};
+
+use super::schema::destination_health as dh;
+use super::StoreError;
+
+/// A destination's stored state, column for column.
+#[derive(Clone, Debug, PartialEq, Queryable, Selectable, serde::Serialize)]
+#[diesel(table_name = dh, check_for_backend(diesel::pg::Pg))]
+pub struct Health {
+    pub destination: String,
+    /// `healthy`, `backing_off`, `held` or `paused`.
+    pub state: String,
+    /// Consecutive destination failures (while backing off).
+    pub consecutive_failures: i32,
+    /// 403s in a row.
+    pub consecutive_forbidden: i32,
+    /// Nothing is sent before this (backing off, held).
+    pub backoff_until: Option<DateTime<Utc>>,
+    pub last_success_at: Option<DateTime<Utc>>,
+    pub last_error_at: Option<DateTime<Utc>>,
+    pub last_error: Option<String>,
+    pub last_status_code: Option<i32>,
+    /// Why nothing is sent although nothing failed (held: quarantine; paused: operator).
+    pub paused_reason: Option<String>,
+    /// Who paused it.
+    pub paused_by: Option<String>,
+    /// Bumped by every save of the state.
+    pub version: i64,
+}
+
+/// Makes sure each destination has a row (a new one is healthy).
+pub async fn ensure(conn: &mut AsyncPgConnection, names: &[&String]) -> Result<(), StoreError> {
+    if names.is_empty() {
+        return Ok(());
+    }
+    let rows: Vec<_> = names.iter().map(|d| dh::destination.eq(*d)).collect();
+    diesel::insert_into(dh::table)
+        .values(&rows)
+        .on_conflict_do_nothing()
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
+/// A destination's row, if it has one.
+pub async fn get(
+    conn: &mut AsyncPgConnection,
+    destination: &str,
+) -> Result<Option<Health>, StoreError> {
+    Ok(dh::table
+        .filter(dh::destination.eq(destination))
+        .select(Health::as_select())
+        .first(conn)
+        .await
+        .optional()?)
+}
+
+/// Saves `h` if the stored version is still `h.version`; true when saved.
+async fn save(conn: &mut AsyncPgConnection, h: &Health) -> Result<bool, StoreError> {
+    let n = diesel::update(
+        dh::table
+            .filter(dh::destination.eq(&h.destination))
+            .filter(dh::version.eq(h.version)),
+    )
+    .set((
+        dh::state.eq(&h.state),
+        dh::consecutive_failures.eq(h.consecutive_failures),
+        dh::consecutive_forbidden.eq(h.consecutive_forbidden),
+        dh::backoff_until.eq(h.backoff_until),
+        dh::last_success_at.eq(h.last_success_at),
+        dh::last_error_at.eq(h.last_error_at),
+        dh::last_error.eq(&h.last_error),
+        dh::last_status_code.eq(h.last_status_code),
+        dh::paused_reason.eq(&h.paused_reason),
+        dh::paused_by.eq(&h.paused_by),
+        dh::version.eq(h.version + 1),
+        dh::updated_at.eq(Utc::now()),
+    ))
+    .execute(conn)
+    .await?;
+    Ok(n == 1)
+}
+
+/// The one save path of a destination's state: loads its row, applies `change`, saves
+/// it unless another process saved first (then loads and applies again). Returns the
+/// state saved; `None` when the destination has no row.
+pub async fn update<F>(
+    conn: &mut AsyncPgConnection,
+    destination: &str,
+    mut change: F,
+) -> Result<Option<Health>, StoreError>
+where
+    F: FnMut(Health) -> Result<Health, StoreError>,
+{
+    for _ in 0..8 {
+        let Some(h) = get(conn, destination).await? else {
+            return Ok(None);
+        };
+        let version = h.version;
+        let mut next = change(h)?;
+        next.version = version;
+        if save(conn, &next).await? {
+            next.version = version + 1;
+            return Ok(Some(next));
+        }
+    }
+    Err(StoreError::Conflict(format!(
+        "destination {destination} changed under every attempt to update it; try again"
+    )))
+}
+
+/// Takes the destination's drain lease for `ttl` unless another live worker holds it.
+/// Returns whether we hold it, and whether we took it over from a holder whose lease
+/// lapsed (it may have stopped mid-request).
+pub async fn acquire_lease(
+    conn: &mut AsyncPgConnection,
+    destination: &str,
+    owner: &str,
+    ttl: chrono::Duration,
+) -> Result<bool, StoreError> {
+    let now = Utc::now();
+    let n = diesel::update(
+        dh::table.filter(dh::destination.eq(destination)).filter(
+            dh::lease_until
+                .is_null()
+                .or(dh::lease_until.lt(now))
+                .or(dh::lease_owner.eq(owner)),
+        ),
+    )
+    .set((dh::lease_owner.eq(owner), dh::lease_until.eq(now + ttl)))
+    .execute(conn)
+    .await?;
+    Ok(n == 1)
+}
+
+/// Gives the lease back (if we still hold it).
+pub async fn release_lease(
+    conn: &mut AsyncPgConnection,
+    destination: &str,
+    owner: &str,
+) -> Result<(), StoreError> {
+    diesel::update(
+        dh::table
+            .filter(dh::destination.eq(destination))
+            .filter(dh::lease_owner.eq(owner)),
+    )
+    .set((
+        dh::lease_owner.eq(None::<String>),
+        dh::lease_until.eq(None::<DateTime<Utc>>),
+    ))
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+#[derive(QueryableByName)]
+struct DestRow {
+    #[diesel(sql_type = Text)]
+    destination: String,
+}
+
+/// Destinations with waiting rows that nobody is draining and that are healthy, or whose
+/// backoff or hold has ended: what the scheduler pushes deliver jobs for.
+pub async fn due(conn: &mut AsyncPgConnection, limit: i64) -> Result<Vec<String>, StoreError> {
+    let rows: Vec<DestRow> = diesel::sql_query(
+        "SELECT h.destination FROM destination_health h \
+         WHERE (h.state = 'healthy' \
+                OR (h.state IN ('backing_off', 'held') AND h.backoff_until <= now())) \
+           AND (h.lease_until IS NULL OR h.lease_until < now()) \
+           AND EXISTS (SELECT 1 FROM outbound_queue o \
+                       WHERE o.destination = h.destination AND o.status = 'pending') \
+         ORDER BY h.backoff_until NULLS FIRST LIMIT $1",
+    )
+    .bind::<BigInt, _>(limit)
+    .load(conn)
+    .await?;
+    Ok(rows.into_iter().map(|r| r.destination).collect())
+}
+
+/// Destinations among `names` that are healthy now.
+pub async fn healthy_among(
+    conn: &mut AsyncPgConnection,
+    names: &[String],
+) -> Result<Vec<String>, StoreError> {
+    let rows: Vec<DestRow> = diesel::sql_query(
+        "SELECT destination FROM destination_health \
+         WHERE destination = ANY($1) AND state = 'healthy'",
+    )
+    .bind::<Array<Text>, _>(names)
+    .load(conn)
+    .await?;
+    Ok(rows.into_iter().map(|r| r.destination).collect())
+}

@@ -1,0 +1,358 @@
+//! The delivery core against peers that misbehave the way real ones do: slow and
+//! jittery answers (order of dependants), `Retry-After` as an HTTP date, redirects, a
+//! worker killed mid-request, and a Redis restart that leaves every connection stale.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use diesel::prelude::*;
+use diesel_async::RunQueryDsl;
+use parafed::store::schema::delivery_attempts as da;
+use serde_json::json;
+
+use crate::pipeline::{alpha_with_member_cfg, row_status, submit};
+use crate::support;
+use support::app::{
+    event_id_of, reserve_listener, FakeAnswer, FakeRequest, FnPeer, WorkerProcess,
+    FAST_WORKER_TOML,
+};
+use support::wait_for;
+
+fn accepted(r: &FakeRequest) -> FakeAnswer {
+    FakeAnswer {
+        status: 202,
+        headers: Vec::new(),
+        body: json!({"event_id": event_id_of(&r.body), "inserted": true}).to_string(),
+    }
+}
+
+/// Every attempt of an event: (attempt number, status, error class, started at).
+async fn attempts(
+    s: &support::app::TestServer,
+    event_id: &str,
+) -> Vec<(i32, Option<i32>, Option<String>, chrono::DateTime<chrono::Utc>)> {
+    da::table
+        .filter(da::event_id.eq(event_id))
+        .order(da::id.asc())
+        .select((da::attempt, da::status_code, da::error_class, da::attempted_at))
+        .load(&mut *s.db().await)
+        .await
+        .unwrap()
+}
+
+/// What the ordering peer saw.
+#[derive(Default)]
+struct Seen {
+    /// Event ids in the order their requests arrived.
+    arrived: Vec<String>,
+    /// `message_id`s of messages already answered.
+    answered_messages: HashSet<String>,
+    /// Requests that arrived before the message they refer to was answered.
+    early: Vec<String>,
+    /// Event ids per `message_id`, in arrival order.
+    per_message: HashMap<String, Vec<String>>,
+    in_flight: u64,
+    max_in_flight: u64,
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dependants_arrive_after_what_they_refer_to_while_requests_overlap() {
+    let seen: Arc<Mutex<Seen>> = Arc::default();
+    let (lp, up) = reserve_listener();
+    let s = seen.clone();
+    let _peer = FnPeer::start(lp, move |r: FakeRequest| {
+        let seen = s.clone();
+        async move {
+            if !r.path.ends_with("/event") {
+                return FakeAnswer {
+                    status: 404,
+                    headers: Vec::new(),
+                    body: String::new(),
+                };
+            }
+            let env: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
+            let id = env["event_id"].as_str().unwrap_or_default().to_owned();
+            let kind = env["event_type"].as_str().unwrap_or_default().to_owned();
+            let message = env["content"]["message_id"].as_str().map(str::to_owned);
+            {
+                let mut s = seen.lock().unwrap();
+                s.arrived.push(id.clone());
+                s.in_flight += 1;
+                s.max_in_flight = s.max_in_flight.max(s.in_flight);
+                if let Some(m) = &message {
+                    if kind != "m.message" && !s.answered_messages.contains(m) {
+                        s.early.push(id.clone());
+                    }
+                    s.per_message.entry(m.clone()).or_default().push(id.clone());
+                }
+            }
+            // Random delays, 0–50 ms: answers overtake each other.
+            tokio::time::sleep(Duration::from_millis(rand::random::<u64>() % 51)).await;
+            {
+                let mut s = seen.lock().unwrap();
+                s.in_flight -= 1;
+                if kind == "m.message" {
+                    if let Some(m) = message {
+                        s.answered_messages.insert(m);
+                    }
+                }
+            }
+            accepted(&r)
+        }
+    })
+    .await;
+    let alpha = alpha_with_member_cfg("beta.test", &up, FAST_WORKER_TOML).await;
+    let _w = TestWorker::start(&alpha);
+
+    // 200 events of one room: messages, and a third edits, reactions and deletes of
+    // earlier messages (a deleted message gets nothing more). Seeded, so a failure
+    // reproduces.
+    let mut rng = 0x2545_f491_4f6c_dd1d_u64;
+    let mut next = move |n: u64| {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        rng % n
+    };
+    let mut live: Vec<String> = Vec::new();
+    let mut expected: HashMap<String, Vec<String>> = HashMap::new();
+    let mut dependants = 0;
+    for i in 0..200 {
+        let (kind, message) = if i % 3 != 2 || live.is_empty() {
+            let m = format!("m{i}");
+            live.push(m.clone());
+            ("m.message", m)
+        } else {
+            dependants += 1;
+            let m = live[next(live.len() as u64) as usize].clone();
+            let kind = ["m.message.edit", "m.reaction.add", "m.reaction.remove", "m.message.delete"]
+                [next(4) as usize];
+            if kind == "m.message.delete" {
+                live.retain(|x| *x != m);
+            }
+            (kind, m)
+        };
+        let id = submit(
+            &alpha,
+            &format!("o{i}"),
+            kind,
+            "@alice:alpha.test",
+            json!({"message_id": message, "channel_id": "1", "body": format!("#{i}")}),
+        )
+        .await;
+        expected.entry(message).or_default().push(id);
+    }
+    assert!(dependants >= 60, "{dependants} dependants");
+
+    let s = seen.clone();
+    wait_for("all 200 events at the peer", Duration::from_secs(120), || async {
+        (s.lock().unwrap().arrived.len() >= 200).then_some(())
+    })
+    .await;
+    let seen = seen.lock().unwrap();
+    assert_eq!(seen.arrived.len(), 200, "each event once");
+    assert!(
+        seen.early.is_empty(),
+        "sent before their message was delivered: {:?}",
+        seen.early
+    );
+    for (m, ids) in &expected {
+        assert_eq!(
+            seen.per_message.get(m),
+            Some(ids),
+            "events of message {m} out of order"
+        );
+    }
+    assert!(
+        seen.max_in_flight > 1,
+        "unrelated events should overlap; at most {} in flight",
+        seen.max_in_flight
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http_date_retry_after_is_a_floor_on_the_next_attempt() {
+    let not_before: Arc<Mutex<Option<SystemTime>>> = Arc::default();
+    let hits = Arc::new(AtomicU64::new(0));
+    let (lp, up) = reserve_listener();
+    let (nb, h) = (not_before.clone(), hits.clone());
+    let _peer = FnPeer::start(lp, move |r: FakeRequest| {
+        let (nb, h) = (nb.clone(), h.clone());
+        async move {
+            if h.fetch_add(1, Ordering::SeqCst) > 0 {
+                return accepted(&r);
+            }
+            // 20 s ahead, in whole seconds (an HTTP-date has no fractions).
+            let at = SystemTime::now() + Duration::from_secs(20);
+            let at = SystemTime::UNIX_EPOCH
+                + Duration::from_secs(at.duration_since(SystemTime::UNIX_EPOCH).unwrap().as_secs());
+            *nb.lock().unwrap() = Some(at);
+            FakeAnswer {
+                status: 429,
+                headers: vec![("retry-after".into(), httpdate::fmt_http_date(at))],
+                body: json!({"code": "RATE_LIMITED"}).to_string(),
+            }
+        }
+    })
+    .await;
+    // A backoff cap above 20 s, so the cap does not shorten the peer's floor.
+    let cfg = FAST_WORKER_TOML.replace("backoff_cap_ms = 5000", "backoff_cap_ms = 60000");
+    let alpha = alpha_with_member_cfg("beta.test", &up, &cfg).await;
+    let _w = TestWorker::start(&alpha);
+    let id = submit(&alpha, "ra", "m.message", "@alice:alpha.test", json!({"body": "x"})).await;
+    wait_for("delivery after the 429", Duration::from_secs(60), || async {
+        (row_status(&alpha, &id).await.map(|r| r.0).as_deref() == Some("delivered")).then_some(())
+    })
+    .await;
+    let a = attempts(&alpha, &id).await;
+    assert_eq!(
+        a.iter().map(|x| (x.0, x.1)).collect::<Vec<_>>(),
+        vec![(1, Some(429)), (2, Some(202))]
+    );
+    let floor: chrono::DateTime<chrono::Utc> = not_before.lock().unwrap().unwrap().into();
+    assert!(
+        a[1].3 >= floor,
+        "second attempt at {} is before the Retry-After date {floor}",
+        a[1].3
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redirects_back_the_destination_off_and_never_kill_the_event() {
+    let hits = Arc::new(AtomicU64::new(0));
+    let (lp, up) = reserve_listener();
+    let h = hits.clone();
+    let _peer = FnPeer::start(lp, move |r: FakeRequest| {
+        let h = h.clone();
+        async move {
+            let status = match h.fetch_add(1, Ordering::SeqCst) {
+                0 => 307,
+                1 => 308,
+                2 => 301,
+                _ => return accepted(&r),
+            };
+            FakeAnswer {
+                status,
+                headers: vec![("location".into(), "http://127.0.0.1:9/elsewhere".into())],
+                body: String::new(),
+            }
+        }
+    })
+    .await;
+    let alpha = alpha_with_member_cfg("beta.test", &up, FAST_WORKER_TOML).await;
+    let _w = TestWorker::start(&alpha);
+    let id = submit(&alpha, "rd", "m.message", "@alice:alpha.test", json!({"body": "x"})).await;
+    // The first redirect shows on the destination, like a run of 403s.
+    let h = wait_for("the redirect on the destination", Duration::from_secs(30), || async {
+        alpha
+            .health("beta.test")
+            .await
+            .filter(|h| h.last_status_code == Some(307))
+    })
+    .await;
+    assert!(
+        h.last_error.as_deref().is_some_and(|e| e.contains("redirect")),
+        "{h:?}"
+    );
+    wait_for("delivery after three redirects", Duration::from_secs(60), || async {
+        (row_status(&alpha, &id).await.map(|r| r.0).as_deref() == Some("delivered")).then_some(())
+    })
+    .await;
+    let a = attempts(&alpha, &id).await;
+    assert_eq!(
+        a.iter()
+            .map(|x| (x.1, x.2.as_deref()))
+            .collect::<Vec<_>>(),
+        vec![
+            (Some(307), Some("http_3xx")),
+            (Some(308), Some("http_3xx")),
+            (Some(301), Some("http_3xx")),
+            (Some(202), None)
+        ]
+    );
+    assert_eq!(AtomicU64::load(&hits, Ordering::SeqCst), 4);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_killed_mid_request_leaves_that_request_on_record() {
+    let hits = Arc::new(AtomicU64::new(0));
+    let (lp, up) = reserve_listener();
+    let h = hits.clone();
+    let _peer = FnPeer::start(lp, move |r: FakeRequest| {
+        let h = h.clone();
+        async move {
+            if h.fetch_add(1, Ordering::SeqCst) == 0 {
+                // Never answered in time: the worker is killed while it waits.
+                tokio::time::sleep(Duration::from_secs(60)).await;
+            }
+            accepted(&r)
+        }
+    })
+    .await;
+    // The drain lease lasts max(job timeout, 2 × request timeout + 1 s) = 11 s.
+    let alpha = alpha_with_member_cfg("beta.test", &up, FAST_WORKER_TOML).await;
+    let mut first = WorkerProcess::start(&alpha);
+    let id = submit(&alpha, "k9", "m.message", "@alice:alpha.test", json!({"body": "x"})).await;
+    let h = hits.clone();
+    wait_for("the first request at the peer", Duration::from_secs(30), || async {
+        (AtomicU64::load(&h, Ordering::SeqCst) >= 1).then_some(())
+    })
+    .await;
+    first.kill9();
+    let _second = WorkerProcess::start(&alpha);
+    wait_for("delivery by the second worker", Duration::from_secs(60), || async {
+        (row_status(&alpha, &id).await.map(|r| r.0).as_deref() == Some("delivered")).then_some(())
+    })
+    .await;
+    let a = attempts(&alpha, &id).await;
+    assert_eq!(
+        a.len() as u64,
+        AtomicU64::load(&hits, Ordering::SeqCst),
+        "one attempt row per request the peer received: {a:?}"
+    );
+    assert_eq!(
+        a.iter()
+            .map(|x| (x.0, x.1, x.2.as_deref()))
+            .collect::<Vec<_>>(),
+        vec![(1, None, Some("interrupted")), (2, Some(202), None)]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_an_empty_redis_restart_events_go_out_without_the_reconciler() {
+    let received: Arc<Mutex<HashSet<String>>> = Arc::default();
+    let (lp, up) = reserve_listener();
+    let rc = received.clone();
+    let _peer = FnPeer::start(lp, move |r: FakeRequest| {
+        let rc = rc.clone();
+        async move {
+            rc.lock().unwrap().insert(event_id_of(&r.body));
+            accepted(&r)
+        }
+    })
+    .await;
+    // The reconciler runs once at start, then not for an hour: anything that arrives
+    // after the restart was pushed, not re-pushed.
+    let cfg = FAST_WORKER_TOML.replace("reconcile_interval_ms = 200", "reconcile_interval_ms = 3600000");
+    let mut alpha = alpha_with_member_cfg("beta.test", &up, &cfg).await;
+    // The worker in a process of its own: the ingress's Redis connection is used by the
+    // ingress alone, as in a fleet, so nothing else notices the restart first.
+    let _w = WorkerProcess::start(&alpha);
+    let first = submit(&alpha, "r1", "m.message", "@alice:alpha.test", json!({"body": "1"})).await;
+    let rc = received.clone();
+    wait_for("the first event", Duration::from_secs(30), || async {
+        rc.lock().unwrap().contains(&first).then_some(())
+    })
+    .await;
+    alpha.redis.restart_empty().await.unwrap();
+    let second = submit(&alpha, "r2", "m.message", "@alice:alpha.test", json!({"body": "2"})).await;
+    let rc = received.clone();
+    wait_for(
+        "the event submitted after the restart",
+        Duration::from_secs(60),
+        || async { rc.lock().unwrap().contains(&second).then_some(()) },
+    )
+    .await;
+}
