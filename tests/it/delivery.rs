@@ -15,7 +15,7 @@ use serde_json::json;
 use crate::pipeline::{alpha_with_member_cfg, row_status, submit};
 use crate::support;
 use support::app::{
-    event_id_of, reserve_listener, FakeAnswer, FakeRequest, FnPeer, WorkerProcess,
+    event_id_of, reserve_listener, FakeAnswer, FakeRequest, FnPeer, TestWorker, WorkerProcess,
     FAST_WORKER_TOML,
 };
 use support::wait_for;
