@@ -1,6 +1,8 @@
-//! The shared state of a parafed process: configuration, the Postgres pool, the Redis
+//! The shared state of every parafed process: configuration, the Postgres pool, the Redis
 //! connection, the peer client, the key ring and the trust policy. Built once at start,
-//! shared (`Arc<App>`) by every request and job.
+//! shared (`Arc<App>`) by every request and job. What only one kind of process needs
+//! lives there: the ingress's group commit in `ingress::Ingress`, the workers' delivery
+//! policy in `parafed_jobs::context::Ctx`.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -40,8 +42,6 @@ pub struct App {
     pub keyring: KeyRing,
     pub trust: Trust,
     pub limiter: RateLimiter,
-    /// Group commit of inbound events (see `ingress::intake`).
-    pub intake: crate::ingress::intake::Intake,
     signing: RwLock<Option<(Instant, Keypair)>>,
     published: RwLock<Option<(Instant, Vec<u8>)>>,
 }
@@ -68,7 +68,6 @@ impl App {
         Ok(Arc::new(App {
             trust: Trust::new(pool.clone(), cfg.federation.mode),
             limiter: RateLimiter::new(redis.clone(), keys.clone()),
-            intake: crate::ingress::intake::Intake::new(pool.clone(), queue.clone()),
             queue,
             cfg,
             pool,

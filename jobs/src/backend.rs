@@ -20,7 +20,7 @@ use futures::stream::BoxStream;
 use futures::{Sink, SinkExt, StreamExt};
 use serde::de::DeserializeOwned;
 
-use crate::stream::StreamConsumer;
+use parafed::queue::consume::StreamConsumer;
 
 /// How often a consumer looks for entries abandoned by dead workers.
 const CLAIM_EVERY: Duration = Duration::from_secs(5);
@@ -40,7 +40,7 @@ pub type StreamBackend<J> = CustomBackend<Queued<J>, StreamConsumer, Fetch<J>, P
 
 struct State {
     consumer: StreamConsumer,
-    buffer: VecDeque<crate::stream::Entry>,
+    buffer: VecDeque<parafed::queue::consume::Entry>,
     last_claim: Instant,
     failures: u32,
 }

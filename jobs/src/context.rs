@@ -6,7 +6,7 @@ use std::sync::Arc;
 use parafed::app::App;
 
 use crate::backend::Queued;
-use crate::stream::StreamConsumer;
+use parafed::queue::consume::StreamConsumer;
 
 /// Shared by all handlers of one worker process.
 pub struct Ctx {

@@ -425,7 +425,10 @@ async fn send_row(
         .await;
         metrics::histogram!("parafed_delivery_duration_seconds")
             .record(started.elapsed().as_secs_f64());
-        attempts.push((attempt_id, attempt::result_of(r.as_ref(), started.elapsed())));
+        attempts.push((
+            attempt_id,
+            attempt::result_of(r.as_ref(), started.elapsed()),
+        ));
         let status = r.as_ref().ok().map(|resp| i32::from(resp.status.as_u16()));
         let outcome = outcome::classify(r.as_ref(), previous, &ctx.policy, SystemTime::now());
         if outcome == Outcome::Resign {
@@ -433,7 +436,10 @@ async fn send_row(
             // a new attempt with its own number.
             previous.resent = true;
             let mut conn = app.pool.get().await.map_err(StoreError::from)?;
-            match attempts::begin(&mut conn, dest.as_str(), &[row.id]).await?.first() {
+            match attempts::begin(&mut conn, dest.as_str(), &[row.id])
+                .await?
+                .first()
+            {
                 Some(s) => attempt_id = s.id,
                 None => {
                     break Ok(Sent {

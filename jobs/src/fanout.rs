@@ -8,8 +8,8 @@
 use parafed::delivery::order;
 use parafed::protocol::ServerName;
 use parafed::queue::FanoutJob;
-use parafed::store::rooms::{self, Membership};
 use parafed::store::outbound::{self, NewOutbound};
+use parafed::store::rooms::{self, Membership};
 use parafed::store::{destinations, events};
 use parafed::trust::Standing;
 

@@ -12,8 +12,8 @@ use parafed::queue::{self, DeliverJob, FanoutJob, QueueName, VerifyJob};
 
 use crate::backend::{backend, Queued};
 use crate::context::{finish, worker_identity, Ctx, JobError};
-use crate::stream::StreamConsumer;
 use crate::{deliver, fanout, verify};
+use parafed::queue::consume::StreamConsumer;
 
 /// A job type and the handler that runs it.
 trait Handler: serde::de::DeserializeOwned + Send + Sync + Unpin + 'static {
@@ -64,6 +64,10 @@ fn register<J: Handler>(
     monitor.register(move |run| {
         WorkerBuilder::new(format!("{worker_id}-{}-{run}", J::QUEUE.as_str()))
             .backend(backend::<J>(consumer.clone()))
+            // A handler that panics fails its job (left unacknowledged, so it is retried
+            // and, after 20 deliveries, moved to the dead stream) instead of taking the
+            // worker down with it.
+            .catch_panic()
             .concurrency(concurrency)
             .data(ctx.clone())
             .data(consumer.clone())

@@ -8,5 +8,4 @@ pub mod deliver;
 pub mod fanout;
 pub mod fleet;
 pub mod scheduler;
-pub mod stream;
 pub mod verify;

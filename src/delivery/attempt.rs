@@ -44,7 +44,10 @@ pub fn status_class(s: StatusCode) -> Option<&'static str> {
 }
 
 /// Classifies one request's result for the attempt log.
-pub fn result_of(result: Result<&Response, &SendError>, latency: std::time::Duration) -> AttemptResult {
+pub fn result_of(
+    result: Result<&Response, &SendError>,
+    latency: std::time::Duration,
+) -> AttemptResult {
     let latency_ms = latency.as_millis().min(i32::MAX as u128) as i32;
     match result {
         Ok(r) => AttemptResult {
@@ -111,7 +114,10 @@ mod tests {
         assert_eq!(a.status_code, Some(307));
         assert_eq!(a.error_class, Some("http_3xx"));
         assert_eq!(a.latency_ms, 12);
-        assert_eq!(a.response_excerpt.as_deref().map(str::len), Some(EXCERPT_BYTES));
+        assert_eq!(
+            a.response_excerpt.as_deref().map(str::len),
+            Some(EXCERPT_BYTES)
+        );
         let e = SendError::Http(HttpError::Connect("refused".into()));
         let a = result_of(Err(&e), Duration::from_millis(3));
         assert_eq!((a.status_code, a.error_class), (None, Some("connect")));

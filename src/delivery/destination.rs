@@ -207,7 +207,10 @@ impl Destination {
             }
             E::RetryNow { at } => {
                 if let S::BackingOff { failures, .. } = self.state {
-                    self.state = S::BackingOff { until: at, failures };
+                    self.state = S::BackingOff {
+                        until: at,
+                        failures,
+                    };
                 }
             }
         }
@@ -240,8 +243,12 @@ impl Destination {
     /// Reads the stored row. Errors name what is wrong with it.
     pub fn from_row(h: Health) -> Result<Destination, String> {
         let until = || {
-            h.backoff_until
-                .ok_or_else(|| format!("destination {}: {} without backoff_until", h.destination, h.state))
+            h.backoff_until.ok_or_else(|| {
+                format!(
+                    "destination {}: {} without backoff_until",
+                    h.destination, h.state
+                )
+            })
         };
         let state = match h.state.as_str() {
             "healthy" => DestinationState::Healthy,
@@ -257,7 +264,12 @@ impl Destination {
                 by: h.paused_by.clone().unwrap_or_default(),
                 reason: h.paused_reason.clone().unwrap_or_default(),
             },
-            other => return Err(format!("destination {}: unknown state {other:?}", h.destination)),
+            other => {
+                return Err(format!(
+                    "destination {}: unknown state {other:?}",
+                    h.destination
+                ))
+            }
         };
         let last_error = match (h.last_error_at, h.last_error) {
             (Some(at), Some(message)) => Some(LastError {
@@ -463,7 +475,9 @@ mod tests {
         assert_eq!(d.last_error.as_ref().and_then(|e| e.status), Some(403));
         d = d.apply(refused(false), &p);
         assert_eq!(d.forbidden_in_a_row, 0);
-        d = d.apply(refused(true), &p).apply(DestinationEvent::Delivered { at: t(1) }, &p);
+        d = d
+            .apply(refused(true), &p)
+            .apply(DestinationEvent::Delivered { at: t(1) }, &p);
         assert_eq!(d.forbidden_in_a_row, 0);
         assert_eq!(d.last_success_at, Some(t(1)));
     }

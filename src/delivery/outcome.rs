@@ -176,8 +176,8 @@ pub fn parse_retry_after(value: &str, now: SystemTime) -> Option<Duration> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::remote::http::HttpError;
     use crate::remote::directory::DirectoryError;
+    use crate::remote::http::HttpError;
 
     fn resp(status: u16, headers: &[(&str, &str)]) -> Response {
         let mut h = http::HeaderMap::new();
@@ -215,7 +215,9 @@ mod tests {
             Outcome::Delivered => K::Delivered,
             Outcome::Resign => K::Resign,
             Outcome::Permanent { .. } => K::Permanent,
-            Outcome::Transient { retry_after, .. } => K::Transient(retry_after.map(|d| d.as_secs())),
+            Outcome::Transient { retry_after, .. } => {
+                K::Transient(retry_after.map(|d| d.as_secs()))
+            }
             Outcome::DestinationProblem { retry_after, .. } => {
                 K::Problem(retry_after.map(|d| d.as_secs()))
             }
@@ -235,7 +237,8 @@ mod tests {
             ..Previous::default()
         };
         let ra = |v: &'static str| vec![("retry-after", v)];
-        let table: Vec<(u16, Vec<(&str, &str)>, Previous, K)> = vec![
+        type Row = (u16, Vec<(&'static str, &'static str)>, Previous, K);
+        let table: Vec<Row> = vec![
             (200, vec![], first, K::Delivered),
             (201, vec![], first, K::Delivered),
             (202, vec![], first, K::Delivered),
@@ -264,12 +267,22 @@ mod tests {
             (403, vec![], run(2), K::Problem(None)),
             (403, vec![], run(9), K::Problem(None)),
             (300, vec![], first, K::Problem(None)),
-            (301, vec![("location", "https://x.test/")], first, K::Problem(None)),
+            (
+                301,
+                vec![("location", "https://x.test/")],
+                first,
+                K::Problem(None),
+            ),
             (302, vec![], first, K::Problem(None)),
             (303, vec![], first, K::Problem(None)),
             (304, vec![], first, K::Problem(None)),
             (305, vec![], first, K::Problem(None)),
-            (307, vec![("location", "/elsewhere")], first, K::Problem(None)),
+            (
+                307,
+                vec![("location", "/elsewhere")],
+                first,
+                K::Problem(None),
+            ),
             (308, ra("30"), first, K::Problem(Some(30))),
             (100, vec![], first, K::Transient(None)),
         ];

@@ -78,6 +78,34 @@ impl ApiError {
         }
     }
 
+    pub fn method_not_allowed() -> Self {
+        Self::new(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "METHOD_NOT_ALLOWED",
+            "method not allowed on this path",
+        )
+    }
+    pub fn unsupported_media_type(m: impl Into<String>) -> Self {
+        Self::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "UNSUPPORTED_MEDIA_TYPE",
+            m,
+        )
+    }
+    pub fn payload_too_large(m: impl Into<String>) -> Self {
+        Self::new(StatusCode::PAYLOAD_TOO_LARGE, "PAYLOAD_TOO_LARGE", m)
+    }
+    pub fn length_required(m: impl Into<String>) -> Self {
+        Self::new(StatusCode::LENGTH_REQUIRED, "LENGTH_REQUIRED", m)
+    }
+    pub fn request_timeout(m: impl Into<String>) -> Self {
+        Self::new(StatusCode::REQUEST_TIMEOUT, "REQUEST_TIMEOUT", m)
+    }
+    /// A peer we had to ask could not be reached (the local API's outbound requests).
+    pub fn peer_unreachable(m: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_GATEWAY, "PEER_UNREACHABLE", m)
+    }
+
     fn summary(&self) -> &'static str {
         match self.status {
             StatusCode::BAD_REQUEST => "bad request",
@@ -92,6 +120,7 @@ impl ApiError {
             StatusCode::UNSUPPORTED_MEDIA_TYPE => "unsupported media type",
             StatusCode::UNPROCESSABLE_ENTITY => "unprocessable entity",
             StatusCode::TOO_MANY_REQUESTS => "rate limited",
+            StatusCode::BAD_GATEWAY => "bad gateway",
             StatusCode::SERVICE_UNAVAILABLE => "service unavailable",
             _ => "internal server error",
         }
@@ -131,26 +160,38 @@ pub fn json_bytes_response(status: StatusCode, body: Vec<u8>) -> Response<Body> 
 impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> Self {
         match e {
-            StoreError::Unavailable(ref m) => {
-                tracing::warn!(error = %m, "database unavailable");
+            StoreError::Unavailable(ref m) | StoreError::Transient(ref m) => {
+                tracing::warn!(error = %m, "database unavailable or busy");
                 ApiError::unavailable("the database")
             }
             StoreError::Conflict(m) => ApiError::conflict(m),
             StoreError::NotFound(m) => ApiError::not_found(m),
             other => {
-                // A lost connection mid-query is an outage too, not a bug.
-                let text = other.to_string();
-                tracing::error!(error = %text, "database error");
-                if text.contains("connection") || text.contains("closed") {
-                    ApiError::unavailable("the database")
-                } else {
-                    ApiError::new(
-                        StatusCode::INTERNAL_SERVER_ERROR,
-                        "INTERNAL_ERROR",
-                        "internal error; it has been logged",
-                    )
-                }
+                tracing::error!(error = %other, "database error");
+                ApiError::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "INTERNAL_ERROR",
+                    "internal error; it has been logged",
+                )
             }
+        }
+    }
+}
+
+impl From<crate::app::AppError> for ApiError {
+    fn from(e: crate::app::AppError) -> Self {
+        use crate::app::AppError;
+        match e {
+            AppError::Store(s) => s.into(),
+            AppError::Queue(q) => q.into(),
+            AppError::NoSigningKey => Self {
+                retry_after_secs: Some(60),
+                ..ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "NO_SIGNING_KEY",
+                    "this server has no active signing key; run `parafed keys generate`",
+                )
+            },
         }
     }
 }

@@ -102,7 +102,12 @@ async fn check_envelope_signature(
     }
 }
 
-pub async fn post_event(app: &App, parts: &Parts, body: Bytes) -> Result<Response<Body>, ApiError> {
+pub async fn post_event(
+    app: &App,
+    intake: &super::intake::Intake,
+    parts: &Parts,
+    body: Bytes,
+) -> Result<Response<Body>, ApiError> {
     let path = signed_path(parts);
     let auth = authenticate(app, &Method::POST, &path, &parts.headers, &body).await?;
     refuse_replay(app, &auth, &Method::POST, &path).await?;
@@ -145,7 +150,7 @@ pub async fn post_event(app: &App, parts: &Parts, body: Bytes) -> Result<Respons
     // Stored (and its verify job pushed) by the intake's group commit, with the other
     // events arriving now.
     let event_id = env.event_id.clone();
-    let inserted = app.intake.store(env, auth.origin.clone(), status).await?;
+    let inserted = intake.store(env, auth.origin.clone(), status).await?;
     metrics::counter!("parafed_events_received_total", "inserted" => if inserted { "true" } else { "false" })
         .increment(1);
     Ok(json_response(

@@ -9,8 +9,9 @@
 //!
 //! Every request is answered only after its row is committed and its job pushed (or the
 //! push failed and was logged: the reconciler pushes it later), exactly as a lone insert
-//! would be. A failed batch fails each of its requests with the batch's error — a 503 the
-//! peer retries — and stores nothing of it.
+//! would be. A batch that fails is tried once more; if it fails again, each of its
+//! requests gets the batch's error — a 503 the peer retries for a transient failure —
+//! and nothing of it is stored.
 
 use std::sync::{Arc, OnceLock};
 
@@ -124,9 +125,19 @@ async fn write(pool: &PgPool, queue: &JobQueue, batch: &[Item]) -> Result<Vec<bo
             status: i.status,
         })
         .collect();
-    let inserted = {
+    let insert = async || -> Result<Vec<bool>, StoreError> {
         let mut conn = pool.get().await?;
-        events::insert(&mut conn, &rows).await?
+        events::insert(&mut conn, &rows).await
+    };
+    // A batch that failed for a reason that goes away (a deadlock with another batch, a
+    // serialization failure, a dropped connection) is tried once more before its
+    // requests are answered 503: the insert is idempotent.
+    let inserted = match insert().await {
+        Err(e) if matches!(e, StoreError::Transient(_) | StoreError::Query(_)) => {
+            tracing::warn!(error = %e, events = rows.len(), "group commit failed; trying once more");
+            insert().await?
+        }
+        r => r?,
     };
     let jobs: Vec<VerifyJob> = batch
         .iter()

@@ -18,12 +18,12 @@ use sha2::{Digest, Sha256};
 
 use super::error::{json_response, ApiError, Body};
 use super::request::{bearer, constant_time_eq, parse_query, query_param};
-use crate::app::{App, AppError};
+use crate::app::App;
+use crate::delivery::attempt;
 use crate::protocol::envelope::Signatures;
 use crate::protocol::{Envelope, EventId, EventType, RoomId, ServerName, StateKey, UserId};
 use crate::queue::{FanoutJob, QueueName};
 use crate::remote::send::send_signed;
-use crate::delivery::attempt;
 use crate::store::attempts;
 use crate::store::events::{self, EventStatus, NewEvent};
 use crate::store::rooms::{self, HostedRoom, Membership};
@@ -40,18 +40,6 @@ pub fn authorize(expected: Option<&str>, parts: &Parts, env_var: &str) -> Result
         Some(t) if constant_time_eq(t.as_bytes(), expected.as_bytes()) => Ok(()),
         Some(_) => Err(ApiError::unauthorized("the bearer token is not valid")),
         None => Err(ApiError::unauthorized("send Authorization: Bearer <token>")),
-    }
-}
-
-fn app_error(e: AppError) -> ApiError {
-    match e {
-        AppError::Store(s) => s.into(),
-        AppError::Queue(q) => q.into(),
-        AppError::NoSigningKey => ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "NO_SIGNING_KEY",
-            "this server has no active signing key; run `parafed keys generate`",
-        ),
     }
 }
 
@@ -159,7 +147,7 @@ pub async fn submit_event(app: &App, body: Bytes) -> Result<Response<Body>, ApiE
     };
     env.check_limits()
         .map_err(|e| ApiError::bad_request(e.to_string()))?;
-    let key = app.signing_key().await.map_err(app_error)?;
+    let key = app.signing_key().await?;
     env.sign(&key);
     let response = serde_json::json!({ "event_id": env.event_id, "origin_ts": env.origin_ts });
     let response_text = response.to_string();
@@ -290,7 +278,7 @@ pub async fn outbound_membership(
         }),
     }
     .unwrap_or_default();
-    let key = app.signing_key().await.map_err(app_error)?;
+    let key = app.signing_key().await?;
     // The attempt is on record before the request leaves: a crash mid-request still
     // leaves its row (closed as interrupted by the scheduler).
     let attempt_id = {
@@ -329,11 +317,9 @@ pub async fn outbound_membership(
     let resp = match result {
         Ok(r) => r,
         Err(e) => {
-            return Err(ApiError::new(
-                StatusCode::BAD_GATEWAY,
-                "PEER_UNREACHABLE",
-                format!("could not reach {host}: {e}"),
-            ))
+            return Err(ApiError::peer_unreachable(format!(
+                "could not reach {host}: {e}"
+            )))
         }
     };
     if resp.status.is_success() {

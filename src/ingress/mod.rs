@@ -19,7 +19,7 @@ pub mod server;
 use std::sync::Arc;
 use std::time::Instant;
 
-use http::{Method, Request, Response, StatusCode};
+use http::{Method, Request, Response};
 use hyper::body::Incoming;
 
 use crate::app::App;
@@ -48,14 +48,28 @@ fn route_label(method: &Method, path: &str) -> &'static str {
     }
 }
 
+/// What an ingress process holds: the state every process shares, and what only the
+/// ingress needs (the group commit of inbound events).
+pub struct Ingress {
+    pub app: Arc<App>,
+    pub intake: intake::Intake,
+}
+
+impl Ingress {
+    pub fn new(app: Arc<App>) -> Ingress {
+        let intake = intake::Intake::new(app.pool.clone(), app.queue.clone());
+        Ingress { app, intake }
+    }
+}
+
 /// Handles one request; never fails (every error becomes its JSON answer).
 pub async fn handle(
-    app: Arc<App>,
+    ingress: Arc<Ingress>,
     req: Request<Incoming>,
 ) -> Result<Response<Body>, std::convert::Infallible> {
     let started = Instant::now();
     let route = route_label(req.method(), req.uri().path());
-    let resp = match route_request(&app, req).await {
+    let resp = match route_request(&ingress, req).await {
         Ok(r) => r,
         Err(e) => e.into_response(),
     };
@@ -74,11 +88,7 @@ pub async fn handle(
 }
 
 fn method_not_allowed() -> ApiError {
-    ApiError::new(
-        StatusCode::METHOD_NOT_ALLOWED,
-        "METHOD_NOT_ALLOWED",
-        "method not allowed on this path",
-    )
+    ApiError::method_not_allowed()
 }
 
 fn no_query(req: &http::request::Parts) -> Result<(), ApiError> {
@@ -88,7 +98,11 @@ fn no_query(req: &http::request::Parts) -> Result<(), ApiError> {
     Ok(())
 }
 
-async fn route_request(app: &App, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
+async fn route_request(
+    ingress: &Ingress,
+    req: Request<Incoming>,
+) -> Result<Response<Body>, ApiError> {
+    let app = &*ingress.app;
     let (parts, body) = req.into_parts();
     request::check_headers(&parts.headers)?;
     let path = parts.uri.path().to_owned();
@@ -112,7 +126,7 @@ async fn route_request(app: &App, req: Request<Incoming>) -> Result<Response<Bod
                 request::require_json(&parts.headers)?;
                 let bytes = request::read_body(&parts.headers, body).await?;
                 match rest {
-                    "/event" => federation::post_event(app, &parts, bytes).await,
+                    "/event" => federation::post_event(app, &ingress.intake, &parts, bytes).await,
                     "/invite" => federation::invite(app, &parts, bytes).await,
                     "/join" => federation::join(app, &parts, bytes).await,
                     _ => federation::leave(app, &parts, bytes).await,

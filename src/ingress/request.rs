@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::{HeaderMap, StatusCode};
+use http::HeaderMap;
 use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 
@@ -57,20 +57,16 @@ pub fn require_json(h: &HeaderMap) -> Result<(), ApiError> {
     if ok {
         Ok(())
     } else {
-        Err(ApiError::new(
-            StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            "UNSUPPORTED_MEDIA_TYPE",
+        Err(ApiError::unsupported_media_type(
             "send the body with Content-Type: application/json",
         ))
     }
 }
 
 fn too_large() -> ApiError {
-    ApiError::new(
-        StatusCode::PAYLOAD_TOO_LARGE,
-        "PAYLOAD_TOO_LARGE",
-        format!("request body is larger than {MAX_BODY_BYTES} bytes"),
-    )
+    ApiError::payload_too_large(format!(
+        "request body is larger than {MAX_BODY_BYTES} bytes"
+    ))
 }
 
 /// Reads the whole body, at most `MAX_BODY_BYTES`, within `BODY_READ_TIMEOUT`.
@@ -86,9 +82,7 @@ pub async fn read_body(h: &HeaderMap, body: Incoming) -> Result<Bytes, ApiError>
         ));
     }
     if !h.contains_key(http::header::CONTENT_LENGTH) {
-        return Err(ApiError::new(
-            StatusCode::LENGTH_REQUIRED,
-            "LENGTH_REQUIRED",
+        return Err(ApiError::length_required(
             "send the body with Content-Length",
         ));
     }
@@ -101,9 +95,7 @@ pub async fn read_body(h: &HeaderMap, body: Incoming) -> Result<Bytes, ApiError>
     }
     let collect = Limited::new(body, MAX_BODY_BYTES).collect();
     match tokio::time::timeout(BODY_READ_TIMEOUT, collect).await {
-        Err(_) => Err(ApiError::new(
-            StatusCode::REQUEST_TIMEOUT,
-            "REQUEST_TIMEOUT",
+        Err(_) => Err(ApiError::request_timeout(
             "the request body was not received in time",
         )),
         Ok(Err(e)) => {

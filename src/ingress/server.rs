@@ -56,7 +56,7 @@ pub fn tls_acceptor(cert: &Path, key: &Path) -> Result<TlsAcceptor, TlsError> {
 /// Serves one connection (plain or TLS) until it ends or shutdown drains it; `permit`
 /// is its slot among `http.max_connections`, given back when it ends.
 async fn serve_connection<I>(
-    app: Arc<App>,
+    app: Arc<super::Ingress>,
     io: I,
     watcher: hyper_util::server::graceful::Watcher,
     permit: OwnedSemaphorePermit,
@@ -89,6 +89,7 @@ pub async fn serve(
 ) {
     let graceful = GracefulShutdown::new();
     let slots = Arc::new(Semaphore::new(app.cfg.http.max_connections.max(1) as usize));
+    let app = Arc::new(super::Ingress::new(app));
     tokio::pin!(shutdown);
     loop {
         let permit = tokio::select! {

@@ -1,5 +1,5 @@
-//! The job queue contract: which queues exist, what a job carries, and how work is
-//! pushed to Redis.
+//! The job queue, both ends: which queues exist, what a job carries, how work is pushed
+//! to Redis (here) and consumed from it ([`consume`]).
 //!
 //! Each queue is a Redis Stream, `<prefix>:q:<queue>`, whose entries carry one field,
 //! `job`, holding the job as JSON. Streams with consumer groups give the worker side what
@@ -9,6 +9,7 @@
 //! ids; the rows they name in Postgres are the truth, so a job pushed twice or lost is
 //! harmless: the reconciler re-pushes unfinished work and handlers are idempotent.
 
+pub mod consume;
 pub mod jobs;
 
 use std::time::Duration;
@@ -38,6 +39,9 @@ pub fn connect(url: &str) -> Result<ConnectionManager, QueueError> {
         .set_max_delay(Duration::from_millis(500));
     Ok(ConnectionManager::new_lazy_with_config(client, cfg)?)
 }
+
+/// The one field of every stream entry: the job, as JSON.
+pub const JOB_FIELD: &str = "job";
 
 /// Redis key names, all under one configurable prefix so several parafed deployments (or
 /// tests) can share a Redis.
@@ -130,7 +134,7 @@ impl JobQueue {
             pipe.cmd("XADD")
                 .arg(&key)
                 .arg("*")
-                .arg("job")
+                .arg(JOB_FIELD)
                 .arg(serde_json::to_vec(j)?)
                 .ignore();
         }

@@ -6,12 +6,12 @@
 //! from these tables.
 
 pub mod attempts;
+pub mod destinations;
 pub mod events;
 pub mod feed;
 pub mod keys;
 pub mod local;
 pub mod migrate;
-pub mod destinations;
 pub mod outbound;
 pub mod retention;
 pub mod rooms;
@@ -30,10 +30,16 @@ pub type PgConn = deadpool::Object<AsyncPgConnection>;
 /// Storage failures, kept typed so the HTTP edge and the CLI can say what happened.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
+    /// Postgres cannot be reached, or the pool has no connection to give.
     #[error("database unavailable: {0}")]
     Unavailable(String),
+    /// A failure that says nothing about the request and goes away when it is tried
+    /// again: a lost connection, a serialization failure or deadlock, a server shutting
+    /// down or out of connections (see [`StoreError::from`]).
+    #[error("database busy or restarting: {0}")]
+    Transient(String),
     #[error("database error: {0}")]
-    Query(#[from] diesel::result::Error),
+    Query(diesel::result::Error),
     #[error("migration failed: {0}")]
     Migration(String),
     #[error("{0}")]
@@ -53,12 +59,65 @@ impl StoreError {
     pub fn for_each_caller(&self) -> StoreError {
         match self {
             StoreError::Unavailable(m) => StoreError::Unavailable(m.clone()),
+            StoreError::Transient(m) => StoreError::Transient(m.clone()),
             StoreError::Migration(m) => StoreError::Migration(m.clone()),
             StoreError::Conflict(m) => StoreError::Conflict(m.clone()),
             StoreError::NotFound(m) => StoreError::NotFound(m.clone()),
             StoreError::Corrupt(m) => StoreError::Corrupt(m.clone()),
             StoreError::Query(e) => StoreError::Shared(e.to_string()),
             StoreError::Shared(m) => StoreError::Shared(m.clone()),
+        }
+    }
+}
+
+impl StoreError {
+    /// True for failures that say nothing about the request: the same request may
+    /// succeed when tried again (answered 503 with `Retry-After` at the HTTP edge).
+    pub fn is_transient(&self) -> bool {
+        matches!(self, StoreError::Unavailable(_) | StoreError::Transient(_))
+    }
+}
+
+/// SQLSTATEs that mean "try again" (PostgreSQL Appendix A): 40001 serialization
+/// failure, 40P01 deadlock detected, 57P01–57P03 the server is shutting down, crashed or
+/// starting, 53300 too many connections, class 08 connection exceptions.
+///
+/// diesel-async 0.9 keeps only 40001 (as `SerializationFailure`) and connection-level
+/// failures (`UnableToSendCommand`, `ClosedConnection`); it reports every other SQLSTATE
+/// as `Unknown` without the code. Until it exposes the code, those few are recognised
+/// by the primary message PostgreSQL gives for them (their English text, which is what
+/// a server with the default `lc_messages` sends); everything else is a real fault.
+fn transient_message(message: &str) -> bool {
+    const MESSAGES: [&str; 6] = [
+        "deadlock detected",                    // 40P01
+        "terminating connection due to",        // 57P01, 57P02
+        "the database system is starting up",   // 57P03
+        "the database system is shutting down", // 57P03
+        "sorry, too many clients already",      // 53300
+        "server closed the connection",         // 08006
+    ];
+    MESSAGES.iter().any(|m| message.starts_with(m))
+}
+
+impl From<diesel::result::Error> for StoreError {
+    fn from(e: diesel::result::Error) -> Self {
+        use diesel::result::{DatabaseErrorKind as K, Error as E};
+        let transient = match &e {
+            E::DatabaseError(
+                K::SerializationFailure
+                | K::UnableToSendCommand
+                | K::ClosedConnection
+                | K::ReadOnlyTransaction,
+                _,
+            ) => true,
+            E::DatabaseError(K::Unknown, info) => transient_message(info.message()),
+            E::BrokenTransactionManager => true,
+            _ => false,
+        };
+        if transient {
+            StoreError::Transient(e.to_string())
+        } else {
+            StoreError::Query(e)
         }
     }
 }

@@ -32,11 +32,21 @@ fn accepted(r: &FakeRequest) -> FakeAnswer {
 async fn attempts(
     s: &support::app::TestServer,
     event_id: &str,
-) -> Vec<(i32, Option<i32>, Option<String>, chrono::DateTime<chrono::Utc>)> {
+) -> Vec<(
+    i32,
+    Option<i32>,
+    Option<String>,
+    chrono::DateTime<chrono::Utc>,
+)> {
     da::table
         .filter(da::event_id.eq(event_id))
         .order(da::id.asc())
-        .select((da::attempt, da::status_code, da::error_class, da::attempted_at))
+        .select((
+            da::attempt,
+            da::status_code,
+            da::error_class,
+            da::attempted_at,
+        ))
         .load(&mut *s.db().await)
         .await
         .unwrap()
@@ -127,8 +137,12 @@ async fn dependants_arrive_after_what_they_refer_to_while_requests_overlap() {
         } else {
             dependants += 1;
             let m = live[next(live.len() as u64) as usize].clone();
-            let kind = ["m.message.edit", "m.reaction.add", "m.reaction.remove", "m.message.delete"]
-                [next(4) as usize];
+            let kind = [
+                "m.message.edit",
+                "m.reaction.add",
+                "m.reaction.remove",
+                "m.message.delete",
+            ][next(4) as usize];
             if kind == "m.message.delete" {
                 live.retain(|x| *x != m);
             }
@@ -147,9 +161,11 @@ async fn dependants_arrive_after_what_they_refer_to_while_requests_overlap() {
     assert!(dependants >= 60, "{dependants} dependants");
 
     let s = seen.clone();
-    wait_for("all 200 events at the peer", Duration::from_secs(120), || async {
-        (s.lock().unwrap().arrived.len() >= 200).then_some(())
-    })
+    wait_for(
+        "all 200 events at the peer",
+        Duration::from_secs(120),
+        || async { (s.lock().unwrap().arrived.len() >= 200).then_some(()) },
+    )
     .await;
     let seen = seen.lock().unwrap();
     assert_eq!(seen.arrived.len(), 200, "each event once");
@@ -201,10 +217,22 @@ async fn an_http_date_retry_after_is_a_floor_on_the_next_attempt() {
     let cfg = FAST_WORKER_TOML.replace("backoff_cap_ms = 5000", "backoff_cap_ms = 60000");
     let alpha = alpha_with_member_cfg("beta.test", &up, &cfg).await;
     let _w = TestWorker::start(&alpha);
-    let id = submit(&alpha, "ra", "m.message", "@alice:alpha.test", json!({"body": "x"})).await;
-    wait_for("delivery after the 429", Duration::from_secs(60), || async {
-        (row_status(&alpha, &id).await.map(|r| r.0).as_deref() == Some("delivered")).then_some(())
-    })
+    let id = submit(
+        &alpha,
+        "ra",
+        "m.message",
+        "@alice:alpha.test",
+        json!({"body": "x"}),
+    )
+    .await;
+    wait_for(
+        "delivery after the 429",
+        Duration::from_secs(60),
+        || async {
+            (row_status(&alpha, &id).await.map(|r| r.0).as_deref() == Some("delivered"))
+                .then_some(())
+        },
+    )
     .await;
     let a = attempts(&alpha, &id).await;
     assert_eq!(
@@ -243,28 +271,44 @@ async fn redirects_back_the_destination_off_and_never_kill_the_event() {
     .await;
     let alpha = alpha_with_member_cfg("beta.test", &up, FAST_WORKER_TOML).await;
     let _w = TestWorker::start(&alpha);
-    let id = submit(&alpha, "rd", "m.message", "@alice:alpha.test", json!({"body": "x"})).await;
+    let id = submit(
+        &alpha,
+        "rd",
+        "m.message",
+        "@alice:alpha.test",
+        json!({"body": "x"}),
+    )
+    .await;
     // The first redirect shows on the destination, like a run of 403s.
-    let h = wait_for("the redirect on the destination", Duration::from_secs(30), || async {
-        alpha
-            .health("beta.test")
-            .await
-            .filter(|h| h.last_status_code == Some(307))
-    })
+    let h = wait_for(
+        "the redirect on the destination",
+        Duration::from_secs(30),
+        || async {
+            alpha
+                .health("beta.test")
+                .await
+                .filter(|h| h.last_status_code == Some(307))
+        },
+    )
     .await;
     assert!(
-        h.last_error.as_deref().is_some_and(|e| e.contains("redirect")),
+        h.last_error
+            .as_deref()
+            .is_some_and(|e| e.contains("redirect")),
         "{h:?}"
     );
-    wait_for("delivery after three redirects", Duration::from_secs(60), || async {
-        (row_status(&alpha, &id).await.map(|r| r.0).as_deref() == Some("delivered")).then_some(())
-    })
+    wait_for(
+        "delivery after three redirects",
+        Duration::from_secs(60),
+        || async {
+            (row_status(&alpha, &id).await.map(|r| r.0).as_deref() == Some("delivered"))
+                .then_some(())
+        },
+    )
     .await;
     let a = attempts(&alpha, &id).await;
     assert_eq!(
-        a.iter()
-            .map(|x| (x.1, x.2.as_deref()))
-            .collect::<Vec<_>>(),
+        a.iter().map(|x| (x.1, x.2.as_deref())).collect::<Vec<_>>(),
         vec![
             (Some(307), Some("http_3xx")),
             (Some(308), Some("http_3xx")),
@@ -294,17 +338,31 @@ async fn a_worker_killed_mid_request_leaves_that_request_on_record() {
     // The drain lease lasts max(job timeout, 2 × request timeout + 1 s) = 11 s.
     let alpha = alpha_with_member_cfg("beta.test", &up, FAST_WORKER_TOML).await;
     let mut first = WorkerProcess::start(&alpha);
-    let id = submit(&alpha, "k9", "m.message", "@alice:alpha.test", json!({"body": "x"})).await;
+    let id = submit(
+        &alpha,
+        "k9",
+        "m.message",
+        "@alice:alpha.test",
+        json!({"body": "x"}),
+    )
+    .await;
     let h = hits.clone();
-    wait_for("the first request at the peer", Duration::from_secs(30), || async {
-        (AtomicU64::load(&h, Ordering::SeqCst) >= 1).then_some(())
-    })
+    wait_for(
+        "the first request at the peer",
+        Duration::from_secs(30),
+        || async { (AtomicU64::load(&h, Ordering::SeqCst) >= 1).then_some(()) },
+    )
     .await;
     first.kill9();
     let _second = WorkerProcess::start(&alpha);
-    wait_for("delivery by the second worker", Duration::from_secs(60), || async {
-        (row_status(&alpha, &id).await.map(|r| r.0).as_deref() == Some("delivered")).then_some(())
-    })
+    wait_for(
+        "delivery by the second worker",
+        Duration::from_secs(60),
+        || async {
+            (row_status(&alpha, &id).await.map(|r| r.0).as_deref() == Some("delivered"))
+                .then_some(())
+        },
+    )
     .await;
     let a = attempts(&alpha, &id).await;
     assert_eq!(
@@ -335,19 +393,36 @@ async fn after_an_empty_redis_restart_events_go_out_without_the_reconciler() {
     .await;
     // The reconciler runs once at start, then not for an hour: anything that arrives
     // after the restart was pushed, not re-pushed.
-    let cfg = FAST_WORKER_TOML.replace("reconcile_interval_ms = 200", "reconcile_interval_ms = 3600000");
+    let cfg = FAST_WORKER_TOML.replace(
+        "reconcile_interval_ms = 200",
+        "reconcile_interval_ms = 3600000",
+    );
     let mut alpha = alpha_with_member_cfg("beta.test", &up, &cfg).await;
     // The worker in a process of its own: the ingress's Redis connection is used by the
     // ingress alone, as in a fleet, so nothing else notices the restart first.
     let _w = WorkerProcess::start(&alpha);
-    let first = submit(&alpha, "r1", "m.message", "@alice:alpha.test", json!({"body": "1"})).await;
+    let first = submit(
+        &alpha,
+        "r1",
+        "m.message",
+        "@alice:alpha.test",
+        json!({"body": "1"}),
+    )
+    .await;
     let rc = received.clone();
     wait_for("the first event", Duration::from_secs(30), || async {
         rc.lock().unwrap().contains(&first).then_some(())
     })
     .await;
     alpha.redis.restart_empty().await.unwrap();
-    let second = submit(&alpha, "r2", "m.message", "@alice:alpha.test", json!({"body": "2"})).await;
+    let second = submit(
+        &alpha,
+        "r2",
+        "m.message",
+        "@alice:alpha.test",
+        json!({"body": "2"}),
+    )
+    .await;
     let rc = received.clone();
     wait_for(
         "the event submitted after the restart",

@@ -27,7 +27,11 @@ pub(crate) fn local(token: &str) -> Vec<(String, String)> {
     ]
 }
 
-pub(crate) async fn local_post(s: &TestServer, path: &str, body: serde_json::Value) -> serde_json::Value {
+pub(crate) async fn local_post(
+    s: &TestServer,
+    path: &str,
+    body: serde_json::Value,
+) -> serde_json::Value {
     let r = send(
         s.addr,
         "POST",
@@ -323,7 +327,11 @@ pub(crate) async fn alpha_with_member(peer_name: &str, peer_url: &str) -> TestSe
     alpha_with_member_cfg(peer_name, peer_url, FAST_WORKER_TOML).await
 }
 
-pub(crate) async fn alpha_with_member_cfg(peer_name: &str, peer_url: &str, worker_toml: &str) -> TestServer {
+pub(crate) async fn alpha_with_member_cfg(
+    peer_name: &str,
+    peer_url: &str,
+    worker_toml: &str,
+) -> TestServer {
     let (la, _) = reserve_listener();
     let alpha = server_with(
         "alpha.test",

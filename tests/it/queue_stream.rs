@@ -7,7 +7,7 @@ use crate::support;
 use std::collections::HashSet;
 use std::time::Duration;
 
-use parafed_jobs::stream::StreamConsumer;
+use parafed::queue::consume::StreamConsumer;
 use support::redis::{command_line, Redis};
 
 async fn consumer(redis: &Redis, name: &str) -> StreamConsumer {
@@ -115,7 +115,7 @@ async fn entries_handed_back_by_a_stopping_worker_are_taken_at_once() {
         .unwrap();
     let (taken, _) = b.claim_stale().await.unwrap();
     let ids =
-        |v: &[parafed_jobs::stream::Entry]| v.iter().map(|e| e.id.clone()).collect::<Vec<_>>();
+        |v: &[parafed::queue::consume::Entry]| v.iter().map(|e| e.id.clone()).collect::<Vec<_>>();
     assert_eq!(ids(&taken), ids(&read));
     assert_eq!(taken[0].payload, b"0");
 }

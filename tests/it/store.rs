@@ -22,7 +22,11 @@ async fn names(conn: &mut AsyncPgConnection, sql: &str) -> Vec<String> {
 /// `DROP INDEX <name>` of later migrations.
 fn indexes_in_migrations() -> Vec<String> {
     let dir = format!("{}/migrations", env!("CARGO_MANIFEST_DIR"));
-    let mut dirs: Vec<_> = std::fs::read_dir(dir).unwrap().flatten().map(|e| e.path()).collect();
+    let mut dirs: Vec<_> = std::fs::read_dir(dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .collect();
     dirs.sort();
     let mut out: Vec<String> = Vec::new();
     for d in dirs {
@@ -35,7 +39,10 @@ fn indexes_in_migrations() -> Vec<String> {
                 }
                 ["DROP", "INDEX", name, ..] => {
                     let name = name.trim_end_matches(';');
-                    assert!(out.iter().any(|i| i == name), "{name} dropped before it was created");
+                    assert!(
+                        out.iter().any(|i| i == name),
+                        "{name} dropped before it was created"
+                    );
                     out.retain(|i| i != name);
                 }
                 _ => {}

@@ -396,8 +396,13 @@ impl WorkerProcess {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("worker.toml");
         std::fs::write(&path, toml::to_string(&cfg).unwrap()).unwrap();
-        let bin = std::path::Path::new(env!("CARGO_BIN_EXE_parafed")).with_file_name("parafed-worker");
-        assert!(bin.exists(), "{} missing: run `cargo build --workspace --bins` first", bin.display());
+        let bin =
+            std::path::Path::new(env!("CARGO_BIN_EXE_parafed")).with_file_name("parafed-worker");
+        assert!(
+            bin.exists(),
+            "{} missing: run `cargo build --workspace --bins` first",
+            bin.display()
+        );
         let mut cmd = std::process::Command::new(bin);
         cmd.arg("--config")
             .arg(&path)
@@ -433,7 +438,6 @@ fn prefix_of(path: &str) -> String {
         .unwrap_or("")
         .to_owned()
 }
-
 
 /// What a fake peer serves at `/<prefix>/_paracord/federation/v1/keys`.
 #[derive(Clone)]

@@ -158,7 +158,7 @@ impl StreamConsumer {
                     .arg("~")
                     .arg(MAX_DEAD_ENTRIES)
                     .arg("*")
-                    .arg("job")
+                    .arg(super::JOB_FIELD)
                     .arg(&e.payload)
                     .arg("from")
                     .arg(&e.id)
@@ -255,7 +255,7 @@ fn parse_entries(v: &Value) -> Vec<Entry> {
             };
             let payload = fields
                 .chunks(2)
-                .find(|kv| bulk(&kv[0]).as_deref() == Some(b"job"))
+                .find(|kv| bulk(&kv[0]).as_deref() == Some(super::JOB_FIELD.as_bytes()))
                 .and_then(|kv| kv.get(1).and_then(bulk))?;
             Some(Entry { id, payload })
         })
