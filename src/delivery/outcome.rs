@@ -277,6 +277,7 @@ mod tests {
             (303, vec![], first, K::Problem(None)),
             (304, vec![], first, K::Problem(None)),
             (305, vec![], first, K::Problem(None)),
+            (306, vec![], first, K::Problem(None)),
             (
                 307,
                 vec![("location", "/elsewhere")],

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use crate::config::Config;
+use crate::config::{Config, DeliveryConfig};
 
 /// The delivery rules' numbers. Built once per process from the configuration
 /// ([`Policy::from_config`]); tests build their own.
@@ -42,7 +42,11 @@ pub struct Policy {
 impl Policy {
     /// The policy a process runs with.
     pub fn from_config(cfg: &Config) -> Policy {
-        let d = &cfg.delivery;
+        Policy::from_delivery(&cfg.delivery)
+    }
+
+    /// The policy for the `[delivery]` settings.
+    pub fn from_delivery(d: &DeliveryConfig) -> Policy {
         let cap = Duration::from_millis(d.backoff_cap_ms.max(1));
         let window = d.window.max(1) as usize;
         Policy {
@@ -63,19 +67,6 @@ impl Policy {
 impl Default for Policy {
     /// The policy of the default configuration.
     fn default() -> Self {
-        let cfg: crate::config::DeliveryConfig = Default::default();
-        let cap = Duration::from_millis(cfg.backoff_cap_ms);
-        Policy {
-            backoff_base: Duration::from_millis(cfg.backoff_base_ms),
-            backoff_cap: cap,
-            jitter_floor: (2, 3),
-            drain_budget: Duration::from_secs(10),
-            hold_recheck: Duration::from_secs(60).min(cap),
-            forbidden_run: 3,
-            max_age: Duration::from_secs(cfg.max_age_secs),
-            window: cfg.window as usize,
-            order_scan: (cfg.window as usize * 8).max(64),
-            dependency_wait: Duration::from_secs(300),
-        }
+        Policy::from_delivery(&DeliveryConfig::default())
     }
 }

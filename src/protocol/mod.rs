@@ -2,7 +2,7 @@
 //! (callers pass `now`), no randomness except key generation.
 //!
 //! Everything here is checked byte for byte against the Paracord v0.8.5 vectors in
-//! `tests/vectors/` (see `tests/vectors.rs`), and is stricter than Paracord where
+//! `tests/vectors/` (see `tests/it/vectors.rs`), and is stricter than Paracord where
 //! PROTOCOL.md says so.
 
 pub mod discovery;

@@ -140,3 +140,45 @@ pub fn pool(url: &str, max_size: u32) -> Result<PgPool, StoreError> {
         .build()
         .map_err(|e| StoreError::Unavailable(e.to_string()))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use diesel::result::{DatabaseErrorKind as K, Error as E};
+
+    fn db(kind: K, message: &str) -> StoreError {
+        StoreError::from(E::DatabaseError(kind, Box::new(message.to_owned())))
+    }
+
+    #[test]
+    fn transient_failures_are_told_apart_from_faults() {
+        let table = [
+            (K::SerializationFailure, "could not serialize access", true),
+            (K::UnableToSendCommand, "connection closed", true),
+            (K::ClosedConnection, "closed", true),
+            (
+                K::ReadOnlyTransaction,
+                "cannot execute INSERT in a read-only transaction",
+                true,
+            ),
+            (K::Unknown, "deadlock detected", true),
+            (
+                K::Unknown,
+                "terminating connection due to administrator command",
+                true,
+            ),
+            (K::Unknown, "the database system is shutting down", true),
+            (K::Unknown, "sorry, too many clients already", true),
+            (K::Unknown, "syntax error at or near \"SELEC\"", false),
+            (K::Unknown, "relation \"x\" does not exist", false),
+            (K::UniqueViolation, "duplicate key value", false),
+            (K::CheckViolation, "violates check constraint", false),
+        ];
+        for (kind, message, transient) in table {
+            let e = db(kind, message);
+            assert_eq!(e.is_transient(), transient, "{message}: {e:?}");
+        }
+        assert!(!StoreError::from(E::NotFound).is_transient());
+        assert!(StoreError::Unavailable("pool".into()).is_transient());
+    }
+}

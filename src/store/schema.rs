@@ -1,5 +1,5 @@
 //! Diesel's view of the tables in `migrations/`. Written by hand to match the SQL;
-//! `tests/store.rs` checks every table and column exists in a migrated database.
+//! `tests/it/store.rs` checks every table and column exists in a migrated database.
 
 diesel::table! {
     federation_events (event_id) {

@@ -28,6 +28,14 @@ fn accepted(r: &FakeRequest) -> FakeAnswer {
     }
 }
 
+/// Waits until the event's row is delivered.
+async fn delivered(alpha: &support::app::TestServer, id: &str, what: &str, secs: u64) {
+    wait_for(what, Duration::from_secs(secs), || async {
+        (row_status(alpha, id).await.map(|r| r.0).as_deref() == Some("delivered")).then_some(())
+    })
+    .await;
+}
+
 /// Every attempt of an event: (attempt number, status, error class, started at).
 async fn attempts(
     s: &support::app::TestServer,
@@ -225,15 +233,7 @@ async fn an_http_date_retry_after_is_a_floor_on_the_next_attempt() {
         json!({"body": "x"}),
     )
     .await;
-    wait_for(
-        "delivery after the 429",
-        Duration::from_secs(60),
-        || async {
-            (row_status(&alpha, &id).await.map(|r| r.0).as_deref() == Some("delivered"))
-                .then_some(())
-        },
-    )
-    .await;
+    delivered(&alpha, &id, "delivery after the 429", 60).await;
     let a = attempts(&alpha, &id).await;
     assert_eq!(
         a.iter().map(|x| (x.0, x.1)).collect::<Vec<_>>(),
@@ -297,15 +297,7 @@ async fn redirects_back_the_destination_off_and_never_kill_the_event() {
             .is_some_and(|e| e.contains("redirect")),
         "{h:?}"
     );
-    wait_for(
-        "delivery after three redirects",
-        Duration::from_secs(60),
-        || async {
-            (row_status(&alpha, &id).await.map(|r| r.0).as_deref() == Some("delivered"))
-                .then_some(())
-        },
-    )
-    .await;
+    delivered(&alpha, &id, "delivery after three redirects", 60).await;
     let a = attempts(&alpha, &id).await;
     assert_eq!(
         a.iter().map(|x| (x.1, x.2.as_deref())).collect::<Vec<_>>(),
@@ -355,15 +347,7 @@ async fn a_worker_killed_mid_request_leaves_that_request_on_record() {
     .await;
     first.kill9();
     let _second = WorkerProcess::start(&alpha);
-    wait_for(
-        "delivery by the second worker",
-        Duration::from_secs(60),
-        || async {
-            (row_status(&alpha, &id).await.map(|r| r.0).as_deref() == Some("delivered"))
-                .then_some(())
-        },
-    )
-    .await;
+    delivered(&alpha, &id, "delivery by the second worker", 60).await;
     let a = attempts(&alpha, &id).await;
     assert_eq!(
         a.len() as u64,

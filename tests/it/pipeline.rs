@@ -17,7 +17,7 @@ use support::app::{
 use support::wait_for;
 
 pub(crate) const ROOM: &str = "!r:alpha.test";
-/// 403s in a row after which the destination backs off (jobs/src/deliver.rs).
+/// 403s in a row after which the destination backs off (src/delivery/policy.rs).
 const FORBIDDEN_RUN: i32 = 3;
 
 pub(crate) fn local(token: &str) -> Vec<(String, String)> {
@@ -395,7 +395,7 @@ pub(crate) async fn row_status(s: &TestServer, event_id: &str) -> Option<(String
 async fn transient_failures_back_off_with_growing_gaps() {
     let (lp, up) = reserve_listener();
     let peer = ScriptedPeer::start(lp, vec![503, 503, 503, 503], 202).await;
-    // Base 600 ms: successive gaps differ by at least 200 ms (jobs/src/backoff.rs), far
+    // Base 600 ms: successive gaps differ by at least 200 ms (src/delivery/backoff.rs), far
     // more than scheduling noise on a loaded machine.
     let slow = FAST_WORKER_TOML.replace("backoff_base_ms = 200", "backoff_base_ms = 600");
     let alpha = alpha_with_member_cfg("beta.test", &up, &slow).await;
