@@ -115,15 +115,17 @@ pub async fn run(ctx: &Ctx, job: &DeliverJob) -> Result<(), JobError> {
     }
 }
 
-/// Applies `event` to the destination's state through the one save path.
+/// Applies `events` to the destination's state through the one save path, starting from
+/// `loaded` when the caller has the row.
 async fn transition(
     ctx: &Ctx,
     dest: &ServerName,
+    loaded: Option<Health>,
     events: Vec<DestinationEvent>,
 ) -> Result<Option<Health>, JobError> {
     let mut conn = ctx.app.pool.get().await.map_err(StoreError::from)?;
     let policy = &ctx.policy;
-    Ok(destinations::update(&mut conn, dest.as_str(), |h| {
+    Ok(destinations::update_from(&mut conn, dest.as_str(), loaded, |h| {
         let mut d = Destination::from_row(h).map_err(StoreError::Corrupt)?;
         for e in &events {
             d = d.apply(e.clone(), policy);
@@ -147,7 +149,7 @@ async fn may_send(ctx: &Ctx, dest: &ServerName) -> Result<bool, JobError> {
                     .is_some_and(|h| h.state == "held")
             };
             if held {
-                transition(ctx, dest, vec![DestinationEvent::Release]).await?;
+                transition(ctx, dest, None, vec![DestinationEvent::Release]).await?;
             }
             Ok(true)
         }
@@ -156,7 +158,7 @@ async fn may_send(ctx: &Ctx, dest: &ServerName) -> Result<bool, JobError> {
                 + chrono::Duration::from_std(ctx.policy.hold_recheck)
                     .unwrap_or(chrono::Duration::minutes(1));
             let reason = format!("outbound held: {dest} is quarantined");
-            transition(ctx, dest, vec![DestinationEvent::Hold { reason, until }]).await?;
+            transition(ctx, dest, None, vec![DestinationEvent::Hold { reason, until }]).await?;
             Ok(false)
         }
         Standing::Refused { reason } => {
@@ -192,7 +194,7 @@ async fn drain(
         let Some(health) = destinations::get(&mut conn, dest.as_str()).await? else {
             return Ok(Drain::Empty);
         };
-        let destination = Destination::from_row(health).map_err(StoreError::Corrupt)?;
+        let destination = Destination::from_row(health.clone()).map_err(StoreError::Corrupt)?;
         let limit = match destination.sending(Utc::now()) {
             Sending::Window => policy.window,
             Sending::Probe => 1,
@@ -243,7 +245,7 @@ async fn drain(
             .await
             .into_iter()
             .collect::<Result<_, _>>()?;
-        if settle(ctx, dest, results).await? {
+        if settle(ctx, dest, health, results).await? {
             return Ok(Drain::Stopped);
         }
     }
@@ -307,7 +309,12 @@ async fn choose(
 
 /// Records the results: attempts completed, rows settled, the destination's state moved
 /// (one save). True when the destination backed off.
-async fn settle(ctx: &Ctx, dest: &ServerName, results: Vec<Sent>) -> Result<bool, JobError> {
+async fn settle(
+    ctx: &Ctx,
+    dest: &ServerName,
+    loaded: Health,
+    results: Vec<Sent>,
+) -> Result<bool, JobError> {
     let app = &ctx.app;
     let now = Utc::now();
     let finished: Vec<Finished> = results
@@ -374,7 +381,7 @@ async fn settle(ctx: &Ctx, dest: &ServerName, results: Vec<Sent>) -> Result<bool
     let n_dead = outbound::dead(&mut conn, &dead).await?;
     outbound::note_errors(&mut conn, &waiting).await?;
     drop(conn);
-    let saved = transition(ctx, dest, changes).await?;
+    let saved = transition(ctx, dest, Some(loaded), changes).await?;
     metrics::counter!("parafed_deliveries_total", "outcome" => "delivered")
         .increment(delivered.len() as u64);
     metrics::counter!("parafed_deliveries_total", "outcome" => "dead").increment(n_dead as u64);

@@ -32,7 +32,8 @@ pub struct Policy {
     /// Requests in flight to one destination at most (`delivery.window`).
     pub window: usize,
     /// Waiting rows looked at per batch when choosing what may be sent (the oldest
-    /// first): rows blocked behind a dependency are skipped, up to this many.
+    /// first): rows blocked behind a dependency are skipped, up to this many (twice the
+    /// window, at least 32).
     pub order_scan: usize,
     /// How long an earlier event that is not yet verified or fanned out holds back its
     /// dependants: a stuck event (its origin's keys unreachable) must not stall a room.
@@ -58,7 +59,7 @@ impl Policy {
             forbidden_run: 3,
             max_age: Duration::from_secs(d.max_age_secs),
             window,
-            order_scan: (window * 8).max(64),
+            order_scan: (window * 2).max(32),
             dependency_wait: Duration::from_secs(300),
         }
     }

@@ -99,14 +99,32 @@ async fn save(conn: &mut AsyncPgConnection, h: &Health) -> Result<bool, StoreErr
 pub async fn update<F>(
     conn: &mut AsyncPgConnection,
     destination: &str,
+    change: F,
+) -> Result<Option<Health>, StoreError>
+where
+    F: FnMut(Health) -> Result<Health, StoreError>,
+{
+    update_from(conn, destination, None, change).await
+}
+
+/// [`update`], starting from a copy of the row the caller already holds (saves a read
+/// when nobody changed it since).
+pub async fn update_from<F>(
+    conn: &mut AsyncPgConnection,
+    destination: &str,
+    mut current: Option<Health>,
     mut change: F,
 ) -> Result<Option<Health>, StoreError>
 where
     F: FnMut(Health) -> Result<Health, StoreError>,
 {
     for _ in 0..8 {
-        let Some(h) = get(conn, destination).await? else {
-            return Ok(None);
+        let h = match current.take() {
+            Some(h) => h,
+            None => match get(conn, destination).await? {
+                Some(h) => h,
+                None => return Ok(None),
+            },
         };
         let version = h.version;
         let mut next = change(h)?;

@@ -369,6 +369,12 @@ pub async fn envelopes(
         .collect()
 }
 
+#[derive(QueryableByName)]
+struct IdRow {
+    #[diesel(sql_type = Text)]
+    event_id: String,
+}
+
 /// Events of `rooms` stored before `before_seq` (and after `since`) that may still get
 /// outbound rows: not yet verified, or accepted and not yet fanned out. Oldest first, at
 /// most `limit`; rows that cannot be read back are left out. The deliver job holds back
@@ -383,17 +389,29 @@ pub async fn unsettled_before(
     if rooms.is_empty() {
         return Ok(Vec::new());
     }
+    // Literal statuses: the partial index `federation_events_unsettled_room` must stay
+    // usable in a cached generic plan.
+    let ids: Vec<String> = diesel::sql_query(
+        "SELECT event_id FROM federation_events \
+         WHERE room_id = ANY($1) AND seq < $2 AND received_at > $3 \
+           AND (status = 'pending' OR (status = 'accepted' AND fanned_out_at IS NULL)) \
+         ORDER BY seq LIMIT $4",
+    )
+    .bind::<Array<Text>, _>(rooms)
+    .bind::<BigInt, _>(before_seq)
+    .bind::<diesel::sql_types::Timestamptz, _>(since)
+    .bind::<BigInt, _>(limit)
+    .load::<IdRow>(conn)
+    .await?
+    .into_iter()
+    .map(|r| r.event_id)
+    .collect();
+    if ids.is_empty() {
+        return Ok(Vec::new());
+    }
     let rows: Vec<Row> = fe::table
-        .filter(fe::room_id.eq_any(rooms))
-        .filter(fe::seq.lt(before_seq))
-        .filter(
-            fe::status
-                .eq("pending")
-                .or(fe::status.eq("accepted").and(fe::fanned_out_at.is_null())),
-        )
-        .filter(fe::received_at.gt(since))
+        .filter(fe::event_id.eq_any(&ids))
         .order(fe::seq.asc())
-        .limit(limit)
         .select(Row::as_select())
         .load(conn)
         .await?;

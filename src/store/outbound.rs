@@ -8,10 +8,10 @@
 
 use chrono::{DateTime, Utc};
 use diesel::prelude::*;
-use diesel::sql_types::{Array, BigInt, Text};
+use diesel::sql_types::{Array, BigInt, Integer, Text, Timestamptz};
 use diesel_async::{AsyncPgConnection, RunQueryDsl};
 
-use super::schema::{federation_events as fe, outbound_queue as oq};
+use super::schema::outbound_queue as oq;
 use super::StoreError;
 
 /// What fan-out writes for one event.
@@ -25,16 +25,24 @@ pub struct NewOutbound<'a> {
 }
 
 /// A waiting row, with what ordering needs.
-#[derive(Clone, Debug, Queryable)]
+#[derive(Clone, Debug, QueryableByName)]
 pub struct Waiting {
+    #[diesel(sql_type = BigInt)]
     pub id: i64,
+    #[diesel(sql_type = Text)]
     pub event_id: String,
     /// Attempts made so far.
+    #[diesel(sql_type = Integer)]
     pub attempts: i32,
+    #[diesel(sql_type = Timestamptz)]
     pub created_at: DateTime<Utc>,
+    #[diesel(sql_type = BigInt)]
     pub event_seq: i64,
+    #[diesel(sql_type = Array<BigInt>)]
     pub order_provides: Vec<i64>,
+    #[diesel(sql_type = Array<BigInt>)]
     pub order_waits: Vec<i64>,
+    #[diesel(sql_type = Text)]
     pub room_id: String,
 }
 
@@ -74,30 +82,34 @@ pub async fn enqueue(
         .await?)
 }
 
+// The hot queries below are written as SQL with the status as a literal: bound as a
+// parameter, a cached generic plan could not use the partial indexes on `status`.
+
 /// The oldest waiting rows of a destination, in event order, at most `limit`.
 pub async fn waiting(
     conn: &mut AsyncPgConnection,
     destination: &str,
     limit: i64,
 ) -> Result<Vec<Waiting>, StoreError> {
-    Ok(oq::table
-        .inner_join(fe::table)
-        .filter(oq::destination.eq(destination))
-        .filter(oq::status.eq("pending"))
-        .order((oq::event_seq.asc(), oq::id.asc()))
-        .limit(limit)
-        .select((
-            oq::id,
-            oq::event_id,
-            oq::attempts,
-            oq::created_at,
-            oq::event_seq,
-            oq::order_provides,
-            oq::order_waits,
-            fe::room_id,
-        ))
-        .load(conn)
-        .await?)
+    Ok(diesel::sql_query(
+        "SELECT o.id, o.event_id, o.attempts, o.created_at, o.event_seq, o.order_provides, \
+                o.order_waits, e.room_id \
+         FROM (SELECT * FROM outbound_queue \
+               WHERE destination = $1 AND status = 'pending' \
+               ORDER BY event_seq, id LIMIT $2) o \
+         JOIN federation_events e ON e.event_id = o.event_id \
+         ORDER BY o.event_seq, o.id",
+    )
+    .bind::<Text, _>(destination)
+    .bind::<BigInt, _>(limit)
+    .load(conn)
+    .await?)
+}
+
+#[derive(QueryableByName)]
+struct Exists {
+    #[diesel(sql_type = diesel::sql_types::Bool)]
+    exists: bool,
 }
 
 /// True when the destination has rows waiting.
@@ -105,13 +117,14 @@ pub async fn has_waiting(
     conn: &mut AsyncPgConnection,
     destination: &str,
 ) -> Result<bool, StoreError> {
-    Ok(diesel::select(diesel::dsl::exists(
-        oq::table
-            .filter(oq::destination.eq(destination))
-            .filter(oq::status.eq("pending")),
-    ))
+    let r: Exists = diesel::sql_query(
+        "SELECT EXISTS (SELECT 1 FROM outbound_queue \
+                        WHERE destination = $1 AND status = 'pending') AS exists",
+    )
+    .bind::<Text, _>(destination)
     .get_result(conn)
-    .await?)
+    .await?;
+    Ok(r.exists)
 }
 
 /// Marks rows delivered, in one statement.
@@ -119,17 +132,11 @@ pub async fn delivered(conn: &mut AsyncPgConnection, ids: &[i64]) -> Result<(), 
     if ids.is_empty() {
         return Ok(());
     }
-    let now = Utc::now();
-    diesel::update(
-        oq::table
-            .filter(oq::id.eq_any(ids))
-            .filter(oq::status.eq("pending")),
+    diesel::sql_query(
+        "UPDATE outbound_queue SET status = 'delivered', delivered_at = now(), updated_at = now() \
+         WHERE id = ANY($1) AND status = 'pending'",
     )
-    .set((
-        oq::status.eq("delivered"),
-        oq::delivered_at.eq(now),
-        oq::updated_at.eq(now),
-    ))
+    .bind::<Array<BigInt>, _>(ids)
     .execute(conn)
     .await?;
     Ok(())
