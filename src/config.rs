@@ -224,6 +224,10 @@ pub struct WorkerConfig {
     /// transactions older than this are pruned.
     #[serde(deserialize_with = "flex::u64")]
     pub retention_secs: u64,
+    /// How often each worker refreshes the fleet-wide gauges (queue depths, destination
+    /// states, backlog); Prometheus scrapes every 15 s by default.
+    #[serde(deserialize_with = "flex::u64")]
+    pub gauges_interval_ms: u64,
 }
 
 impl Default for WorkerConfig {
@@ -237,6 +241,7 @@ impl Default for WorkerConfig {
             stale_after_ms: 30_000,
             job_timeout_ms: 120_000,
             retention_secs: 7 * 24 * 3600,
+            gauges_interval_ms: 15_000,
         }
     }
 }

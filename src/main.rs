@@ -220,8 +220,10 @@ async fn shutdown_signal() {
 }
 
 async fn serve(cfg: Config) -> anyhow::Result<()> {
-    use parafed::ingress::{metrics, server};
+    use parafed::ingress::server;
+    use parafed::telemetry::metrics;
     let handle = metrics::recorder();
+    metrics::describe(metrics::Role::Ingress);
     let tls = match (&cfg.http.tls_cert, &cfg.http.tls_key) {
         (Some(c), Some(k)) => Some(server::tls_acceptor(c, k)?),
         _ => None,

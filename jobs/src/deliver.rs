@@ -125,14 +125,16 @@ async fn transition(
 ) -> Result<Option<Health>, JobError> {
     let mut conn = ctx.app.pool.get().await.map_err(StoreError::from)?;
     let policy = &ctx.policy;
-    Ok(destinations::update_from(&mut conn, dest.as_str(), loaded, |h| {
-        let mut d = Destination::from_row(h).map_err(StoreError::Corrupt)?;
-        for e in &events {
-            d = d.apply(e.clone(), policy);
-        }
-        Ok(d.to_row())
-    })
-    .await?)
+    Ok(
+        destinations::update_from(&mut conn, dest.as_str(), loaded, |h| {
+            let mut d = Destination::from_row(h).map_err(StoreError::Corrupt)?;
+            for e in &events {
+                d = d.apply(e.clone(), policy);
+            }
+            Ok(d.to_row())
+        })
+        .await?,
+    )
 }
 
 /// The trust decision about the destination: a blocked peer's waiting rows are
@@ -158,7 +160,13 @@ async fn may_send(ctx: &Ctx, dest: &ServerName) -> Result<bool, JobError> {
                 + chrono::Duration::from_std(ctx.policy.hold_recheck)
                     .unwrap_or(chrono::Duration::minutes(1));
             let reason = format!("outbound held: {dest} is quarantined");
-            transition(ctx, dest, None, vec![DestinationEvent::Hold { reason, until }]).await?;
+            transition(
+                ctx,
+                dest,
+                None,
+                vec![DestinationEvent::Hold { reason, until }],
+            )
+            .await?;
             Ok(false)
         }
         Standing::Refused { reason } => {
@@ -201,7 +209,10 @@ async fn drain(
             Sending::Wait | Sending::Recheck => return Ok(Drain::Stopped),
         };
         let scan = policy.order_scan.max(limit) as i64;
-        let rows = outbound::waiting(&mut conn, dest.as_str(), scan).await?;
+        let since = Utc::now()
+            - chrono::Duration::from_std(policy.dependency_wait)
+                .unwrap_or(chrono::Duration::minutes(5));
+        let rows = outbound::waiting(&mut conn, dest.as_str(), scan, since).await?;
         if rows.is_empty() {
             return Ok(Drain::Empty);
         }
@@ -219,7 +230,7 @@ async fn drain(
             metrics::counter!("parafed_deliveries_total", "outcome" => "dead").increment(n as u64);
             continue;
         }
-        let chosen = choose(ctx, &mut conn, rows, limit).await?;
+        let chosen = choose(ctx, &mut conn, rows, limit, since).await?;
         if chosen.is_empty() {
             // Everything waits for earlier events not yet fanned out: the scheduler
             // brings the destination back within a tick.
@@ -227,7 +238,12 @@ async fn drain(
         }
         let ids: Vec<&str> = chosen.iter().map(|r| r.event_id.as_str()).collect();
         let mut bodies = events::envelopes(&mut conn, &ids).await?;
-        let row_ids: Vec<i64> = chosen.iter().map(|r| r.id).collect();
+        // Attempts open only for rows that will be sent.
+        let row_ids: Vec<i64> = chosen
+            .iter()
+            .filter(|r| bodies.contains_key(&r.event_id))
+            .map(|r| r.id)
+            .collect();
         let begun = attempts::begin(&mut conn, dest.as_str(), &row_ids).await?;
         drop(conn);
         let mut attempt_of: HashMap<i64, i64> =
@@ -257,6 +273,7 @@ async fn choose(
     conn: &mut parafed::store::PgConn,
     rows: Vec<Waiting>,
     limit: usize,
+    since: chrono::DateTime<Utc>,
 ) -> Result<Vec<Waiting>, JobError> {
     let keys: Vec<OrderKeys> = rows
         .iter()
@@ -269,12 +286,13 @@ async fn choose(
     rooms.sort_unstable();
     rooms.dedup();
     let last_seq = rows.iter().map(|r| r.event_seq).max().unwrap_or(0);
-    let since = Utc::now()
-        - chrono::Duration::from_std(ctx.policy.dependency_wait)
-            .unwrap_or(chrono::Duration::minutes(5));
-    let earlier =
+    // The usual case — everything earlier is fanned out — costs no second query.
+    let earlier = if rows.iter().any(|r| r.earlier_unsettled) {
         events::unsettled_before(conn, &rooms, last_seq, since, ctx.policy.order_scan as i64)
-            .await?;
+            .await?
+    } else {
+        Vec::new()
+    };
     let earlier_keys: Vec<(i64, OrderKeys)> = earlier
         .iter()
         .map(|e| {
@@ -339,6 +357,9 @@ async fn settle(
         match &s.outcome {
             Outcome::Delivered => {
                 delivered.push(s.row.id);
+                let latency = (now - s.row.received_at).to_std().unwrap_or_default();
+                metrics::histogram!("parafed_delivery_latency_seconds")
+                    .record(latency.as_secs_f64());
                 changes.push(DestinationEvent::Delivered { at: now });
             }
             Outcome::Permanent { reason } => {
@@ -375,13 +396,27 @@ async fn settle(
     }
     let backs_off = failure.is_some();
     changes.extend(failure);
+    // A healthy destination that took the whole batch only moves its last success: not
+    // worth a write more than every few seconds.
+    let only_deliveries = changes
+        .iter()
+        .all(|c| matches!(c, DestinationEvent::Delivered { .. }));
+    let recent = loaded
+        .last_success_at
+        .is_some_and(|t| now - t < chrono::Duration::seconds(5));
+    let unchanged =
+        only_deliveries && recent && loaded.state == "healthy" && loaded.consecutive_forbidden == 0;
     let mut conn = app.pool.get().await.map_err(StoreError::from)?;
     attempts::finish(&mut conn, &finished).await?;
     outbound::delivered(&mut conn, &delivered).await?;
     let n_dead = outbound::dead(&mut conn, &dead).await?;
     outbound::note_errors(&mut conn, &waiting).await?;
     drop(conn);
-    let saved = transition(ctx, dest, Some(loaded), changes).await?;
+    let saved = if unchanged {
+        None
+    } else {
+        transition(ctx, dest, Some(loaded), changes).await?
+    };
     metrics::counter!("parafed_deliveries_total", "outcome" => "delivered")
         .increment(delivered.len() as u64);
     metrics::counter!("parafed_deliveries_total", "outcome" => "dead").increment(n_dead as u64);
@@ -438,6 +473,14 @@ async fn send_row(
         ));
         let status = r.as_ref().ok().map(|resp| i32::from(resp.status.as_u16()));
         let outcome = outcome::classify(r.as_ref(), previous, &ctx.policy, SystemTime::now());
+        let result = match &outcome {
+            Outcome::Delivered => "delivered",
+            Outcome::Resign => "resign",
+            Outcome::Permanent { .. } => "permanent",
+            Outcome::Transient { .. } => "transient",
+            Outcome::DestinationProblem { .. } => "destination_problem",
+        };
+        metrics::counter!("parafed_delivery_attempts_total", "result" => result).increment(1);
         if outcome == Outcome::Resign {
             // A 409: an identical request was seen. Sign afresh and send once more, as
             // a new attempt with its own number.

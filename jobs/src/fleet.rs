@@ -48,7 +48,10 @@ async fn task<J: Handler>(
     ctx: Data<Arc<Ctx>>,
     c: Data<StreamConsumer>,
 ) -> Result<(), JobError> {
+    let started = std::time::Instant::now();
     let r = J::run(&ctx, &task.job).await;
+    metrics::histogram!("parafed_job_duration_seconds", "queue" => J::QUEUE.as_str())
+        .record(started.elapsed().as_secs_f64());
     finish(&c, &task, r, J::QUEUE.as_str()).await
 }
 

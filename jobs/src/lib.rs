@@ -7,5 +7,6 @@ pub mod context;
 pub mod deliver;
 pub mod fanout;
 pub mod fleet;
+pub mod gauges;
 pub mod scheduler;
 pub mod verify;

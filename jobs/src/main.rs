@@ -61,9 +61,10 @@ fn main() -> ExitCode {
         queues = QueueName::ALL.to_vec();
     }
     parafed::process::run_main(async move {
-        let handle = parafed::ingress::metrics::recorder();
-        let listener = parafed::ingress::metrics::bind(cfg.worker.metrics_listen).await?;
-        tokio::spawn(parafed::ingress::metrics::serve(listener, handle));
+        let handle = parafed::telemetry::metrics::recorder();
+        parafed::telemetry::metrics::describe(parafed::telemetry::metrics::Role::Worker);
+        let listener = parafed::telemetry::metrics::bind(cfg.worker.metrics_listen).await?;
+        tokio::spawn(parafed::telemetry::metrics::serve(listener, handle));
         let app = parafed::app::App::new(cfg)?;
         parafed_jobs::fleet::run(app, &queues, shutdown_signal()).await
     })

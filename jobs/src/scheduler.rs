@@ -8,6 +8,8 @@
 //!   in its stream; see [`reconcile`]), are pushed again (rows are claimed with
 //!   `SKIP LOCKED`, so workers split them). A job a dead worker held is not lost: it stays
 //!   in the stream and another worker claims it after `job_timeout`;
+//! * **gauges** — queue depths, destination states, the backlog (see `gauges`), every
+//!   `gauges_interval_ms`, and this worker's heartbeat every tick;
 //! * **expire and prune** — outbound rows older than the maximum age become dead;
 //!   attempts, finished rows and local transactions older than `retention_secs` are
 //!   deleted (replay entries expire in Redis by themselves; acknowledged jobs are deleted
@@ -29,10 +31,19 @@ pub async fn run(ctx: Arc<Ctx>, mut stop: tokio::sync::watch::Receiver<bool>) {
     let reconcile_every = Duration::from_millis(cfg.reconcile_interval_ms.max(10));
     let mut last_reconcile = Instant::now() - reconcile_every;
     let mut last_expire = Instant::now() - EXPIRE_EVERY;
+    let gauges_every = Duration::from_millis(cfg.gauges_interval_ms.max(100));
+    let mut last_gauges = Instant::now() - gauges_every;
     loop {
         tokio::select! {
             () = tokio::time::sleep(tick) => {}
             _ = stop.changed() => return,
+        }
+        crate::gauges::heartbeat();
+        if last_gauges.elapsed() >= gauges_every {
+            last_gauges = Instant::now();
+            if let Err(e) = crate::gauges::collect(&ctx).await {
+                tracing::warn!(error = %e, "collecting the gauges failed");
+            }
         }
         if let Err(e) = schedule_due(&ctx).await {
             tracing::warn!(error = %e, "scheduling deliveries failed");

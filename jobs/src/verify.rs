@@ -25,7 +25,9 @@ async fn judge(ctx: &Ctx, env: &Envelope) -> Result<Result<(), String>, JobError
             Err(e @ KeyLookupError::Unavailable(_)) => return Err(e.into()),
         }
     }
-    match env.verify(|k| app.keyring.key_if_cached(&env.origin_server, k)) {
+    let verdict = env.verify(|k| app.keyring.key_if_cached(&env.origin_server, k));
+    parafed::telemetry::signature_checked("envelope", verdict.is_ok());
+    match verdict {
         Ok(_) => {}
         Err(SignatureError::UnknownKey) => {
             return Ok(Err(format!(

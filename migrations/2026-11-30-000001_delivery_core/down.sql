@@ -1,3 +1,5 @@
+DROP INDEX federation_events_held;
+
 CREATE TABLE feed_cursors (
     consumer       TEXT PRIMARY KEY,
     seq            BIGINT NOT NULL DEFAULT 0,

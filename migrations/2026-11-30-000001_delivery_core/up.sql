@@ -26,7 +26,7 @@ DROP INDEX outbound_queue_due;
 ALTER TABLE outbound_queue DROP COLUMN next_attempt_at;
 -- Drain a destination's backlog in event order.
 DROP INDEX outbound_queue_destination_pending;
-CREATE INDEX outbound_queue_destination_waiting ON outbound_queue (destination, event_seq)
+CREATE INDEX outbound_queue_destination_waiting ON outbound_queue (destination, event_seq, id)
     WHERE status = 'pending';
 -- Expiry: waiting rows by age.
 CREATE INDEX outbound_queue_waiting_created ON outbound_queue (created_at)
@@ -60,3 +60,7 @@ CREATE INDEX destination_health_due ON destination_health (backoff_until)
 
 -- Feed consumers keep their own position (an opaque `next_since`); nothing used this.
 DROP TABLE feed_cursors;
+
+-- The held-events gauge (and the quarantine release / purge to come) count held events.
+CREATE INDEX federation_events_held ON federation_events (received_at)
+    WHERE status = 'held';

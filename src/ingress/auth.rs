@@ -60,8 +60,10 @@ pub async fn authenticate(
     if let Err(e) = transport.verify(&key, method.as_str(), path_and_query, body) {
         metrics::counter!("parafed_ingress_refused_total", "reason" => "bad_signature")
             .increment(1);
+        crate::telemetry::signature_checked("transport", false);
         return Err(e.into());
     }
+    crate::telemetry::signature_checked("transport", true);
     Ok(Authenticated {
         origin,
         transport,

@@ -92,7 +92,11 @@ async fn check_envelope_signature(
             let _ = app.keyring.key(&env.origin_server, kid).await;
         }
     }
-    match env.verify(|k| app.keyring.key_if_cached(&env.origin_server, k)) {
+    let verdict = env.verify(|k| app.keyring.key_if_cached(&env.origin_server, k));
+    if !matches!(verdict, Err(SignatureError::UnknownKey) if relayed) {
+        crate::telemetry::signature_checked("envelope", verdict.is_ok());
+    }
+    match verdict {
         Ok(_) => Ok(()),
         Err(SignatureError::UnknownKey) if relayed => Ok(()),
         Err(SignatureError::Missing) => {
@@ -151,7 +155,7 @@ pub async fn post_event(
     // events arriving now.
     let event_id = env.event_id.clone();
     let inserted = intake.store(env, auth.origin.clone(), status).await?;
-    metrics::counter!("parafed_events_received_total", "inserted" => if inserted { "true" } else { "false" })
+    metrics::counter!("parafed_events_received_total", "result" => if inserted { "stored" } else { "duplicate" })
         .increment(1);
     Ok(json_response(
         StatusCode::ACCEPTED,

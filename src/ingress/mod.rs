@@ -12,7 +12,6 @@ pub mod error;
 pub mod federation;
 pub mod intake;
 pub mod local;
-pub mod metrics;
 pub mod request;
 pub mod server;
 

@@ -184,6 +184,39 @@ impl JobQueue {
             .and_then(|(ms, _)| ms.parse().ok()))
     }
 
+    /// A queue's jobs by state: `(ready, in_flight, dead)` — ready entries wait for a
+    /// worker, in-flight ones were read and not yet acknowledged (the consumer group's
+    /// pending list), dead ones were moved aside after too many deliveries. One pipelined
+    /// round trip (`XLEN`, `XPENDING` summary, `XLEN` of the dead stream).
+    pub async fn stats(&self, q: QueueName) -> Result<(u64, u64, u64), QueueError> {
+        let (key, dead) = (self.keys.queue(q), self.keys.dead(q));
+        let (len, pending, dead): (u64, redis::Value, u64) = self
+            .call(|mut c| {
+                let mut pipe = redis::pipe();
+                pipe.cmd("XLEN").arg(&key);
+                pipe.cmd("XPENDING").arg(&key).arg(consume::GROUP);
+                pipe.cmd("XLEN").arg(&dead);
+                async move {
+                    match pipe.query_async(&mut c).await {
+                        Ok(v) => Ok(v),
+                        // No group yet (nothing consumed since a restart): nothing in flight.
+                        Err(e) if e.code() == Some("NOGROUP") => Ok((0, redis::Value::Nil, 0)),
+                        Err(e) => Err(e),
+                    }
+                }
+            })
+            .await?;
+        // XPENDING's summary starts with the count of pending entries.
+        let in_flight = match pending {
+            redis::Value::Array(ref items) => match items.first() {
+                Some(redis::Value::Int(n)) => u64::try_from(*n).unwrap_or(0),
+                _ => 0,
+            },
+            _ => 0,
+        };
+        Ok((len.saturating_sub(in_flight), in_flight, dead))
+    }
+
     /// Pushes a deliver job for each destination that has none queued yet.
     pub async fn schedule_deliveries(&self, destinations: &[String]) -> Result<usize, QueueError> {
         if destinations.is_empty() {

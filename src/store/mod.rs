@@ -9,6 +9,7 @@ pub mod attempts;
 pub mod destinations;
 pub mod events;
 pub mod feed;
+pub mod gauges;
 pub mod keys;
 pub mod local;
 pub mod migrate;

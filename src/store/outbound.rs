@@ -44,6 +44,14 @@ pub struct Waiting {
     pub order_waits: Vec<i64>,
     #[diesel(sql_type = Text)]
     pub room_id: String,
+    /// When the event was stored here (end-to-end latency starts there).
+    #[diesel(sql_type = Timestamptz)]
+    pub received_at: DateTime<Utc>,
+    /// An earlier event of the same room, stored after `unsettled_since`, is not yet
+    /// verified or fanned out (it may still get a row here): see
+    /// `events::unsettled_before`.
+    #[diesel(sql_type = diesel::sql_types::Bool)]
+    pub earlier_unsettled: bool,
 }
 
 /// Writes the outbound rows of one event (idempotent) and makes sure each destination has
@@ -90,18 +98,29 @@ pub async fn waiting(
     conn: &mut AsyncPgConnection,
     destination: &str,
     limit: i64,
+    unsettled_since: DateTime<Utc>,
 ) -> Result<Vec<Waiting>, StoreError> {
-    Ok(diesel::sql_query(
+    // The limit is written into the statement: as a parameter, a cached generic plan
+    // does not know the batch is small and hashes all of federation_events instead of
+    // looking the few rows up by key (measured: 17 ms against 0.8 ms with 100 000 events).
+    Ok(diesel::sql_query(format!(
         "SELECT o.id, o.event_id, o.attempts, o.created_at, o.event_seq, o.order_provides, \
-                o.order_waits, e.room_id \
+                o.order_waits, e.room_id, e.received_at, \
+                EXISTS (SELECT 1 FROM federation_events p \
+                        WHERE p.room_id = e.room_id AND p.seq < o.event_seq \
+                          AND p.received_at > $2 \
+                          AND (p.status = 'pending' \
+                               OR (p.status = 'accepted' AND p.fanned_out_at IS NULL))) \
+                  AS earlier_unsettled \
          FROM (SELECT * FROM outbound_queue \
                WHERE destination = $1 AND status = 'pending' \
-               ORDER BY event_seq, id LIMIT $2) o \
+               ORDER BY event_seq, id LIMIT {limit}) o \
          JOIN federation_events e ON e.event_id = o.event_id \
          ORDER BY o.event_seq, o.id",
-    )
+        limit = limit.clamp(1, 10_000)
+    ))
     .bind::<Text, _>(destination)
-    .bind::<BigInt, _>(limit)
+    .bind::<Timestamptz, _>(unsettled_since)
     .load(conn)
     .await?)
 }

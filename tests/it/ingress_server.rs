@@ -9,12 +9,12 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 #[tokio::test]
 async fn metrics_count_requests_without_peer_names() {
-    let handle = parafed::ingress::metrics::recorder();
-    let listener = parafed::ingress::metrics::bind("127.0.0.1:0".parse().unwrap())
+    let handle = parafed::telemetry::metrics::recorder();
+    let listener = parafed::telemetry::metrics::bind("127.0.0.1:0".parse().unwrap())
         .await
         .unwrap();
     let maddr = listener.local_addr().unwrap();
-    tokio::spawn(parafed::ingress::metrics::serve(listener, handle));
+    tokio::spawn(parafed::telemetry::metrics::serve(listener, handle));
     let s = TestServer::start(Options::default()).await;
     // An unauthenticated event from a made-up peer: refused, and counted.
     let h = vec![

@@ -1,7 +1,13 @@
+//! What a process tells its operator: logs (here) and Prometheus metrics ([`metrics`]).
+//!
 //! Logging: structured `tracing` output on stderr (stdout is for command data).
 //!
 //! `PARAFED_LOG` sets the filter (default `info`), `PARAFED_LOG_FORMAT=json` switches to
 //! one JSON object per line for log shippers.
+
+pub mod metrics;
+
+pub use metrics::signature_checked;
 
 use tracing_subscriber::EnvFilter;
 
