@@ -230,12 +230,20 @@ async fn drain(
             metrics::counter!("parafed_deliveries_total", "outcome" => "dead").increment(n as u64);
             continue;
         }
-        let chosen = choose(ctx, &mut conn, rows, limit, since).await?;
+        let full = rows.len() as i64 >= scan;
+        let mut chosen = choose(ctx, &mut conn, rows, limit, since).await?;
+        if chosen.is_empty() && full {
+            // Everything looked at waits behind one dependency: look further once, so
+            // unrelated rows behind a busy message's reactions still go.
+            let wider = outbound::waiting(&mut conn, dest.as_str(), scan * 8, since).await?;
+            chosen = choose(ctx, &mut conn, wider, limit, since).await?;
+        }
         if chosen.is_empty() {
             // Everything waits for earlier events not yet fanned out: the scheduler
             // brings the destination back within a tick.
             return Ok(Drain::Stopped);
         }
+        let key = app.signing_key().await?;
         let ids: Vec<&str> = chosen.iter().map(|r| r.event_id.as_str()).collect();
         let mut bodies = events::envelopes(&mut conn, &ids).await?;
         // Attempts open only for rows that will be sent.
@@ -255,12 +263,18 @@ async fn drain(
         let sends = chosen.into_iter().map(|r| {
             let body = bodies.remove(&r.event_id).map(|e| Bytes::from(e.to_wire()));
             let attempt_id = attempt_of.remove(&r.id);
-            send_row(ctx, dest, r, body, attempt_id, previous)
+            send_row(ctx, dest, &key, r, body, attempt_id, previous)
         });
-        let results: Vec<Sent> = futures::future::join_all(sends)
-            .await
-            .into_iter()
-            .collect::<Result<_, _>>()?;
+        let mut results: Vec<Sent> = futures::future::join_all(sends).await;
+        // Every request of the batch was classified with the 403 run as it stood before
+        // it; count the run across the batch in row order.
+        outcome::apply_forbidden_run(
+            results
+                .iter_mut()
+                .map(|s| (s.status.map(|c| c as u16), &mut s.outcome)),
+            destination.forbidden_in_a_row,
+            policy,
+        );
         if settle(ctx, dest, health, results).await? {
             return Ok(Drain::Stopped);
         }
@@ -320,7 +334,11 @@ async fn choose(
         .iter()
         .map(|(seq, k)| Unsettled { seq: *seq, keys: k })
         .collect();
-    let picked = order::sendable(&candidates, &pending, limit);
+    // A list cut at its bound says nothing about events after its last one.
+    let horizon = (earlier.len() >= ctx.policy.order_scan)
+        .then(|| earlier.last().map(|e| e.seq))
+        .flatten();
+    let picked = order::sendable(&candidates, &pending, horizon, limit);
     let mut rows: Vec<Option<Waiting>> = rows.into_iter().map(Some).collect();
     Ok(picked.into_iter().filter_map(|i| rows[i].take()).collect())
 }
@@ -434,30 +452,30 @@ async fn settle(
 async fn send_row(
     ctx: &Ctx,
     dest: &ServerName,
+    key: &parafed::protocol::Keypair,
     row: Waiting,
     body: Option<Bytes>,
     attempt_id: Option<i64>,
     mut previous: Previous,
-) -> Result<Sent, JobError> {
+) -> Sent {
     let app = &ctx.app;
     let (Some(body), Some(mut attempt_id)) = (body, attempt_id) else {
-        return Ok(Sent {
+        return Sent {
             row,
             attempts: Vec::new(),
             outcome: Outcome::Permanent {
                 reason: "the event no longer exists".into(),
             },
             status: None,
-        });
+        };
     };
-    let key = app.signing_key().await?;
     let mut attempts = Vec::new();
     loop {
         let started = Instant::now();
         let r = send_signed(
             &app.client,
             &app.directory,
-            &key,
+            key,
             &app.cfg.server_name,
             dest,
             Method::POST,
@@ -472,7 +490,13 @@ async fn send_row(
             attempt::result_of(r.as_ref(), started.elapsed()),
         ));
         let status = r.as_ref().ok().map(|resp| i32::from(resp.status.as_u16()));
-        let outcome = outcome::classify(r.as_ref(), previous, &ctx.policy, SystemTime::now());
+        let outcome = outcome::classify(
+            r.as_ref(),
+            &row.event_id,
+            previous,
+            &ctx.policy,
+            SystemTime::now(),
+        );
         let result = match &outcome {
             Outcome::Delivered => "delivered",
             Outcome::Resign => "resign",
@@ -485,30 +509,45 @@ async fn send_row(
             // A 409: an identical request was seen. Sign afresh and send once more, as
             // a new attempt with its own number.
             previous.resent = true;
-            let mut conn = app.pool.get().await.map_err(StoreError::from)?;
-            match attempts::begin(&mut conn, dest.as_str(), &[row.id])
-                .await?
-                .first()
-            {
-                Some(s) => attempt_id = s.id,
-                None => {
-                    break Ok(Sent {
+            let begun = match app.pool.get().await {
+                Ok(mut conn) => attempts::begin(&mut conn, dest.as_str(), &[row.id])
+                    .await
+                    .map(|v| v.first().map(|s| s.id)),
+                Err(e) => Err(StoreError::from(e)),
+            };
+            match begun {
+                Ok(Some(id)) => attempt_id = id,
+                // The row is gone (purged meanwhile): nothing to resend.
+                Ok(None) => {
+                    break Sent {
                         row,
                         attempts,
                         outcome: Outcome::Permanent {
                             reason: "the outbound row no longer exists".into(),
                         },
                         status,
-                    })
+                    }
+                }
+                // No resend without its attempt on record: try again after a backoff.
+                Err(e) => {
+                    break Sent {
+                        row,
+                        attempts,
+                        outcome: Outcome::Transient {
+                            reason: format!("HTTP 409, and the resend could not be recorded: {e}"),
+                            retry_after: None,
+                        },
+                        status,
+                    }
                 }
             }
             continue;
         }
-        break Ok(Sent {
+        break Sent {
             row,
             attempts,
             outcome,
             status,
-        });
+        };
     }
 }

@@ -5,10 +5,11 @@
 -- Storage order of events: the order dependants are sent in (docs/architecture.md,
 -- "Delivery order"). Existing rows are numbered in table order.
 ALTER TABLE federation_events ADD COLUMN seq BIGINT GENERATED ALWAYS AS IDENTITY;
--- Events that may still get outbound rows (not yet verified, or accepted and not yet
--- fanned out): the deliver job looks these up by room to hold back their dependants.
+-- Events that may still get outbound rows (not yet verified, held from a quarantined
+-- origin, or accepted and not yet fanned out): the deliver job looks these up by room
+-- to hold back their dependants.
 CREATE INDEX federation_events_unsettled_room ON federation_events (room_id, seq)
-    WHERE status = 'pending' OR (status = 'accepted' AND fanned_out_at IS NULL);
+    WHERE status IN ('pending', 'held') OR (status = 'accepted' AND fanned_out_at IS NULL);
 
 -- Outbound rows: the event's storage order and its ordering keys (hashes; see
 -- src/delivery/order.rs). 'inflight' was never written: a row is pending until settled.

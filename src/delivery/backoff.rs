@@ -3,7 +3,8 @@
 //! Exponential in the number of consecutive failures, from `base` up to `cap`, with
 //! bounded jitter: the delay is drawn from [2d/3, d] where d = min(cap, base·2^(n−1)).
 //! Jitter spreads the retries of many senders; keeping the lower two thirds fixed means a
-//! peer's successive gaps always grow (the next gap is at least 4d/3 > d). Full jitter,
+//! peer's successive gaps grow until they reach the cap (the next gap is at least
+//! 4d/3 > d). Full jitter,
 //! drawn from [0, d], could retry a dead peer almost at once after a long wait. A
 //! `Retry-After` from the peer (RFC 9110 §10.2.3) is a floor, clamped to `cap`.
 //!

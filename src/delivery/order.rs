@@ -8,7 +8,9 @@
 //!   after every earlier event naming the same `message_id` — the message first, then
 //!   its edits, reactions and delete in the order they were stored;
 //! * member events (`m.member.join`, `m.member.leave`) come in order;
-//! * a member's join (or leave) comes before that member's later events.
+//! * a member's join (or leave) comes before that member's later events, and a leave
+//!   after that member's earlier events (a host applying the leave first would refuse
+//!   them).
 //!
 //! Unrelated events — other messages, other members — may be in flight together, up to
 //! the window: one request at a time per room would cap a busy room at one event per
@@ -60,25 +62,35 @@ pub fn keys_for(
     sender: &str,
     content: &serde_json::Value,
 ) -> OrderKeys {
+    // `member`: the member's join or leave (their later events wait for it);
+    // `activity`: any event of the member (their leave waits for all of them).
     let member = key(room_id, "member", sender);
+    let activity = key(room_id, "activity", sender);
     match event_type {
-        "m.member.join" | "m.member.leave" => {
+        "m.member.join" => {
             let members = key(room_id, "members", "");
             OrderKeys {
                 provides: vec![members, member],
                 waits: vec![members],
             }
         }
+        "m.member.leave" => {
+            let members = key(room_id, "members", "");
+            OrderKeys {
+                provides: vec![members, member],
+                waits: vec![members, activity],
+            }
+        }
         _ => match message_id(content) {
             Some(m) => {
                 let msg = key(room_id, "message", &m);
                 OrderKeys {
-                    provides: vec![msg],
+                    provides: vec![msg, activity],
                     waits: vec![msg, member],
                 }
             }
             None => OrderKeys {
-                provides: Vec::new(),
+                provides: vec![activity],
                 waits: vec![member],
             },
         },
@@ -97,9 +109,14 @@ pub struct Unsettled<'a> {
 /// Of `candidates` (waiting rows, oldest first by `seq`), the indexes that may be sent
 /// now, at most `limit`, in order. Every candidate counts as unsettled for the ones
 /// after it (sent now or not), and so does every event in `not_yet_fanned_out`.
+///
+/// `horizon`: when the list of events not yet fanned out was cut short (it is read with a
+/// bound), events after its last one are unknown, so candidates stored after `horizon`
+/// wait too.
 pub fn sendable(
     candidates: &[Unsettled<'_>],
     not_yet_fanned_out: &[Unsettled<'_>],
+    horizon: Option<i64>,
     limit: usize,
 ) -> Vec<usize> {
     let mut taken = Vec::new();
@@ -108,7 +125,8 @@ pub fn sendable(
         if taken.len() >= limit {
             break;
         }
-        let blocked = c.keys.waits.iter().any(|k| provided.contains(k))
+        let blocked = horizon.is_some_and(|h| c.seq > h)
+            || c.keys.waits.iter().any(|k| provided.contains(k))
             || not_yet_fanned_out
                 .iter()
                 .any(|p| p.seq < c.seq && p.keys.provides.iter().any(|k| c.keys.waits.contains(k)));
@@ -152,7 +170,7 @@ mod tests {
             .iter()
             .map(|(seq, k)| Unsettled { seq: *seq, keys: k })
             .collect();
-        sendable(&c, &p, limit)
+        sendable(&c, &p, None, limit)
     }
 
     #[test]
@@ -253,6 +271,17 @@ mod tests {
     }
 
     #[test]
+    fn past_a_cut_list_of_unsettled_events_nothing_is_known() {
+        let (a, b, c) = (msg("1"), msg("2"), msg("3"));
+        let rows: Vec<Unsettled> = [(10, &a), (20, &b), (30, &c)]
+            .into_iter()
+            .map(|(seq, keys)| Unsettled { seq, keys })
+            .collect();
+        assert_eq!(sendable(&rows, &[], Some(20), 8), vec![0, 1]);
+        assert_eq!(sendable(&rows, &[], Some(5), 8), Vec::<usize>::new());
+    }
+
+    #[test]
     fn keys_are_scoped_to_the_room() {
         let a = keys_for(
             "!1:alpha.test",
@@ -275,6 +304,6 @@ mod tests {
                 keys: k,
             })
             .collect();
-        assert_eq!(sendable(&c, &[], 8), vec![0, 1]);
+        assert_eq!(sendable(&c, &[], None, 8), vec![0, 1]);
     }
 }

@@ -4,7 +4,8 @@
 //!
 //! | answer | outcome |
 //! |---|---|
-//! | 2xx (`inserted:false` too: a duplicate) | [`Outcome::Delivered`] |
+//! | 2xx with `{"event_id","inserted"}` for this event (`inserted:false` too: a duplicate) | [`Outcome::Delivered`] |
+//! | 2xx with any other body | [`Outcome::DestinationProblem`]: not a Paracord federation endpoint |
 //! | 409, first time | [`Outcome::Resign`]: an identical request was seen; sign afresh and send once more |
 //! | 409 again | [`Outcome::Transient`] |
 //! | 401, 408, 429, 5xx, connect / timeout / TLS / protocol errors | [`Outcome::Transient`], `Retry-After` kept |
@@ -73,11 +74,12 @@ pub struct Previous {
     pub forbidden_in_a_row: u32,
 }
 
-/// Classifies one request's result (see the module table).
+/// Classifies one request's result for `event_id` (see the module table).
 ///
 /// `now` is the clock an HTTP-date `Retry-After` is measured against.
 pub fn classify(
     result: Result<&Response, &SendError>,
+    event_id: &str,
     previous: Previous,
     policy: &Policy,
     now: SystemTime,
@@ -100,7 +102,21 @@ pub fn classify(
             .and_then(|v| parse_retry_after(v, now))
     };
     if s.is_success() {
-        return Outcome::Delivered;
+        return if acknowledges(&resp.body, event_id) {
+            Outcome::Delivered
+        } else {
+            // A catch-all proxy or a wrong endpoint answering 200 must not swallow events.
+            Outcome::DestinationProblem {
+                reason: format!(
+                    "HTTP {} without {{\"event_id\":\"{}\",\"inserted\":…}}: not a Paracord \
+                     federation endpoint? check the peer's base_url: {}",
+                    s.as_u16(),
+                    excerpt(event_id.as_bytes()),
+                    excerpt(&resp.body)
+                ),
+                retry_after: retry_after(),
+            }
+        };
     }
     if s == StatusCode::CONFLICT {
         return if previous.resent {
@@ -159,6 +175,53 @@ pub fn classify(
     }
 }
 
+/// True when a 2xx body is the receipt PROTOCOL.md names: a JSON object with this
+/// `event_id` and a boolean `inserted`.
+fn acknowledges(body: &[u8], event_id: &str) -> bool {
+    #[derive(serde::Deserialize)]
+    struct Receipt<'a> {
+        #[serde(borrow)]
+        event_id: std::borrow::Cow<'a, str>,
+        /// Required, and a boolean: its presence is part of the check (`true` and
+        /// `false` both mean the destination has the event).
+        #[allow(dead_code)]
+        inserted: bool,
+    }
+    serde_json::from_slice::<Receipt>(body).is_ok_and(|r| r.event_id == event_id)
+}
+
+/// Applies the 403 run across one batch, in row order: every request of a batch is
+/// classified with the run as it stood before the batch, so a window of 403s would all
+/// be `Permanent`. Counting on from `before`, once `forbidden_run` 403s in a row are
+/// reached the rest are the destination's problem (their rows wait); any other answer
+/// ends the run. `batch` gives each request's status (`None`: no answer) and outcome.
+pub fn apply_forbidden_run<'a>(
+    batch: impl IntoIterator<Item = (Option<u16>, &'a mut Outcome)>,
+    before: u32,
+    policy: &Policy,
+) {
+    let mut run = before;
+    for (status, outcome) in batch {
+        match status {
+            Some(403) => {
+                run = run.saturating_add(1);
+                if run >= policy.forbidden_run {
+                    if let Outcome::Permanent { reason } = outcome {
+                        *outcome = Outcome::DestinationProblem {
+                            reason: format!(
+                                "{reason} ({run} 403s in a row: our key or trust registration there is wrong)"
+                            ),
+                            retry_after: None,
+                        };
+                    }
+                }
+            }
+            Some(_) => run = 0,
+            None => {}
+        }
+    }
+}
+
 /// A `Retry-After` value (RFC 9110 §10.2.3): delay-seconds, or an HTTP-date (any of the
 /// three formats RFC 9110 §5.6.7 accepts) measured from `now` (a date in the past is a
 /// zero delay). `None` for anything else.
@@ -179,7 +242,17 @@ mod tests {
     use crate::remote::directory::DirectoryError;
     use crate::remote::http::HttpError;
 
+    const EVENT: &str = "$1:beta.test";
+
     fn resp(status: u16, headers: &[(&str, &str)]) -> Response {
+        resp_with(
+            status,
+            headers,
+            br#"{"event_id":"$1:beta.test","inserted":true}"#,
+        )
+    }
+
+    fn resp_with(status: u16, headers: &[(&str, &str)], body: &'static [u8]) -> Response {
         let mut h = http::HeaderMap::new();
         for (k, v) in headers {
             h.insert(
@@ -190,7 +263,7 @@ mod tests {
         Response {
             status: StatusCode::from_u16(status).unwrap(),
             headers: h,
-            body: bytes::Bytes::from_static(b"{\"code\":\"X\"}"),
+            body: bytes::Bytes::from_static(body),
             latency: Duration::ZERO,
         }
     }
@@ -289,8 +362,109 @@ mod tests {
         ];
         for (status, headers, prev, want) in table {
             let r = resp(status, &headers);
-            let got = classify(Ok(&r), prev, &p, now());
+            let got = classify(Ok(&r), EVENT, prev, &p, now());
             assert_eq!(kind(&got), want, "HTTP {status} with {prev:?}");
+        }
+    }
+
+    #[test]
+    fn a_2xx_must_be_this_events_receipt() {
+        let p = Policy::default();
+        let table: Vec<(u16, &'static [u8], K)> = vec![
+            (
+                202,
+                br#"{"event_id":"$1:beta.test","inserted":true}"#,
+                K::Delivered,
+            ),
+            (
+                202,
+                br#"{"event_id":"$1:beta.test","inserted":false}"#,
+                K::Delivered,
+            ),
+            (
+                200,
+                br#"{"inserted":true,"event_id":"$1:beta.test","extra":1}"#,
+                K::Delivered,
+            ),
+            (
+                200,
+                br#"{"event_id":"$2:beta.test","inserted":true}"#,
+                K::Problem(None),
+            ),
+            (200, br#"{"event_id":"$1:beta.test"}"#, K::Problem(None)),
+            (200, b"<html>welcome</html>", K::Problem(None)),
+            (204, b"", K::Problem(None)),
+        ];
+        for (status, body, want) in table {
+            let r = resp_with(status, &[], body);
+            let got = classify(Ok(&r), EVENT, Previous::default(), &p, now());
+            assert_eq!(
+                kind(&got),
+                want,
+                "HTTP {status} {}",
+                String::from_utf8_lossy(body)
+            );
+        }
+    }
+
+    #[test]
+    fn a_run_of_403s_counts_across_one_batch() {
+        let p = Policy::default();
+        let permanent = || Outcome::Permanent {
+            reason: "HTTP 403".into(),
+        };
+        // (statuses in row order, 403s before the batch, expected kinds)
+        let table: Vec<(Vec<Option<u16>>, u32, Vec<K>)> = vec![
+            (
+                vec![Some(403); 5],
+                0,
+                vec![
+                    K::Permanent,
+                    K::Permanent,
+                    K::Problem(None),
+                    K::Problem(None),
+                    K::Problem(None),
+                ],
+            ),
+            (
+                vec![Some(403), Some(403)],
+                1,
+                vec![K::Permanent, K::Problem(None)],
+            ),
+            (
+                vec![Some(403), Some(400), Some(403), Some(403)],
+                0,
+                vec![K::Permanent, K::Permanent, K::Permanent, K::Permanent],
+            ),
+            (
+                vec![Some(403), None, Some(403), Some(403)],
+                0,
+                vec![K::Permanent, K::Permanent, K::Permanent, K::Problem(None)],
+            ),
+        ];
+        for (statuses, before, want) in table {
+            let mut outcomes: Vec<Outcome> = statuses
+                .iter()
+                .map(|s| match s {
+                    Some(403) | Some(400) => permanent(),
+                    _ => Outcome::Transient {
+                        reason: "timeout".into(),
+                        retry_after: None,
+                    },
+                })
+                .collect();
+            apply_forbidden_run(
+                statuses.iter().copied().zip(outcomes.iter_mut()),
+                before,
+                &p,
+            );
+            let got: Vec<K> = outcomes.iter().map(kind).collect();
+            let want: Vec<K> = want
+                .into_iter()
+                .zip(&statuses)
+                .map(|(k, s)| if s.is_none() { K::Transient(None) } else { k })
+                .collect();
+            assert_eq!(got, want, "{statuses:?} after {before}");
         }
     }
 
@@ -308,7 +482,7 @@ mod tests {
         ];
         for e in &errors {
             assert_eq!(
-                kind(&classify(Err(e), Previous::default(), &p, now())),
+                kind(&classify(Err(e), EVENT, Previous::default(), &p, now())),
                 K::Transient(None),
                 "{e}"
             );
@@ -348,10 +522,22 @@ mod tests {
     #[test]
     fn an_http_date_retry_after_reaches_the_outcome() {
         let r = resp(429, &[("retry-after", "Sun, 06 Nov 1994 08:49:57 GMT")]);
-        let o = classify(Ok(&r), Previous::default(), &Policy::default(), now());
+        let o = classify(
+            Ok(&r),
+            EVENT,
+            Previous::default(),
+            &Policy::default(),
+            now(),
+        );
         assert_eq!(kind(&o), K::Transient(Some(20)));
         let r = resp(429, &[("retry-after", "tomorrow-ish")]);
-        let o = classify(Ok(&r), Previous::default(), &Policy::default(), now());
+        let o = classify(
+            Ok(&r),
+            EVENT,
+            Previous::default(),
+            &Policy::default(),
+            now(),
+        );
         assert_eq!(kind(&o), K::Transient(None));
     }
 }

@@ -174,7 +174,7 @@ pub async fn insert(
            signatures = EXCLUDED.signatures, received_from = EXCLUDED.received_from, \
            status = EXCLUDED.status, reject_reason = NULL, \
            received_at = EXCLUDED.received_at, verified_at = NULL, \
-           enqueued_at = EXCLUDED.enqueued_at, fanned_out_at = NULL \
+           enqueued_at = EXCLUDED.enqueued_at, fanned_out_at = NULL, seq = DEFAULT \
          WHERE federation_events.status = 'rejected' \
          RETURNING event_id",
     )
@@ -376,7 +376,8 @@ struct IdRow {
 }
 
 /// Events of `rooms` stored before `before_seq` (and after `since`) that may still get
-/// outbound rows: not yet verified, or accepted and not yet fanned out. Oldest first, at
+/// outbound rows: not yet verified, held (a quarantined origin may be released), or
+/// accepted and not yet fanned out. Oldest first, at
 /// most `limit`; rows that cannot be read back are left out. The deliver job holds back
 /// their dependants (`delivery::order`).
 pub async fn unsettled_before(
@@ -394,7 +395,8 @@ pub async fn unsettled_before(
     let ids: Vec<String> = diesel::sql_query(
         "SELECT event_id FROM federation_events \
          WHERE room_id = ANY($1) AND seq < $2 AND received_at > $3 \
-           AND (status = 'pending' OR (status = 'accepted' AND fanned_out_at IS NULL)) \
+           AND (status IN ('pending', 'held') \
+                OR (status = 'accepted' AND fanned_out_at IS NULL)) \
          ORDER BY seq LIMIT $4",
     )
     .bind::<Array<Text>, _>(rooms)

@@ -48,7 +48,7 @@ pub struct Waiting {
     #[diesel(sql_type = Timestamptz)]
     pub received_at: DateTime<Utc>,
     /// An earlier event of the same room, stored after `unsettled_since`, is not yet
-    /// verified or fanned out (it may still get a row here): see
+    /// verified, held, or not yet fanned out (it may still get a row here): see
     /// `events::unsettled_before`.
     #[diesel(sql_type = diesel::sql_types::Bool)]
     pub earlier_unsettled: bool,
@@ -109,7 +109,7 @@ pub async fn waiting(
                 EXISTS (SELECT 1 FROM federation_events p \
                         WHERE p.room_id = e.room_id AND p.seq < o.event_seq \
                           AND p.received_at > $2 \
-                          AND (p.status = 'pending' \
+                          AND (p.status IN ('pending', 'held') \
                                OR (p.status = 'accepted' AND p.fanned_out_at IS NULL))) \
                   AS earlier_unsettled \
          FROM (SELECT * FROM outbound_queue \

@@ -27,8 +27,10 @@ pub async fn expire(
     .await?)
 }
 
-/// Closes attempt rows still open that started before `cutoff` (their sender stopped:
-/// no request outlives its timeout) as `interrupted`; returns how many.
+/// Closes invite / join / leave attempt rows still open that started before `cutoff`
+/// (their sender stopped: no request outlives its timeout) as `interrupted`; returns how
+/// many. Event attempts are closed by the next drain of their destination
+/// (`attempts::close_open`), which knows their sender is gone.
 pub async fn close_abandoned_attempts(
     conn: &mut AsyncPgConnection,
     cutoff: DateTime<Utc>,
@@ -36,7 +38,7 @@ pub async fn close_abandoned_attempts(
     Ok(diesel::sql_query(
         "UPDATE delivery_attempts SET finished_at = now(), error_class = $2, \
            response_excerpt = 'no answer recorded: the sender stopped mid-request' \
-         WHERE finished_at IS NULL AND attempted_at < $1",
+         WHERE finished_at IS NULL AND request_kind <> 'event' AND attempted_at < $1",
     )
     .bind::<Timestamptz, _>(cutoff)
     .bind::<Text, _>(super::attempts::INTERRUPTED)
