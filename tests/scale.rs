@@ -82,6 +82,7 @@ async fn backlog_of_100k_drains_when_the_peer_returns() {
                 envelope: e,
                 received_from: None,
                 status: EventStatus::Accepted,
+                signature_checked: true,
             })
             .collect();
         parafed::store::events::insert(&mut conn, &rows)

@@ -104,6 +104,7 @@ pub async fn run(ctx: &Ctx, job: &VerifyJob) -> Result<(), JobError> {
     if stored.status != "pending" {
         return Ok(()); // already settled (a duplicate job)
     }
+    let seq = stored.seq;
     let env = stored.envelope;
     let verdict = judge(ctx, &env).await?;
     let mut conn = app.pool.get().await?;
@@ -114,7 +115,7 @@ pub async fn run(ctx: &Ctx, job: &VerifyJob) -> Result<(), JobError> {
             let (id, room) = (env.event_id.as_str(), env.room_id.as_str());
             let settled = conn
                 .transaction::<_, parafed::store::StoreError, _>(async |c| {
-                    if !events::settle(c, id, true, None).await? {
+                    if !events::settle(c, id, seq, true, None).await? {
                         return Ok(false);
                     }
                     feed::append(c, &[(id, room)]).await?;
@@ -140,7 +141,7 @@ pub async fn run(ctx: &Ctx, job: &VerifyJob) -> Result<(), JobError> {
             }
         }
         Err(reason) => {
-            events::settle(&mut conn, env.event_id.as_str(), false, Some(&reason)).await?;
+            events::settle(&mut conn, env.event_id.as_str(), seq, false, Some(&reason)).await?;
             metrics::counter!("parafed_events_verified_total", "verdict" => "rejected")
                 .increment(1);
             tracing::info!(event_id = %env.event_id, %reason, "event rejected");

@@ -1,3 +1,4 @@
+ALTER TABLE federation_events DROP COLUMN signature_checked;
 DROP INDEX federation_events_held;
 
 CREATE TABLE feed_cursors (

@@ -65,3 +65,9 @@ DROP TABLE feed_cursors;
 -- The held-events gauge (and the quarantine release / purge to come) count held events.
 CREATE INDEX federation_events_held ON federation_events (received_at)
     WHERE status = 'held';
+
+-- The envelope signature was verified before the event was stored (a relayed event
+-- whose origin's keys could not be had is stored unchecked and left to verify). A
+-- checked copy replaces an unchecked pending or held one with the same id, so a forged
+-- or unverifiable copy can never make the real event answer `inserted: false`.
+ALTER TABLE federation_events ADD COLUMN signature_checked BOOLEAN NOT NULL DEFAULT false;

@@ -77,11 +77,12 @@ async fn origin_domain(app: &App, origin: &ServerName) -> Option<String> {
 
 /// Verifies the envelope signature now when the origin's keys can be had; a relayed
 /// event whose origin's keys cannot be fetched right now is left to the verify job.
+/// Returns whether the signature was checked (and held).
 async fn check_envelope_signature(
     app: &App,
     env: &Envelope,
     relayed: bool,
-) -> Result<(), ApiError> {
+) -> Result<bool, ApiError> {
     let ids = env.signing_key_ids();
     if ids.is_empty() {
         return Err(ApiError::unauthorized(SignatureError::Missing.to_string()));
@@ -97,8 +98,8 @@ async fn check_envelope_signature(
         crate::telemetry::signature_checked("envelope", verdict.is_ok());
     }
     match verdict {
-        Ok(_) => Ok(()),
-        Err(SignatureError::UnknownKey) if relayed => Ok(()),
+        Ok(_) => Ok(true),
+        Err(SignatureError::UnknownKey) if relayed => Ok(false),
         Err(SignatureError::Missing) => {
             Err(ApiError::unauthorized(SignatureError::Missing.to_string()))
         }
@@ -124,6 +125,20 @@ pub async fn post_event(
             "origin_server names this server; peers cannot send our own events back",
         ));
     }
+    // Only a room's host relays (protocol::relay), checked before anything is stored.
+    let relayer_domain = if relayed {
+        origin_domain(app, &auth.origin).await
+    } else {
+        None
+    };
+    crate::protocol::relay::check(
+        &auth.origin,
+        relayer_domain.as_deref(),
+        &env.origin_server,
+        &env.room_id,
+        app.cfg.domain(),
+    )
+    .map_err(|e| ApiError::forbidden(e.to_string()))?;
     let mut held = matches!(auth.standing, Standing::Quarantined { .. });
     if relayed {
         match app.trust.standing(&env.origin_server).await? {
@@ -144,7 +159,7 @@ pub async fn post_event(
             env.sender, env.origin_server
         )));
     }
-    check_envelope_signature(app, &env, relayed).await?;
+    let signature_checked = check_envelope_signature(app, &env, relayed).await?;
 
     let status = if held {
         EventStatus::Held
@@ -154,7 +169,9 @@ pub async fn post_event(
     // Stored (and its verify job pushed) by the intake's group commit, with the other
     // events arriving now.
     let event_id = env.event_id.clone();
-    let inserted = intake.store(env, auth.origin.clone(), status).await?;
+    let inserted = intake
+        .store(env, auth.origin.clone(), status, signature_checked)
+        .await?;
     metrics::counter!("parafed_events_received_total", "result" => if inserted { "stored" } else { "duplicate" })
         .increment(1);
     Ok(json_response(

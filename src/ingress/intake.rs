@@ -33,6 +33,7 @@ struct Item {
     envelope: Envelope,
     received_from: ServerName,
     status: EventStatus,
+    signature_checked: bool,
     reply: oneshot::Sender<Result<bool, StoreError>>,
 }
 
@@ -64,18 +65,22 @@ impl Intake {
     }
 
     /// Stores an inbound event (idempotently, see [`events::insert`]) and, when it is new
-    /// and pending, pushes its verify job. `true` when this call stored it.
+    /// and pending, pushes its verify job. `signature_checked`: its envelope signature
+    /// was verified before storing (such a copy replaces an unchecked one). `true` when
+    /// this call stored it.
     pub async fn store(
         &self,
         envelope: Envelope,
         received_from: ServerName,
         status: EventStatus,
+        signature_checked: bool,
     ) -> Result<bool, StoreError> {
         let (reply, answer) = oneshot::channel();
         let item = Item {
             envelope,
             received_from,
             status,
+            signature_checked,
             reply,
         };
         let stopped = || StoreError::Unavailable("the event intake has stopped".into());
@@ -123,6 +128,7 @@ async fn write(pool: &PgPool, queue: &JobQueue, batch: &[Item]) -> Result<Vec<bo
             envelope: &i.envelope,
             received_from: Some(&i.received_from),
             status: i.status,
+            signature_checked: i.signature_checked,
         })
         .collect();
     let insert = async || -> Result<Vec<bool>, StoreError> {

@@ -11,6 +11,7 @@ pub mod hex;
 pub mod ids;
 pub mod keys;
 pub mod limits;
+pub mod relay;
 pub mod transport;
 
 pub use envelope::{Envelope, EventType, Signatures, StateKey};

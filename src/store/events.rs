@@ -1,8 +1,10 @@
 //! `federation_events`: storing envelopes and reading them back byte-exact.
 //!
 //! Inserts are multi-row and idempotent on `event_id`: a row that exists is left alone
-//! (`inserted: false`) unless it was *rejected*, in which case a new copy replaces it — a
-//! forged or broken event must not block the real one with the same id.
+//! (`inserted: false`) unless it was *rejected*, or it is a pending or held copy whose
+//! signature nobody has checked yet and the new copy's signature was checked — then the
+//! new copy replaces it. A forged or unverifiable copy must never make a correctly
+//! signed event with the same id answer `inserted: false` (DESIGN.md).
 
 use diesel::prelude::*;
 use diesel::sql_types::{Array, BigInt, Nullable, Text};
@@ -40,6 +42,10 @@ pub struct NewEvent<'a> {
     /// The transport origin that handed it to us; `None` for our own events.
     pub received_from: Option<&'a ServerName>,
     pub status: EventStatus,
+    /// The envelope signature was verified against the origin's key before storing
+    /// (always for our own events; for a relayed event only if the origin's keys could
+    /// be had). A checked copy replaces an unchecked pending or held one.
+    pub signature_checked: bool,
 }
 
 /// The columns an event is read back with.
@@ -151,6 +157,7 @@ pub async fn insert(
         .iter()
         .map(|e| e.status.as_str().to_owned())
         .collect();
+    let checked: Vec<bool> = unique.iter().map(|e| e.signature_checked).collect();
     #[derive(QueryableByName)]
     struct Stored {
         #[diesel(sql_type = Text)]
@@ -159,12 +166,12 @@ pub async fn insert(
     let stored: Vec<Stored> = diesel::sql_query(
         "INSERT INTO federation_events (event_id, room_id, event_type, sender, origin_server, \
            origin_ts, content, depth, state_key, signatures, received_from, status, \
-           received_at, enqueued_at) \
-         SELECT e, r, t, s, o, ts, c, d, sk, sig, rf, st, now(), now() \
+           received_at, enqueued_at, signature_checked) \
+         SELECT e, r, t, s, o, ts, c, d, sk, sig, rf, st, now(), now(), ck \
            FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], \
                        $6::bigint[], $7::text[], $8::bigint[], $9::text[], $10::text[], \
-                       $11::text[], $12::text[]) \
-                AS x(e, r, t, s, o, ts, c, d, sk, sig, rf, st) \
+                       $11::text[], $12::text[], $13::bool[]) \
+                AS x(e, r, t, s, o, ts, c, d, sk, sig, rf, st, ck) \
           ORDER BY e \
          ON CONFLICT (event_id) DO UPDATE SET \
            room_id = EXCLUDED.room_id, event_type = EXCLUDED.event_type, \
@@ -174,8 +181,11 @@ pub async fn insert(
            signatures = EXCLUDED.signatures, received_from = EXCLUDED.received_from, \
            status = EXCLUDED.status, reject_reason = NULL, \
            received_at = EXCLUDED.received_at, verified_at = NULL, \
-           enqueued_at = EXCLUDED.enqueued_at, fanned_out_at = NULL, seq = DEFAULT \
+           enqueued_at = EXCLUDED.enqueued_at, fanned_out_at = NULL, seq = DEFAULT, \
+           signature_checked = EXCLUDED.signature_checked \
          WHERE federation_events.status = 'rejected' \
+            OR (EXCLUDED.signature_checked AND NOT federation_events.signature_checked \
+                AND federation_events.status IN ('pending', 'held')) \
          RETURNING event_id",
     )
     .bind::<Array<Text>, _>(&event_ids)
@@ -190,6 +200,7 @@ pub async fn insert(
     .bind::<Array<Text>, _>(&signatures)
     .bind::<Array<Nullable<Text>>, _>(&from)
     .bind::<Array<Text>, _>(&statuses)
+    .bind::<Array<diesel::sql_types::Bool>, _>(&checked)
     .load(conn)
     .await?;
     let stored: Vec<String> = stored.into_iter().map(|s| s.event_id).collect();
@@ -265,17 +276,21 @@ pub async fn room_since(
     rows.into_iter().map(from_row).collect()
 }
 
-/// Settles a pending event: accepted, or rejected with a reason. Returns false when it
-/// was not pending any more (another worker settled it).
+/// Settles a pending event: accepted, or rejected with a reason. `seq` names the copy
+/// that was judged: if another copy replaced it meanwhile (a correctly signed one over
+/// an unchecked forgery), nothing changes. Returns false when that copy is not pending
+/// any more (another worker settled it, or it was replaced).
 pub async fn settle(
     conn: &mut AsyncPgConnection,
     event_id: &str,
+    seq: i64,
     accepted: bool,
     reason: Option<&str>,
 ) -> Result<bool, StoreError> {
     let n = diesel::update(
         fe::table
             .filter(fe::event_id.eq(event_id))
+            .filter(fe::seq.eq(seq))
             .filter(fe::status.eq("pending")),
     )
     .set((

@@ -21,6 +21,7 @@ diesel::table! {
         enqueued_at -> Nullable<Timestamptz>,
         fanned_out_at -> Nullable<Timestamptz>,
         seq -> Int8,
+        signature_checked -> Bool,
     }
 }
 

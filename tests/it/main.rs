@@ -21,5 +21,6 @@ mod monitoring;
 mod pipeline;
 mod protocol_props;
 mod queue_stream;
+mod relay;
 mod store;
 mod vectors;

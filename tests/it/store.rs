@@ -278,6 +278,7 @@ async fn batches_sharing_event_ids_queue_instead_of_deadlocking() {
             envelope: e,
             received_from: Some(from),
             status: EventStatus::Pending,
+            signature_checked: false,
         }
     }
     let mut first = AsyncPgConnection::establish(&url).await.unwrap();

@@ -1,0 +1,251 @@
+//! Nobody can make parafed lose another server's event: only a room's host relays, and
+//! a copy nobody could check never beats a correctly signed one (DESIGN.md "Rooms").
+//!
+//! The attack: in a room hosted here, `peer.test` posts an envelope claiming
+//! `origin_server: relay.test`, signed with its own key, under the id relay.test is about
+//! to use. If that copy were stored, relay.test's genuine event would get
+//! `inserted: false` and be lost when the forgery is rejected.
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use diesel::prelude::*;
+use diesel_async::RunQueryDsl;
+use parafed::protocol::envelope::Signatures;
+use parafed::protocol::{Envelope, EventId, EventType, RoomId, UserId};
+use parafed::store::schema::federation_events as fe;
+use serde_json::json;
+
+use crate::support;
+use support::app::{
+    event_id_of, json_signed, reserve_listener, send, FakeAnswer, FakePeers, FakeRequest, FnPeer,
+    KeysAnswer, Options, Peer, TestServer, TestWorker, FAST_WORKER_TOML,
+};
+use support::wait_for;
+
+const ROOM: &str = "!r:alpha.test";
+const EVENT: &str = "/_paracord/federation/v1/event";
+/// The id relay.test is about to use (Paracord's ids are predictable).
+const ID: &str = "$384096155941736448:relay.test";
+
+fn envelope(signer: &Peer, origin: &str, body: &str) -> Envelope {
+    let mut e = Envelope {
+        event_id: EventId::parse(ID).unwrap(),
+        room_id: RoomId::parse(ROOM).unwrap(),
+        event_type: EventType::parse("m.message").unwrap(),
+        sender: UserId::parse("@bob:relay.test").unwrap(),
+        origin_server: parafed::protocol::ServerName::parse(origin).unwrap(),
+        origin_ts: 1_800_000_000_000,
+        content: json!({"body": body, "message_id": "384096155941736448"}),
+        depth: 1_800_000_000_000,
+        state_key: None,
+        signatures: Signatures::default(),
+    };
+    e.sign(&signer.key);
+    e
+}
+
+struct World {
+    alpha: TestServer,
+    peer: Peer,
+    relay: Peer,
+    gamma_got: Arc<Mutex<HashSet<String>>>,
+    _fakes: FakePeers,
+    _gamma: FnPeer,
+}
+
+async fn world() -> World {
+    let peer = Peer::new("peer.test", "ed25519:auto", [3; 32]);
+    let relay = Peer::new("relay.test", "ed25519:auto", [4; 32]);
+    let fakes = FakePeers::start(vec![
+        ("peer".into(), KeysAnswer::Keys(vec![peer.clone()])),
+        ("relay".into(), KeysAnswer::Keys(vec![relay.clone()])),
+    ])
+    .await;
+    let gamma_got: Arc<Mutex<HashSet<String>>> = Arc::default();
+    let (lg, ug) = reserve_listener();
+    let g = gamma_got.clone();
+    let gamma = FnPeer::start(lg, move |r: FakeRequest| {
+        let g = g.clone();
+        async move {
+            let id = event_id_of(&r.body);
+            g.lock().unwrap().insert(id.clone());
+            FakeAnswer {
+                status: 202,
+                headers: Vec::new(),
+                body: json!({"event_id": id, "inserted": true}).to_string(),
+            }
+        }
+    })
+    .await;
+    let alpha = TestServer::start(Options {
+        server_name: "alpha.test".into(),
+        peers: vec![
+            ("peer.test".into(), fakes.base_url("peer")),
+            ("relay.test".into(), fakes.base_url("relay")),
+            ("gamma.test".into(), ug),
+        ],
+        signing_key: true,
+        extra_toml: format!(
+            "\n[federation]\ndiscovery = false\nrate_limit_per_minute = 0\n{FAST_WORKER_TOML}"
+        ),
+        ..Options::default()
+    })
+    .await;
+    let mut c = alpha.db().await;
+    parafed::store::rooms::upsert_hosted(
+        &mut c,
+        &parafed::store::rooms::HostedRoom {
+            room_id: ROOM.into(),
+            guild_id: "r".into(),
+            guild_name: "g".into(),
+            default_channel_id: None,
+        },
+    )
+    .await
+    .unwrap();
+    for (user, server) in [
+        ("@p:peer.test", "peer.test"),
+        ("@bob:relay.test", "relay.test"),
+        ("@g:gamma.test", "gamma.test"),
+    ] {
+        parafed::store::rooms::set_member(
+            &mut c,
+            ROOM,
+            user,
+            server,
+            parafed::store::rooms::Membership::Joined,
+            None,
+        )
+        .await
+        .unwrap();
+        parafed::store::rooms::refresh_room_server(&mut c, ROOM, server)
+            .await
+            .unwrap();
+    }
+    drop(c);
+    World {
+        alpha,
+        peer,
+        relay,
+        gamma_got,
+        _fakes: fakes,
+        _gamma: gamma,
+    }
+}
+
+async fn post(w: &World, from: &Peer, env: &Envelope) -> (u16, serde_json::Value) {
+    let body = env.to_wire();
+    let r = send(
+        w.alpha.addr,
+        "POST",
+        EVENT,
+        &json_signed(from, EVENT, &body),
+        &body,
+    )
+    .await;
+    let status = r.status;
+    (status, r.json())
+}
+
+async fn stored_body(w: &World) -> Option<(String, String)> {
+    fe::table
+        .filter(fe::event_id.eq(ID))
+        .select((fe::content, fe::status))
+        .first(&mut *w.alpha.db().await)
+        .await
+        .optional()
+        .unwrap()
+}
+
+async fn check_forgery_then_genuine(worker_first: bool) {
+    let w = world().await;
+    let worker = worker_first.then(|| TestWorker::start(&w.alpha));
+    // The forgery: peer.test speaks for relay.test in a room hosted here.
+    let forged = envelope(&w.peer, "relay.test", "forged");
+    let (status, body) = post(&w, &w.peer, &forged).await;
+    assert_eq!(status, 403, "{body}");
+    assert_eq!(body["code"], "FORBIDDEN");
+    assert!(
+        stored_body(&w).await.is_none(),
+        "nothing stored for a forgery"
+    );
+    // The genuine event is stored.
+    let genuine = envelope(&w.relay, "relay.test", "genuine");
+    let (status, body) = post(&w, &w.relay, &genuine).await;
+    assert_eq!((status, &body["inserted"]), (202, &json!(true)), "{body}");
+    let _worker = worker.unwrap_or_else(|| TestWorker::start(&w.alpha));
+    wait_for(
+        "the genuine event accepted",
+        Duration::from_secs(30),
+        || async {
+            stored_body(&w)
+                .await
+                .filter(|(content, status)| status == "accepted" && content.contains("genuine"))
+        },
+    )
+    .await;
+    let g = w.gamma_got.clone();
+    wait_for(
+        "the genuine event relayed to gamma",
+        Duration::from_secs(30),
+        || async { g.lock().unwrap().contains(ID).then_some(()) },
+    )
+    .await;
+    let path = format!("/_paracord/federation/v1/event/{}", ID.replace('$', "%24"));
+    let got = send(
+        w.alpha.addr,
+        "GET",
+        &path,
+        &w.peer.sign("GET", &path, b""),
+        b"",
+    )
+    .await;
+    assert_eq!(got.status, 200, "{}", String::from_utf8_lossy(&got.body));
+    assert_eq!(got.json()["content"]["body"], "genuine");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_cannot_relay_for_another_server_with_the_worker_stopped() {
+    check_forgery_then_genuine(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_cannot_relay_for_another_server_with_the_worker_running() {
+    check_forgery_then_genuine(true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unchecked_held_copy_does_not_block_the_correctly_signed_event() {
+    let w = world().await;
+    // A copy nobody could check, held from a quarantined sender, under the genuine id.
+    let squatter = envelope(&w.peer, "relay.test", "held forgery");
+    parafed::store::events::insert(
+        &mut *w.alpha.db().await,
+        &[parafed::store::events::NewEvent {
+            envelope: &squatter,
+            received_from: Some(&w.peer.name),
+            status: parafed::store::events::EventStatus::Held,
+            signature_checked: false,
+        }],
+    )
+    .await
+    .unwrap();
+    let genuine = envelope(&w.relay, "relay.test", "genuine");
+    let (status, body) = post(&w, &w.relay, &genuine).await;
+    assert_eq!((status, &body["inserted"]), (202, &json!(true)), "{body}");
+    let (content, status) = stored_body(&w).await.unwrap();
+    assert!(content.contains("genuine"), "{content}");
+    assert_eq!(status, "pending");
+    // The same correctly signed event again is a duplicate, as before.
+    let (status, body) = post(&w, &w.relay, &genuine).await;
+    assert_eq!((status, &body["inserted"]), (202, &json!(false)), "{body}");
+    let _worker = TestWorker::start(&w.alpha);
+    wait_for(
+        "the genuine event accepted",
+        Duration::from_secs(30),
+        || async { stored_body(&w).await.filter(|(_, s)| s == "accepted") },
+    )
+    .await;
+}
