@@ -21,7 +21,10 @@ async fn judge(ctx: &Ctx, env: &Envelope) -> Result<Result<(), String>, JobError
     // Keys first: a peer that is unreachable now is a reason to retry, not to reject.
     for kid in env.signing_key_ids().iter().take(4) {
         match app.keyring.key(&env.origin_server, kid).await {
-            Ok(_) | Err(KeyLookupError::UnknownKey { .. }) => {}
+            // Unreachable: judged with what is known (and rejected if nothing is; a later
+            // correct copy replaces a rejected one).
+            Ok(_) | Err(KeyLookupError::UnknownKey { .. } | KeyLookupError::Unreachable { .. }) => {
+            }
             Err(e @ KeyLookupError::Unavailable(_)) => return Err(e.into()),
         }
     }

@@ -58,10 +58,24 @@ pub async fn authenticate(
     }
     let key = app.keyring.key(&origin, &transport.key_id).await?;
     if let Err(e) = transport.verify(&key, method.as_str(), path_and_query, body) {
-        metrics::counter!("parafed_ingress_refused_total", "reason" => "bad_signature")
-            .increment(1);
-        crate::telemetry::signature_checked("transport", false);
-        return Err(e.into());
+        // The peer may have re-keyed under the same key id (Paracord always signs as
+        // `ed25519:auto`): fetch its keys again (throttled) and check once more.
+        let rekeyed = app.keyring.refresh(&origin).await
+            && app
+                .keyring
+                .key_if_cached(&origin, &transport.key_id)
+                .filter(|k| *k != key)
+                .is_some_and(|k| {
+                    transport
+                        .verify(&k, method.as_str(), path_and_query, body)
+                        .is_ok()
+                });
+        if !rekeyed {
+            metrics::counter!("parafed_ingress_refused_total", "reason" => "bad_signature")
+                .increment(1);
+            crate::telemetry::signature_checked("transport", false);
+            return Err(e.into());
+        }
     }
     crate::telemetry::signature_checked("transport", true);
     Ok(Authenticated {

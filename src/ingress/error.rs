@@ -221,6 +221,16 @@ impl From<KeyLookupError> for ApiError {
                 "{e}; the key must be listed in the server's /_paracord/federation/v1/keys"
             )),
             KeyLookupError::Unavailable(_) => ApiError::unavailable("the key store"),
+            // Not 403: a Paracord sender treats 403 as final; the peer's keys may be
+            // back in a moment.
+            KeyLookupError::Unreachable { .. } => Self {
+                retry_after_secs: Some(30),
+                ..ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "KEYS_UNREACHABLE",
+                    format!("{e}; nothing was stored, retry later"),
+                )
+            },
         }
     }
 }

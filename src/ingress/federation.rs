@@ -93,7 +93,13 @@ async fn check_envelope_signature(
             let _ = app.keyring.key(&env.origin_server, kid).await;
         }
     }
-    let verdict = env.verify(|k| app.keyring.key_if_cached(&env.origin_server, k));
+    let mut verdict = env.verify(|k| app.keyring.key_if_cached(&env.origin_server, k));
+    if matches!(verdict, Err(SignatureError::Invalid))
+        && app.keyring.refresh(&env.origin_server).await
+    {
+        // The origin may have re-keyed under the same key id: check once more.
+        verdict = env.verify(|k| app.keyring.key_if_cached(&env.origin_server, k));
+    }
     if !matches!(verdict, Err(SignatureError::UnknownKey) if relayed) {
         crate::telemetry::signature_checked("envelope", verdict.is_ok());
     }

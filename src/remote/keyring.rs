@@ -10,6 +10,15 @@
 //!
 //! `valid_until` means "refetch after", not expiry (PROTOCOL.md): a key past it triggers
 //! a refetch, and stays usable if the refetch fails or the peer still lists it.
+//!
+//! Keys follow what the peer publishes (PROTOCOL.md "Identity and keys"): a signature
+//! that fails against a cached key may mean the peer re-keyed under the same id (Paracord
+//! always signs as `ed25519:auto`), so callers [`KeyRing::refresh`] (throttled as above)
+//! and check once more; after a successful fetch, keys the peer no longer lists stop
+//! verifying (they are kept only while the peer cannot be reached); and when a peer's
+//! keys cannot be fetched because it is unreachable, a lookup says so
+//! ([`KeyLookupError::Unreachable`], a 503 at the HTTP edge) instead of "unknown key"
+//! (a 403, which a Paracord sender treats as final).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -48,6 +57,34 @@ pub enum KeyLookupError {
     /// The database could not be read.
     #[error("key store unavailable: {0}")]
     Unavailable(String),
+    /// The peer's `/keys` could not be fetched (it is down or unreachable) and no key
+    /// under this id is known: try again later.
+    #[error("cannot fetch the keys of {server} right now: {reason}")]
+    Unreachable { server: ServerName, reason: String },
+}
+
+/// Why a `/keys` fetch failed.
+#[derive(Debug)]
+enum FetchError {
+    /// No usable answer: connection, timeout, 5xx, discovery.
+    Unreachable(String),
+    /// An answer that is not a keys document for this peer.
+    Invalid(String),
+}
+
+impl std::fmt::Display for FetchError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            FetchError::Unreachable(m) | FetchError::Invalid(m) => f.write_str(m),
+        }
+    }
+}
+
+/// The last fetch of a peer's keys: when, and why it failed if it did because the peer
+/// could not be reached.
+struct FetchRecord {
+    at: Instant,
+    unreachable: Option<String>,
 }
 
 #[derive(Clone, Copy)]
@@ -69,7 +106,7 @@ pub struct KeyRing {
     directory: Arc<PeerDirectory>,
     refetch_interval: Duration,
     cache: Mutex<HashMap<ServerName, ServerKeys>>,
-    last_fetch: Mutex<HashMap<ServerName, Instant>>,
+    last_fetch: Mutex<HashMap<ServerName, FetchRecord>>,
     flights: Mutex<HashMap<ServerName, Arc<tokio::sync::Mutex<()>>>>,
     fetch_permits: Semaphore,
     fetches: AtomicU64,
@@ -144,13 +181,34 @@ impl KeyRing {
             }
         }
         self.refetch(server).await;
-        self.cached(server, key_id)
-            .0
-            .map(|k| k.key)
-            .ok_or_else(|| KeyLookupError::UnknownKey {
+        if let Some(k) = self.cached(server, key_id).0 {
+            return Ok(k.key);
+        }
+        match self.last_unreachable(server) {
+            Some(reason) => Err(KeyLookupError::Unreachable {
+                server: server.clone(),
+                reason,
+            }),
+            None => Err(KeyLookupError::UnknownKey {
                 server: server.clone(),
                 key_id: key_id.clone(),
-            })
+            }),
+        }
+    }
+
+    /// Fetches the peer's keys again after a signature failed against a cached key
+    /// (within the refetch throttle). True when a fetch happened now and succeeded: the
+    /// caller then checks the signature once more.
+    pub async fn refresh(&self, server: &ServerName) -> bool {
+        self.refetch(server).await == Some(true)
+    }
+
+    /// Why the last fetch of `server`'s keys failed, if it failed because the peer could
+    /// not be reached. (Lookups of a missing key fetch again whenever the throttle
+    /// allows, so the last fetch is at most one refetch interval old.)
+    fn last_unreachable(&self, server: &ServerName) -> Option<String> {
+        let last = self.last_fetch.lock().unwrap_or_else(|p| p.into_inner());
+        last.get(server).and_then(|r| r.unreachable.clone())
     }
 
     /// The key if it is known without any I/O (memory only).
@@ -193,54 +251,80 @@ impl KeyRing {
     fn take_fetch_slot(&self, server: &ServerName) -> bool {
         let mut last = self.last_fetch.lock().unwrap_or_else(|p| p.into_inner());
         let now = Instant::now();
-        if let Some(t) = last.get(server) {
-            if now.duration_since(*t) < self.refetch_interval {
+        if let Some(r) = last.get(server) {
+            if now.duration_since(r.at) < self.refetch_interval {
                 return false;
             }
         }
         if last.len() >= MAX_THROTTLE_ENTRIES {
             let horizon = self.refetch_interval;
-            last.retain(|_, t| now.duration_since(*t) < horizon);
+            last.retain(|_, r| now.duration_since(r.at) < horizon);
         }
-        last.insert(server.clone(), now);
+        last.insert(
+            server.clone(),
+            FetchRecord {
+                at: now,
+                unreachable: None,
+            },
+        );
         true
     }
 
+    fn record_unreachable(&self, server: &ServerName, reason: Option<String>) {
+        let mut last = self.last_fetch.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(r) = last.get_mut(server) {
+            r.unreachable = reason;
+        }
+    }
+
     /// Fetches the peer's `/keys` unless another task is doing it or it was fetched within
-    /// the refetch interval. Failures are logged, not returned: the caller then simply
-    /// does not find the key.
-    async fn refetch(&self, server: &ServerName) {
+    /// the refetch interval. `None` when no fetch happened (throttled); else whether it
+    /// succeeded. Failures are logged and remembered (an unreachable peer's lookups say
+    /// so), not returned: the caller then simply does not find the key.
+    async fn refetch(&self, server: &ServerName) -> Option<bool> {
         let flight = {
             let mut f = self.flights.lock().unwrap_or_else(|p| p.into_inner());
             f.entry(server.clone()).or_default().clone()
         };
         let guard = flight.lock().await;
         // Whoever held the flight before us may have fetched already: the throttle says.
-        if self.take_fetch_slot(server) {
-            if let Err(e) = self.fetch(server).await {
-                tracing::info!(peer = %server, error = %e, "fetching peer keys failed");
+        let outcome = if self.take_fetch_slot(server) {
+            match self.fetch(server).await {
+                Ok(()) => Some(true),
+                Err(e) => {
+                    tracing::info!(peer = %server, error = %e, "fetching peer keys failed");
+                    if let FetchError::Unreachable(reason) = e {
+                        self.record_unreachable(server, Some(reason));
+                    }
+                    Some(false)
+                }
             }
-        }
+        } else {
+            None
+        };
         drop(guard);
         let mut f = self.flights.lock().unwrap_or_else(|p| p.into_inner());
         if Arc::strong_count(&flight) <= 2 {
             f.remove(server);
         }
+        outcome
     }
 
-    async fn fetch(&self, server: &ServerName) -> Result<(), String> {
+    async fn fetch(&self, server: &ServerName) -> Result<(), FetchError> {
+        let unreachable = |e: String| FetchError::Unreachable(e);
+        let invalid = |e: String| FetchError::Invalid(e);
         let _permit = self
             .fetch_permits
             .acquire()
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| unreachable(e.to_string()))?;
         self.fetches.fetch_add(1, Ordering::Relaxed);
         metrics::counter!("parafed_key_fetches_total").increment(1);
         let endpoint = self
             .directory
             .resolve(server)
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| unreachable(e.to_string()))?;
         let resp = self
             .client
             .send(
@@ -251,13 +335,20 @@ impl KeyRing {
                 MAX_KEYS_BODY,
             )
             .await
-            .map_err(|e| e.to_string())?;
-        if !resp.status.is_success() {
-            return Err(format!("/keys answered {}", resp.status));
+            .map_err(|e| unreachable(e.to_string()))?;
+        if resp.status.is_server_error() {
+            return Err(unreachable(format!("/keys answered {}", resp.status)));
         }
-        let doc: KeysDocument = serde_json::from_slice(&resp.body).map_err(|e| e.to_string())?;
+        if !resp.status.is_success() {
+            return Err(invalid(format!("/keys answered {}", resp.status)));
+        }
+        let doc: KeysDocument =
+            serde_json::from_slice(&resp.body).map_err(|e| invalid(e.to_string()))?;
         if doc.server_name != *server {
-            return Err(format!("/keys is for {}, not {server}", doc.server_name));
+            return Err(invalid(format!(
+                "/keys is for {}, not {server}",
+                doc.server_name
+            )));
         }
         let keys: Vec<(KeyId, PublicKey, i64)> = doc
             .keys
@@ -266,20 +357,43 @@ impl KeyRing {
             .take(MAX_PUBLISHED_KEYS)
             .filter_map(|k| Some((k.key_id.clone(), k.public_key().ok()?, k.valid_until)))
             .collect();
-        if !keys.is_empty() {
+        // What the peer publishes now is what verifies: a key it no longer lists stops
+        // verifying (it is kept only while the peer cannot be reached).
+        {
             let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
-            let entry = entry_bounded(&mut cache, server, MAX_CACHED_SERVERS);
-            for (kid, key, valid_until) in &keys {
-                entry.keys.insert(
-                    kid.clone(),
-                    CachedKey {
-                        key: *key,
-                        valid_until: *valid_until,
-                    },
-                );
+            if keys.is_empty() {
+                cache.remove(server);
+            } else {
+                let entry = entry_bounded(&mut cache, server, MAX_CACHED_SERVERS);
+                entry.keys = keys
+                    .iter()
+                    .map(|(kid, key, valid_until)| {
+                        (
+                            kid.clone(),
+                            CachedKey {
+                                key: *key,
+                                valid_until: *valid_until,
+                            },
+                        )
+                    })
+                    .collect();
+                entry.loaded = true;
             }
         }
-        let mut conn = self.pool.get().await.map_err(|e| e.to_string())?;
+        let mut conn = self
+            .pool
+            .get()
+            .await
+            .map_err(|e| unreachable(e.to_string()))?;
+        let listed: Vec<&str> = keys.iter().map(|(kid, _, _)| kid.as_str()).collect();
+        diesel::delete(
+            fsk::table
+                .filter(fsk::server_name.eq(server.as_str()))
+                .filter(fsk::key_id.ne_all(&listed)),
+        )
+        .execute(&mut conn)
+        .await
+        .map_err(|e| unreachable(e.to_string()))?;
         let now = Utc::now();
         let rows: Vec<_> = keys
             .iter()
@@ -305,7 +419,7 @@ impl KeyRing {
                 ))
                 .execute(&mut conn)
                 .await
-                .map_err(|e| e.to_string())?;
+                .map_err(|e| unreachable(e.to_string()))?;
         }
         Ok(())
     }

@@ -17,6 +17,7 @@ mod ingress_fuzz;
 mod ingress_load;
 mod ingress_paracord;
 mod ingress_server;
+mod keys_follow;
 mod monitoring;
 mod pipeline;
 mod protocol_props;
