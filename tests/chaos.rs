@@ -229,35 +229,15 @@ async fn world() -> World {
     }
     // alpha hosts the room; beta and gamma are in it.
     let mut c = w.alpha.pool.get().await.unwrap();
-    parafed::store::rooms::upsert_hosted(
+    support::host_room(
         &mut c,
-        &parafed::store::rooms::HostedRoom {
-            room_id: ROOM.into(),
-            guild_id: "chaos".into(),
-            guild_name: "Chaos".into(),
-            default_channel_id: None,
-        },
+        ROOM,
+        &[
+            ("@b:beta.test", "beta.test"),
+            ("@g:gamma.test", "gamma.test"),
+        ],
     )
-    .await
-    .unwrap();
-    for (user, server) in [
-        ("@b:beta.test", "beta.test"),
-        ("@g:gamma.test", "gamma.test"),
-    ] {
-        parafed::store::rooms::set_member(
-            &mut c,
-            ROOM,
-            user,
-            server,
-            parafed::store::rooms::Membership::Joined,
-            None,
-        )
-        .await
-        .unwrap();
-        parafed::store::rooms::refresh_room_server(&mut c, ROOM, server)
-            .await
-            .unwrap();
-    }
+    .await;
     w
 }
 

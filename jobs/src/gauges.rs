@@ -26,17 +26,17 @@ pub async fn collect(ctx: &Ctx) -> Result<(), JobError> {
     let app = &ctx.app;
     let now_ms = chrono::Utc::now().timestamp_millis();
     for q in QueueName::ALL {
-        let (ready, in_flight, dead) = app.queue.stats(q).await?;
+        let st = app.queue.stats(q).await?;
         let name = q.as_str();
-        metrics::gauge!("parafed_queue_jobs", "queue" => name, "state" => "ready")
-            .set(ready as f64);
-        metrics::gauge!("parafed_queue_jobs", "queue" => name, "state" => "in_flight")
-            .set(in_flight as f64);
-        metrics::gauge!("parafed_queue_jobs", "queue" => name, "state" => "dead").set(dead as f64);
-        let age = app
-            .queue
-            .oldest_job_ms(q)
-            .await?
+        for (state, n) in [
+            ("ready", st.ready),
+            ("in_flight", st.in_flight),
+            ("dead", st.dead),
+        ] {
+            metrics::gauge!("parafed_queue_jobs", "queue" => name, "state" => state).set(n as f64);
+        }
+        let age = st
+            .oldest_ms
             .map_or(0.0, |t| (now_ms - t).max(0) as f64 / 1000.0);
         metrics::gauge!("parafed_queue_oldest_job_age_seconds", "queue" => name).set(age);
     }

@@ -84,6 +84,27 @@ impl Keys {
     }
 }
 
+/// A stream entry as `XRANGE` returns it: `[id, [field, value, …]]`.
+type StreamEntry = (String, Vec<(String, Vec<u8>)>);
+
+/// The Redis clock (ms) in the id of the first entry, if any.
+fn first_entry_ms(entries: &[StreamEntry]) -> Option<i64> {
+    entries
+        .first()
+        .and_then(|(id, _)| id.split_once('-'))
+        .and_then(|(ms, _)| ms.parse().ok())
+}
+
+/// A queue's jobs by state (see [`JobQueue::stats`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct QueueStats {
+    pub ready: u64,
+    pub in_flight: u64,
+    pub dead: u64,
+    /// When the oldest job still in the stream was pushed (Redis clock, ms).
+    pub oldest_ms: Option<i64>,
+}
+
 /// Pushes jobs. Cheap to clone (the connection is multiplexed).
 #[derive(Clone)]
 pub struct JobQueue {
@@ -160,10 +181,8 @@ impl JobQueue {
     /// Redis clock in milliseconds); `None` when the stream is empty. Acknowledged entries
     /// are deleted, so every job pushed before this instant is finished or lost.
     pub async fn oldest_job_ms(&self, q: QueueName) -> Result<Option<i64>, QueueError> {
-        // Each entry is `[id, [field, value, …]]`; only the id is needed.
-        type Entry = (String, Vec<(String, Vec<u8>)>);
         let key = self.keys.queue(q);
-        let first: Vec<Entry> = self
+        let first: Vec<StreamEntry> = self
             .call(|mut c| {
                 let key = key.clone();
                 async move {
@@ -178,29 +197,37 @@ impl JobQueue {
                 }
             })
             .await?;
-        Ok(first
-            .first()
-            .and_then(|(id, _)| id.split_once('-'))
-            .and_then(|(ms, _)| ms.parse().ok()))
+        Ok(first_entry_ms(&first))
     }
 
-    /// A queue's jobs by state: `(ready, in_flight, dead)` — ready entries wait for a
-    /// worker, in-flight ones were read and not yet acknowledged (the consumer group's
-    /// pending list), dead ones were moved aside after too many deliveries. One pipelined
-    /// round trip (`XLEN`, `XPENDING` summary, `XLEN` of the dead stream).
-    pub async fn stats(&self, q: QueueName) -> Result<(u64, u64, u64), QueueError> {
+    /// A queue's jobs by state, and when its oldest job was pushed, in one pipelined
+    /// round trip (`XLEN`, the `XPENDING` summary, `XLEN` of the dead stream,
+    /// `XRANGE … COUNT 1`). Ready entries wait for a worker, in-flight ones were read and
+    /// not yet acknowledged (the consumer group's pending list), dead ones were moved
+    /// aside after too many deliveries.
+    pub async fn stats(&self, q: QueueName) -> Result<QueueStats, QueueError> {
         let (key, dead) = (self.keys.queue(q), self.keys.dead(q));
-        let (len, pending, dead): (u64, redis::Value, u64) = self
+        type Reply = (u64, redis::Value, u64, Vec<StreamEntry>);
+        let (len, pending, dead, first): Reply = self
             .call(|mut c| {
                 let mut pipe = redis::pipe();
                 pipe.cmd("XLEN").arg(&key);
                 pipe.cmd("XPENDING").arg(&key).arg(consume::GROUP);
                 pipe.cmd("XLEN").arg(&dead);
+                pipe.cmd("XRANGE")
+                    .arg(&key)
+                    .arg("-")
+                    .arg("+")
+                    .arg("COUNT")
+                    .arg(1);
                 async move {
                     match pipe.query_async(&mut c).await {
                         Ok(v) => Ok(v),
-                        // No group yet (nothing consumed since a restart): nothing in flight.
-                        Err(e) if e.code() == Some("NOGROUP") => Ok((0, redis::Value::Nil, 0)),
+                        // No group yet (nothing consumed since a restart): nothing in
+                        // flight, and nothing queued either.
+                        Err(e) if e.code() == Some("NOGROUP") => {
+                            Ok((0, redis::Value::Nil, 0, Vec::new()))
+                        }
                         Err(e) => Err(e),
                     }
                 }
@@ -214,7 +241,12 @@ impl JobQueue {
             },
             _ => 0,
         };
-        Ok((len.saturating_sub(in_flight), in_flight, dead))
+        Ok(QueueStats {
+            ready: len.saturating_sub(in_flight),
+            in_flight,
+            dead,
+            oldest_ms: first_entry_ms(&first),
+        })
     }
 
     /// Pushes a deliver job for each destination that has none queued yet.

@@ -21,11 +21,10 @@ use support::app::{
 use support::wait_for;
 
 fn accepted(r: &FakeRequest) -> FakeAnswer {
-    FakeAnswer {
-        status: 202,
-        headers: Vec::new(),
-        body: json!({"event_id": event_id_of(&r.body), "inserted": true}).to_string(),
-    }
+    FakeAnswer::json(
+        202,
+        json!({"event_id": event_id_of(&r.body), "inserted": true}),
+    )
 }
 
 /// Waits until the event's row is delivered.
@@ -84,11 +83,7 @@ async fn dependants_arrive_after_what_they_refer_to_while_requests_overlap() {
         let seen = s.clone();
         async move {
             if !r.path.ends_with("/event") {
-                return FakeAnswer {
-                    status: 404,
-                    headers: Vec::new(),
-                    body: String::new(),
-                };
+                return FakeAnswer::empty(404);
             }
             let env: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
             let id = env["event_id"].as_str().unwrap_or_default().to_owned();

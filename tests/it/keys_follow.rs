@@ -20,11 +20,7 @@ async fn keys_server(keys: Arc<Mutex<Vec<Peer>>>) -> (FnPeer, String) {
         let keys = keys.clone();
         async move {
             if !r.path.ends_with("/keys") {
-                return FakeAnswer {
-                    status: 404,
-                    headers: Vec::new(),
-                    body: String::new(),
-                };
+                return FakeAnswer::empty(404);
             }
             let ks = keys.lock().unwrap().clone();
             let doc = json!({
@@ -36,11 +32,7 @@ async fn keys_server(keys: Arc<Mutex<Vec<Peer>>>) -> (FnPeer, String) {
                 })).collect::<Vec<_>>(),
                 "server_name": "peer.test",
             });
-            FakeAnswer {
-                status: 200,
-                headers: Vec::new(),
-                body: doc.to_string(),
-            }
+            FakeAnswer::json(200, doc)
         }
     })
     .await;

@@ -150,30 +150,7 @@ async fn alerts_fire_and_resolve_on_a_real_prometheus_and_every_name_is_live() {
         let pool = parafed::store::pool(&db, 1).unwrap();
         let mut c = pool.get().await.unwrap();
         parafed::store::keys::generate(&mut c, None).await.unwrap();
-        parafed::store::rooms::upsert_hosted(
-            &mut c,
-            &parafed::store::rooms::HostedRoom {
-                room_id: ROOM.into(),
-                guild_id: "w".into(),
-                guild_name: "Watched".into(),
-                default_channel_id: None,
-            },
-        )
-        .await
-        .unwrap();
-        parafed::store::rooms::set_member(
-            &mut c,
-            ROOM,
-            "@b:beta.test",
-            "beta.test",
-            parafed::store::rooms::Membership::Joined,
-            None,
-        )
-        .await
-        .unwrap();
-        parafed::store::rooms::refresh_room_server(&mut c, ROOM, "beta.test")
-            .await
-            .unwrap();
+        support::host_room(&mut c, ROOM, &[("@b:beta.test", "beta.test")]).await;
     }
     let redis = support::redis::Redis::start().await.unwrap();
 
@@ -184,11 +161,10 @@ async fn alerts_fire_and_resolve_on_a_real_prometheus_and_every_name_is_live() {
     let _peer = FnPeer::start(lp, move |r: FakeRequest| {
         let up = u.load(Ordering::SeqCst);
         async move {
-            FakeAnswer {
-                status: if up { 202 } else { 503 },
-                headers: Vec::new(),
-                body: json!({"event_id": event_id_of(&r.body), "inserted": true}).to_string(),
-            }
+            FakeAnswer::json(
+                if up { 202 } else { 503 },
+                json!({"event_id": event_id_of(&r.body), "inserted": true}),
+            )
         }
     })
     .await;

@@ -341,30 +341,7 @@ pub(crate) async fn alpha_with_member_cfg(
     )
     .await;
     let mut c = alpha.db().await;
-    parafed::store::rooms::upsert_hosted(
-        &mut c,
-        &parafed::store::rooms::HostedRoom {
-            room_id: ROOM.into(),
-            guild_id: "r".into(),
-            guild_name: "g".into(),
-            default_channel_id: None,
-        },
-    )
-    .await
-    .unwrap();
-    parafed::store::rooms::set_member(
-        &mut c,
-        ROOM,
-        &format!("@x:{peer_name}"),
-        peer_name,
-        parafed::store::rooms::Membership::Joined,
-        None,
-    )
-    .await
-    .unwrap();
-    parafed::store::rooms::refresh_room_server(&mut c, ROOM, peer_name)
-        .await
-        .unwrap();
+    support::host_room(&mut c, ROOM, &[(&format!("@x:{peer_name}"), peer_name)]).await;
     alpha
 }
 
@@ -522,30 +499,7 @@ async fn ten_thousand_events_over_one_link() {
     let alpha = {
         let a = server("alpha.test", la, vec![("beta.test".into(), ub.clone())]).await;
         let mut c = a.db().await;
-        parafed::store::rooms::upsert_hosted(
-            &mut c,
-            &parafed::store::rooms::HostedRoom {
-                room_id: ROOM.into(),
-                guild_id: "r".into(),
-                guild_name: "g".into(),
-                default_channel_id: None,
-            },
-        )
-        .await
-        .unwrap();
-        parafed::store::rooms::set_member(
-            &mut c,
-            ROOM,
-            "@bob:beta.test",
-            "beta.test",
-            parafed::store::rooms::Membership::Joined,
-            None,
-        )
-        .await
-        .unwrap();
-        parafed::store::rooms::refresh_room_server(&mut c, ROOM, "beta.test")
-            .await
-            .unwrap();
+        support::host_room(&mut c, ROOM, &[("@bob:beta.test", "beta.test")]).await;
         drop(c);
         a
     };

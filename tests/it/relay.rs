@@ -71,11 +71,7 @@ async fn world() -> World {
         async move {
             let id = event_id_of(&r.body);
             g.lock().unwrap().insert(id.clone());
-            FakeAnswer {
-                status: 202,
-                headers: Vec::new(),
-                body: json!({"event_id": id, "inserted": true}).to_string(),
-            }
+            FakeAnswer::json(202, json!({"event_id": id, "inserted": true}))
         }
     })
     .await;
@@ -94,36 +90,16 @@ async fn world() -> World {
     })
     .await;
     let mut c = alpha.db().await;
-    parafed::store::rooms::upsert_hosted(
+    support::host_room(
         &mut c,
-        &parafed::store::rooms::HostedRoom {
-            room_id: ROOM.into(),
-            guild_id: "r".into(),
-            guild_name: "g".into(),
-            default_channel_id: None,
-        },
+        ROOM,
+        &[
+            ("@p:peer.test", "peer.test"),
+            ("@bob:relay.test", "relay.test"),
+            ("@g:gamma.test", "gamma.test"),
+        ],
     )
-    .await
-    .unwrap();
-    for (user, server) in [
-        ("@p:peer.test", "peer.test"),
-        ("@bob:relay.test", "relay.test"),
-        ("@g:gamma.test", "gamma.test"),
-    ] {
-        parafed::store::rooms::set_member(
-            &mut c,
-            ROOM,
-            user,
-            server,
-            parafed::store::rooms::Membership::Joined,
-            None,
-        )
-        .await
-        .unwrap();
-        parafed::store::rooms::refresh_room_server(&mut c, ROOM, server)
-            .await
-            .unwrap();
-    }
+    .await;
     drop(c);
     World {
         alpha,

@@ -279,6 +279,26 @@ pub struct FakeAnswer {
     pub body: String,
 }
 
+impl FakeAnswer {
+    /// `status` with an empty body.
+    pub fn empty(status: u16) -> FakeAnswer {
+        FakeAnswer {
+            status,
+            headers: Vec::new(),
+            body: String::new(),
+        }
+    }
+
+    /// `status` with a JSON body.
+    pub fn json(status: u16, body: serde_json::Value) -> FakeAnswer {
+        FakeAnswer {
+            status,
+            headers: Vec::new(),
+            body: body.to_string(),
+        }
+    }
+}
+
 /// Serves HTTP/1.1 on `listener`, answering each request with `handle`'s status and
 /// body, until the returned task is aborted. The one accept loop every fake peer uses.
 fn serve_fake<F, Fut>(listener: TcpListener, handle: F) -> tokio::task::JoinHandle<()>

@@ -31,3 +31,32 @@ pub fn log_to_test_output() {
         .with_ansi(false)
         .try_init();
 }
+
+/// Makes `room` a room hosted by the server whose database `conn` is, with each
+/// `(user, server)` a joined member (and its server in the room's fan-out set).
+pub async fn host_room(
+    conn: &mut diesel_async::AsyncPgConnection,
+    room: &str,
+    members: &[(&str, &str)],
+) {
+    use parafed::store::rooms;
+    rooms::upsert_hosted(
+        conn,
+        &rooms::HostedRoom {
+            room_id: room.into(),
+            guild_id: "g".into(),
+            guild_name: "Guild".into(),
+            default_channel_id: None,
+        },
+    )
+    .await
+    .expect("host the room");
+    for (user, server) in members {
+        rooms::set_member(conn, room, user, server, rooms::Membership::Joined, None)
+            .await
+            .expect("add the member");
+        rooms::refresh_room_server(conn, room, server)
+            .await
+            .expect("add the member's server");
+    }
+}
