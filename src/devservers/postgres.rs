@@ -10,7 +10,7 @@ use std::time::Duration;
 use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
 
 use super::spawn::{signal, spawn_tied};
-use super::{free_port, io, server_dir, wait_until, DevServerError};
+use super::{free_port, io, server_dir, DevServerError};
 
 /// The directory holding `initdb` and `postgres`: `PARAFED_TEST_PG_BIN`, else the newest
 /// `/usr/lib/postgresql/<v>/bin`.
@@ -126,12 +126,49 @@ impl Postgres {
     }
 
     /// Starts the server on its data directory and port (after `stop` or `kill`).
+    ///
+    /// After a `kill`, the killed postmaster's backends may still hold its shared memory
+    /// for a moment (they exit when they notice it is gone, later on a loaded machine);
+    /// a postmaster started then refuses to run and exits. So a server that exits while
+    /// we wait for it is started again, until it accepts connections or the time is up.
     pub async fn start_again(&mut self) -> Result<(), DevServerError> {
         if self.child.is_some() {
             return Ok(());
         }
+        self.child = Some(self.spawn()?);
+        let url = self.url("postgres");
+        let timeout = Duration::from_secs(60);
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            if AsyncPgConnection::establish(&url).await.is_ok() {
+                return Ok(());
+            }
+            let exited = self
+                .child
+                .as_mut()
+                .is_some_and(|c| matches!(c.try_wait(), Ok(Some(_))));
+            if exited {
+                self.child = Some(self.spawn()?);
+            }
+            if tokio::time::Instant::now() > deadline {
+                return Err(DevServerError::Timeout(
+                    timeout,
+                    "postgres to accept connections".into(),
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Launches the postmaster on the data directory and port, logging to
+    /// `postgres.log` (appended: the log of a failed start stays readable).
+    fn spawn(&self) -> Result<Child, DevServerError> {
         let log_path = self.dir.join("postgres.log");
-        let log = std::fs::File::create(&log_path).map_err(io("creating the postgres log"))?;
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log_path)
+            .map_err(io("opening the postgres log"))?;
         if let Some((uid, gid)) = self.user {
             chown(&log_path, uid, gid);
         }
@@ -157,17 +194,7 @@ impl Postgres {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log);
-        self.child = Some(spawn_tied(cmd).map_err(io("starting postgres"))?);
-        let url = self.url("postgres");
-        wait_until(
-            "postgres to accept connections",
-            Duration::from_secs(60),
-            || {
-                let url = url.clone();
-                async move { AsyncPgConnection::establish(&url).await.ok().map(|_| ()) }
-            },
-        )
-        .await
+        spawn_tied(cmd).map_err(io("starting postgres"))
     }
 
     /// Fast shutdown (SIGINT) and wait.
