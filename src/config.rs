@@ -74,7 +74,7 @@ pub struct Config {
     #[serde(default)]
     pub local: TokenConfig,
     #[serde(default)]
-    pub admin: TokenConfig,
+    pub admin: AdminConfig,
     /// Peers with fixed addresses (skips `/.well-known` discovery).
     #[serde(default)]
     pub peers: BTreeMap<String, PeerConfig>,
@@ -269,6 +269,25 @@ pub struct TokenConfig {
     pub token: Option<String>,
 }
 
+/// The admin API's bearer token (environment only) and the name the audit trail records
+/// for whoever uses it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminConfig {
+    pub token: Option<String>,
+    /// Who holds the token, as `parafed admin audit list` shows it.
+    pub token_name: String,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        Self {
+            token: None,
+            token_name: "admin".into(),
+        }
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PeerConfig {
@@ -370,60 +389,8 @@ impl Config {
         origin: &str,
         env: impl IntoIterator<Item = (String, String)>,
     ) -> Result<Self, ConfigError> {
-        let mut table: toml::Table =
-            text.parse()
-                .map_err(|e: toml::de::Error| ConfigError::Syntax {
-                    path: origin.to_owned(),
-                    message: e.to_string(),
-                })?;
-        for (section, var) in [
-            ("local", "PARAFED_LOCAL_TOKEN"),
-            ("admin", "PARAFED_ADMIN_TOKEN"),
-        ] {
-            if table
-                .get(section)
-                .and_then(|s| s.as_table())
-                .is_some_and(|s| s.contains_key("token"))
-            {
-                return Err(ConfigError::SecretInFile(
-                    if section == "local" {
-                        "[local] token"
-                    } else {
-                        "[admin] token"
-                    },
-                    var,
-                ));
-            }
-        }
-        let mut env: Vec<(String, String)> = env
-            .into_iter()
-            .filter(|(k, _)| k.starts_with("PARAFED_") && !NOT_SETTINGS.contains(&k.as_str()))
-            .filter(|(k, _)| !k.starts_with("PARAFED_TEST_"))
-            .collect();
-        env.sort();
-        let mut from_env = Vec::new();
-        for (var, value) in env {
-            let key = apply_env(&mut table, &var, value)?;
-            from_env.push((var, key));
-        }
-        let cfg: Config = serde_path_to_error::deserialize(toml::Value::Table(table)).map_err(
-            |e: serde_path_to_error::Error<toml::de::Error>| {
-                let path = e.path().to_string();
-                let mut msg = if path == "." {
-                    e.inner().message().to_owned()
-                } else {
-                    format!("{path}: {}", e.inner().message())
-                };
-                // Name the environment variable when the bad key or value came from one.
-                for (var, key) in &from_env {
-                    let leaf = key.rsplit('.').next().unwrap_or(key);
-                    if path == *key || msg.contains(&format!("`{leaf}`")) {
-                        msg.push_str(&format!(" (set by environment variable {var})"));
-                    }
-                }
-                ConfigError::Invalid(msg)
-            },
-        )?;
+        let (table, from_env) = merged_table(text, origin, env)?;
+        let cfg: Config = deserialize(table, &from_env)?;
         cfg.check()?;
         Ok(cfg)
     }
@@ -431,11 +398,7 @@ impl Config {
     /// Cross-field checks serde cannot express.
     fn check(&self) -> Result<(), ConfigError> {
         let bad = |m: String| Err(ConfigError::Invalid(m));
-        if !self.database.url.starts_with("postgres://")
-            && !self.database.url.starts_with("postgresql://")
-        {
-            return bad("[database] url must start with postgres:// or postgresql://".into());
-        }
+        check_database_url(&self.database.url)?;
         if !self.redis.url.starts_with("redis://") && !self.redis.url.starts_with("unix://") {
             return bad("[redis] url must start with redis:// or unix://".into());
         }
@@ -498,6 +461,121 @@ impl Config {
         }
         c
     }
+}
+
+/// The file's table with the environment applied, and which variables set which keys.
+fn merged_table(
+    text: &str,
+    origin: &str,
+    env: impl IntoIterator<Item = (String, String)>,
+) -> Result<(toml::Table, Vec<(String, String)>), ConfigError> {
+    let mut table: toml::Table =
+        text.parse()
+            .map_err(|e: toml::de::Error| ConfigError::Syntax {
+                path: origin.to_owned(),
+                message: e.to_string(),
+            })?;
+    for (section, var) in [
+        ("local", "PARAFED_LOCAL_TOKEN"),
+        ("admin", "PARAFED_ADMIN_TOKEN"),
+    ] {
+        if table
+            .get(section)
+            .and_then(|s| s.as_table())
+            .is_some_and(|s| s.contains_key("token"))
+        {
+            return Err(ConfigError::SecretInFile(
+                if section == "local" {
+                    "[local] token"
+                } else {
+                    "[admin] token"
+                },
+                var,
+            ));
+        }
+    }
+    let mut env: Vec<(String, String)> = env
+        .into_iter()
+        .filter(|(k, _)| k.starts_with("PARAFED_") && !NOT_SETTINGS.contains(&k.as_str()))
+        .filter(|(k, _)| !k.starts_with("PARAFED_TEST_"))
+        .collect();
+    env.sort();
+    let mut from_env = Vec::new();
+    for (var, value) in env {
+        let key = apply_env(&mut table, &var, value)?;
+        from_env.push((var, key));
+    }
+    Ok((table, from_env))
+}
+
+/// Deserializes the merged table; errors name the key, and the variable that set it.
+fn deserialize<T: serde::de::DeserializeOwned>(
+    table: toml::Table,
+    from_env: &[(String, String)],
+) -> Result<T, ConfigError> {
+    serde_path_to_error::deserialize(toml::Value::Table(table)).map_err(
+        |e: serde_path_to_error::Error<toml::de::Error>| {
+            let path = e.path().to_string();
+            let mut msg = if path == "." {
+                e.inner().message().to_owned()
+            } else {
+                format!("{path}: {}", e.inner().message())
+            };
+            // Name the environment variable when the bad key or value came from one.
+            for (var, key) in from_env {
+                let leaf = key.rsplit('.').next().unwrap_or(key);
+                if path == *key || msg.contains(&format!("`{leaf}`")) {
+                    msg.push_str(&format!(" (set by environment variable {var})"));
+                }
+            }
+            ConfigError::Invalid(msg)
+        },
+    )
+}
+
+/// What the database commands (`parafed migrate`, `parafed keys …`) need, and nothing
+/// else: `PARAFED_DATABASE_URL=… parafed migrate` works with no other setting. Read from
+/// the same file and environment as [`Config`]; other sections are not looked at.
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+pub struct StoreSettings {
+    pub database: DatabaseConfig,
+    #[serde(default)]
+    pub keys: KeysConfig,
+}
+
+impl StoreSettings {
+    /// Loads `path` (if any) and applies the process environment.
+    pub fn load(path: Option<&Path>) -> Result<Self, ConfigError> {
+        Self::load_with_env(path, std::env::vars())
+    }
+
+    pub fn load_with_env(
+        path: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Self, ConfigError> {
+        let text = match path {
+            Some(p) => std::fs::read_to_string(p).map_err(|source| ConfigError::Read {
+                path: p.display().to_string(),
+                source,
+            })?,
+            None => String::new(),
+        };
+        let shown = path.map_or_else(|| "(none)".to_owned(), |p| p.display().to_string());
+        let (table, from_env) = merged_table(&text, &shown, env)?;
+        let s: StoreSettings = deserialize(table, &from_env)?;
+        check_database_url(&s.database.url)?;
+        Ok(s)
+    }
+}
+
+fn check_database_url(url: &str) -> Result<(), ConfigError> {
+    if !url.starts_with("postgres://") && !url.starts_with("postgresql://") {
+        return Err(ConfigError::Invalid(
+            "[database] url must start with postgres:// or postgresql:// (PARAFED_DATABASE_URL)"
+                .into(),
+        ));
+    }
+    Ok(())
 }
 
 /// Puts one `PARAFED_*` variable into the TOML table; returns the dotted path it set.

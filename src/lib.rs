@@ -10,6 +10,7 @@
 //! Ingress (hyper), trust and admin live beside these as they are built; the job handlers
 //! and the worker process are the `parafed-jobs` crate in `jobs/`.
 
+pub mod admin;
 pub mod app;
 pub mod config;
 pub mod delivery;

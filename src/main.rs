@@ -1,15 +1,17 @@
-//! The `parafed` command: migrate, keys, config and (as they land) serve, admin and demo.
+//! The `parafed` command: serve, migrate, keys, config, admin and demo.
 //!
 //! Data goes to stdout (`--output json` gives one JSON document), logs and errors to
 //! stderr. Exit status 0 on success, 1 on a runtime failure, 2 on a usage or
-//! configuration error.
+//! configuration error, 3 when `parafed admin` is asked for something that does not
+//! exist. Each command reads only the settings it uses: `migrate` and `keys` need only
+//! the database (`PARAFED_DATABASE_URL`), `admin` only the admin API's URL and token.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
-use parafed::config::Config;
+use parafed::config::{Config, StoreSettings};
 use parafed::store;
 
 #[derive(Parser)]
@@ -23,7 +25,7 @@ struct Cli {
     #[arg(long, global = true, env = "PARAFED_CONFIG")]
     config: Option<PathBuf>,
     /// Output format for command data.
-    #[arg(long, global = true, value_enum, default_value_t = Output::Text)]
+    #[arg(long, global = true, value_enum, default_value_t = Output::Table)]
     output: Output,
     #[command(subcommand)]
     command: Command,
@@ -31,7 +33,10 @@ struct Cli {
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum Output {
-    Text,
+    /// Human-readable tables.
+    #[value(alias = "text")]
+    Table,
+    /// One JSON document on stdout.
     Json,
 }
 
@@ -56,6 +61,9 @@ enum Command {
         #[command(subcommand)]
         command: KeysCommand,
     },
+    /// Operate a running fleet through its admin API (`PARAFED_ADMIN_URL`,
+    /// `PARAFED_ADMIN_TOKEN`); see docs/admin.md.
+    Admin(parafed::admin::cli::AdminArgs),
     /// Inspect configuration.
     Config {
         #[command(subcommand)]
@@ -97,9 +105,23 @@ enum ConfigCommand {
 fn main() -> ExitCode {
     parafed::telemetry::init();
     let cli = Cli::parse();
-    if let Command::Demo { port, once } = cli.command {
-        return parafed::process::run_main(parafed::demo::run(port, once));
-    }
+    let command = match cli.command {
+        Command::Demo { port, once } => {
+            return parafed::process::run_main(parafed::demo::run(port, once))
+        }
+        Command::Admin(args) => return admin(args, cli.output),
+        Command::Migrate | Command::Keys { .. } => {
+            let settings = match StoreSettings::load(cli.config.as_deref()) {
+                Ok(s) => s,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            return parafed::process::run_main(database_command(cli.command, cli.output, settings));
+        }
+        other => other,
+    };
     let cfg = match Config::load(cli.config.as_deref()) {
         Ok(c) => c,
         Err(e) => {
@@ -107,7 +129,7 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    parafed::process::run_main(run(cli.command, cli.output, cfg))
+    parafed::process::run_main(run(command, cli.output, cfg))
 }
 
 fn print_json(v: &impl serde::Serialize) -> anyhow::Result<()> {
@@ -115,12 +137,61 @@ fn print_json(v: &impl serde::Serialize) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn run(command: Command, output: Output, cfg: Config) -> anyhow::Result<()> {
+/// Runs `parafed admin …`: one admin API call, its answer on stdout.
+fn admin(args: parafed::admin::cli::AdminArgs, output: Output) -> ExitCode {
+    use parafed::admin::cli;
+    let call = match cli::call_for(&args.command) {
+        Ok(c) => c,
+        Err(cli::Usage(m)) => {
+            eprintln!("error: {m}");
+            return ExitCode::from(cli::EXIT_USAGE);
+        }
+    };
+    let token = std::env::var("PARAFED_ADMIN_TOKEN").ok();
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start: {e}");
+            return ExitCode::from(cli::EXIT_FAILED);
+        }
+    };
+    let outcome = rt.block_on(cli::run(&args.url, token.as_deref(), &call));
+    if outcome.code == cli::EXIT_OK {
+        if output == Output::Json {
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&outcome.document).unwrap_or_default()
+            );
+        } else {
+            print!("{}", cli::render(&outcome.document));
+        }
+    } else {
+        let message = outcome.document["message"]
+            .as_str()
+            .map_or_else(|| outcome.document.to_string(), str::to_owned);
+        if output == Output::Json {
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&outcome.document).unwrap_or_default()
+            );
+        }
+        eprintln!("error: {message}");
+    }
+    ExitCode::from(outcome.code)
+}
+
+/// `migrate` and `keys`: they need the database settings only.
+async fn database_command(
+    command: Command,
+    output: Output,
+    settings: StoreSettings,
+) -> anyhow::Result<()> {
     match command {
-        Command::Serve => serve(cfg).await?,
-        Command::Demo { .. } => anyhow::bail!("demo runs without a configuration"),
         Command::Migrate => {
-            let applied = store::migrate::run_pending(&cfg.database.url).await?;
+            let applied = store::migrate::run_pending(&settings.database.url).await?;
             if output == Output::Json {
                 print_json(&serde_json::json!({ "applied": applied }))?;
             } else if applied.is_empty() {
@@ -131,6 +202,15 @@ async fn run(command: Command, output: Output, cfg: Config) -> anyhow::Result<()
                 }
             }
         }
+        Command::Keys { command } => keys(command, output, &settings).await?,
+        _ => anyhow::bail!("not a database command"),
+    }
+    Ok(())
+}
+
+async fn run(command: Command, output: Output, cfg: Config) -> anyhow::Result<()> {
+    match command {
+        Command::Serve => serve(cfg).await?,
         Command::Config {
             command: ConfigCommand::Check,
         } => {
@@ -144,12 +224,12 @@ async fn run(command: Command, output: Output, cfg: Config) -> anyhow::Result<()
                 );
             }
         }
-        Command::Keys { command } => keys(command, output, &cfg).await?,
+        _ => anyhow::bail!("this command runs without the full configuration"),
     }
     Ok(())
 }
 
-async fn keys(command: KeysCommand, output: Output, cfg: &Config) -> anyhow::Result<()> {
+async fn keys(command: KeysCommand, output: Output, cfg: &StoreSettings) -> anyhow::Result<()> {
     use parafed::protocol::{KeyId, Keypair};
     use parafed::store::keys;
 
@@ -240,6 +320,15 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
         tracing::warn!(error = %e, "no signing key yet: /keys is empty and local events are refused");
     }
     tokio::spawn(metrics::serve(metrics_listener, handle));
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .unwrap_or_else(|_| "host".into());
+    tokio::spawn(parafed::queue::heartbeat::keep_beating(
+        app.queue.clone(),
+        "ingress",
+        format!("{host}-{}-{listen}", std::process::id()),
+        Vec::new(),
+    ));
     tracing::info!(%listen, tls = tls.is_some(), "parafed serving");
     server::serve(app, listener, tls, shutdown_signal()).await;
     tracing::info!("parafed stopped");

@@ -7,6 +7,8 @@
 //! [`StreamConsumer`]. The stream never ends and never yields an error — apalis would
 //! stop the worker on either — it logs Redis failures and retries with backoff.
 //!
+//! While an operator has paused the queue (`crate::control`) the stream takes nothing.
+//!
 //! A task carries its stream entry id; the handler acknowledges the entry when it has
 //! finished (see [`crate::context::finish`]). Retry timing is parafed's own: a failed
 //! job is simply not acknowledged, and is claimed again after the idle timeout.
@@ -21,6 +23,9 @@ use futures::{Sink, SinkExt, StreamExt};
 use serde::de::DeserializeOwned;
 
 use parafed::queue::consume::StreamConsumer;
+use parafed::queue::QueueName;
+
+use crate::control::Control;
 
 /// How often a consumer looks for entries abandoned by dead workers.
 const CLAIM_EVERY: Duration = Duration::from_secs(5);
@@ -40,6 +45,8 @@ pub type StreamBackend<J> = CustomBackend<Queued<J>, StreamConsumer, Fetch<J>, P
 
 struct State {
     consumer: StreamConsumer,
+    control: Control,
+    queue: QueueName,
     buffer: VecDeque<parafed::queue::consume::Entry>,
     last_claim: Instant,
     failures: u32,
@@ -84,15 +91,27 @@ pub async fn finish_hand_backs(limit: Duration) {
     let _ = tokio::time::timeout(limit, futures::future::join_all(tasks)).await;
 }
 
-fn fetch<J: DeserializeOwned + Send + 'static>(consumer: StreamConsumer) -> Fetch<J> {
+fn fetch<J: DeserializeOwned + Send + 'static>(
+    consumer: StreamConsumer,
+    control: Control,
+    queue: QueueName,
+) -> Fetch<J> {
     let state = State {
         consumer,
+        control,
+        queue,
         buffer: VecDeque::new(),
         last_claim: Instant::now() - CLAIM_EVERY,
         failures: 0,
     };
     futures::stream::unfold(state, |mut st| async move {
         loop {
+            if st.control.is_paused(st.queue) {
+                // Paused by an operator: take nothing (jobs already read stay buffered,
+                // pending in the group, and run after the resume).
+                tokio::time::sleep(crate::control::REFRESH).await;
+                continue;
+            }
             if let Some(e) = st.buffer.pop_front() {
                 match serde_json::from_slice::<J>(&e.payload) {
                     Ok(job) => {
@@ -142,10 +161,16 @@ fn fetch<J: DeserializeOwned + Send + 'static>(consumer: StreamConsumer) -> Fetc
 }
 
 /// Builds the backend for one queue consumer.
-pub fn backend<J: DeserializeOwned + Send + 'static>(consumer: StreamConsumer) -> StreamBackend<J> {
+pub fn backend<J: DeserializeOwned + Send + 'static>(
+    consumer: StreamConsumer,
+    control: Control,
+    queue: QueueName,
+) -> StreamBackend<J> {
     BackendBuilder::new()
         .database(consumer)
-        .fetcher(|c: &mut StreamConsumer, _: &(), _| fetch::<J>(c.clone()))
+        .fetcher(move |c: &mut StreamConsumer, _: &(), _| {
+            fetch::<J>(c.clone(), control.clone(), queue)
+        })
         .sink(|_: &mut StreamConsumer, _: &()| -> Push<J> {
             // Jobs are pushed with parafed's JobQueue, never through apalis.
             Box::pin(

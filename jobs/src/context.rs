@@ -16,6 +16,8 @@ pub struct Ctx {
     pub worker_id: String,
     /// The delivery rules' numbers, from the configuration.
     pub policy: parafed::delivery::Policy,
+    /// The operator's queue pauses, as last read.
+    pub control: crate::control::Control,
 }
 
 /// The error type handlers return; an unacknowledged job is retried after the idle
@@ -43,6 +45,9 @@ pub async fn finish<J>(
             metrics::counter!("parafed_jobs_total", "queue" => queue, "outcome" => "error")
                 .increment(1);
             tracing::warn!(queue, entry = %q.entry_id, error = %e, "job failed; it will be retried");
+            if let Err(re) = consumer.note_error(&q.entry_id, &e.to_string()).await {
+                tracing::debug!(entry = %q.entry_id, error = %re, "recording the job's error failed");
+            }
             Err(e)
         }
     }

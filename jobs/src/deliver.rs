@@ -192,7 +192,11 @@ async fn drain(
     let app = &ctx.app;
     let policy = &ctx.policy;
     loop {
-        if started.elapsed() > policy.drain_budget {
+        // An operator's pause of the deliver queue stops the drain between batches; the
+        // job re-queues itself and waits in the paused queue.
+        if started.elapsed() > policy.drain_budget
+            || ctx.control.is_paused(parafed::queue::QueueName::Deliver)
+        {
             return Ok(Drain::Budget);
         }
         let mut conn = app.pool.get().await.map_err(StoreError::from)?;

@@ -66,7 +66,11 @@ fn register<J: Handler>(
     let worker_id = worker_id.to_owned();
     monitor.register(move |run| {
         WorkerBuilder::new(format!("{worker_id}-{}-{run}", J::QUEUE.as_str()))
-            .backend(backend::<J>(consumer.clone()))
+            .backend(backend::<J>(
+                consumer.clone(),
+                ctx.control.clone(),
+                J::QUEUE,
+            ))
             // A handler that panics fails its job (left unacknowledged, so it is retried
             // and, after 20 deliveries, moved to the dead stream) instead of taking the
             // worker down with it.
@@ -89,7 +93,10 @@ pub async fn run(
         policy: parafed::delivery::Policy::from_config(&app.cfg),
         app: app.clone(),
         worker_id: worker_id.clone(),
+        control: crate::control::Control::default(),
     });
+    // Know the pauses before taking the first job.
+    ctx.control.refresh(&app.queue).await;
     let concurrency = app.cfg.worker.concurrency as usize;
     let mut monitor = Monitor::new().shutdown_timeout(Duration::from_secs(30)).should_restart(|w, e| {
         tracing::warn!(worker = %w.name(), error = %e, "worker stopped with an error; restarting");
@@ -117,7 +124,20 @@ pub async fn run(
         };
     }
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let scheduler = tokio::spawn(crate::scheduler::run(ctx.clone(), stop_rx));
+    let scheduler = tokio::spawn(crate::scheduler::run(ctx.clone(), stop_rx.clone()));
+    let heartbeat = parafed::queue::heartbeat::Heartbeat {
+        role: "worker".into(),
+        id: worker_id.clone(),
+        queues: queues.iter().map(|q| q.as_str().to_owned()).collect(),
+        paused: Vec::new(),
+        version: env!("CARGO_PKG_VERSION").into(),
+        at_ms: 0,
+    };
+    let control = tokio::spawn(
+        ctx.control
+            .clone()
+            .watch(app.queue.clone(), heartbeat, stop_rx),
+    );
     tracing::info!(worker = %worker_id, queues = ?queues, concurrency, "parafed-worker running");
     let signal = async move {
         shutdown.await;
@@ -127,6 +147,7 @@ pub async fn run(
     monitor.run_with_signal(signal).await?;
     crate::backend::finish_hand_backs(Duration::from_secs(5)).await;
     let _ = scheduler.await;
+    let _ = control.await;
     tracing::info!(worker = %worker_id, "parafed-worker stopped");
     Ok(())
 }

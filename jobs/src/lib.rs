@@ -4,6 +4,7 @@
 
 pub mod backend;
 pub mod context;
+pub mod control;
 pub mod deliver;
 pub mod fanout;
 pub mod fleet;

@@ -9,6 +9,7 @@
 //! * [`destination`] — a destination's state (healthy, backing off, held, paused) and
 //!   its transitions;
 //! * [`attempt`] — what the attempt log records about one request;
+//! * [`explain`] — what happens next to an event at each destination, for operators;
 //! * [`order`] — which events may be in flight together: dependants after what they
 //!   depend on (PROTOCOL.md "What a sender must treat as what", last paragraph).
 //!
@@ -18,6 +19,7 @@
 pub mod attempt;
 pub mod backoff;
 pub mod destination;
+pub mod explain;
 pub mod order;
 pub mod outcome;
 pub mod policy;

@@ -243,3 +243,15 @@ impl From<EnvelopeError> for ApiError {
         }
     }
 }
+
+impl From<crate::admin::AdminError> for ApiError {
+    fn from(e: crate::admin::AdminError) -> Self {
+        match e {
+            crate::admin::AdminError::BadRequest(m) => ApiError::bad_request(m),
+            crate::admin::AdminError::NotFound(m) => ApiError::not_found(m),
+            crate::admin::AdminError::Conflict(m) => ApiError::conflict(m),
+            crate::admin::AdminError::Store(s) => s.into(),
+            crate::admin::AdminError::Queue(q) => q.into(),
+        }
+    }
+}

@@ -169,10 +169,7 @@ async fn route_request(
             &parts,
             "PARAFED_ADMIN_TOKEN",
         )?;
-        return match (&method, rest) {
-            (&Method::GET, "/status") => admin::status(app).await,
-            _ => Err(ApiError::not_found("no such admin API endpoint")),
-        };
+        return admin::route(app, &method, rest, &parts, body).await;
     }
     Err(ApiError::not_found("no such endpoint"))
 }

@@ -22,6 +22,12 @@ pub const GROUP: &str = "workers";
 /// first. The work itself is not lost with them — Postgres still holds its rows.
 pub const MAX_DEAD_ENTRIES: usize = 10_000;
 
+/// The hash beside a queue's stream holding the last error of each entry that failed
+/// (entry id → text); an entry's error goes with it into the dead stream.
+pub fn errors_key(stream_key: &str) -> String {
+    format!("{stream_key}:errors")
+}
+
 #[derive(Clone)]
 pub struct StreamConsumer {
     /// For the blocking read only.
@@ -30,6 +36,7 @@ pub struct StreamConsumer {
     conn: ConnectionManager,
     key: String,
     dead_key: String,
+    errors_key: String,
     consumer: String,
     pub batch: usize,
     pub block: Duration,
@@ -55,6 +62,7 @@ impl StreamConsumer {
         Self {
             reader,
             conn,
+            errors_key: errors_key(&key),
             key,
             dead_key,
             consumer,
@@ -150,8 +158,18 @@ impl StreamConsumer {
         if !dead.is_empty() {
             let ids: Vec<&String> = dead.iter().map(|(id, ..)| id).collect();
             let claimed = self.claim(&ids, idle).await?;
+            let errors: Vec<Option<String>> = if claimed.is_empty() {
+                Vec::new()
+            } else {
+                let mut cmd = redis::cmd("HMGET");
+                cmd.arg(&self.errors_key);
+                for e in &claimed {
+                    cmd.arg(&e.id);
+                }
+                cmd.query_async(&mut c).await?
+            };
             let mut pipe = redis::pipe();
-            for e in &claimed {
+            for (e, error) in claimed.iter().zip(errors) {
                 pipe.cmd("XADD")
                     .arg(&self.dead_key)
                     .arg("MAXLEN")
@@ -162,7 +180,10 @@ impl StreamConsumer {
                     .arg(&e.payload)
                     .arg("from")
                     .arg(&e.id)
+                    .arg("error")
+                    .arg(error.unwrap_or_else(|| "failed too often (no error recorded)".into()))
                     .ignore();
+                pipe.cmd("HDEL").arg(&self.errors_key).arg(&e.id).ignore();
                 pipe.cmd("XACK")
                     .arg(&self.key)
                     .arg(GROUP)
@@ -212,7 +233,7 @@ impl StreamConsumer {
         Ok(())
     }
 
-    /// Acknowledges and deletes a finished entry.
+    /// Acknowledges and deletes a finished entry (and forgets its last error).
     pub async fn ack(&self, id: &str) -> RedisResult<()> {
         let mut c = self.conn.clone();
         redis::pipe()
@@ -225,6 +246,23 @@ impl StreamConsumer {
             .arg(&self.key)
             .arg(id)
             .ignore()
+            .cmd("HDEL")
+            .arg(&self.errors_key)
+            .arg(id)
+            .ignore()
+            .query_async::<()>(&mut c)
+            .await
+    }
+
+    /// Records why an entry's job failed (it stays pending and runs again), for
+    /// `parafed admin jobs`; at most [`super::admin::MAX_ERROR_CHARS`] characters.
+    pub async fn note_error(&self, id: &str, error: &str) -> RedisResult<()> {
+        let mut c = self.conn.clone();
+        let text: String = error.chars().take(super::admin::MAX_ERROR_CHARS).collect();
+        redis::cmd("HSET")
+            .arg(&self.errors_key)
+            .arg(id)
+            .arg(text)
             .query_async::<()>(&mut c)
             .await
     }

@@ -4,7 +4,7 @@
 use serde::{Deserialize, Serialize};
 
 /// The queues. Operators can run a worker process per queue.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum QueueName {
     Verify,

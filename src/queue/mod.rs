@@ -9,7 +9,9 @@
 //! ids; the rows they name in Postgres are the truth, so a job pushed twice or lost is
 //! harmless: the reconciler re-pushes unfinished work and handlers are idempotent.
 
+pub mod admin;
 pub mod consume;
+pub mod heartbeat;
 pub mod jobs;
 
 use std::time::Duration;
@@ -82,10 +84,26 @@ impl Keys {
     pub fn dead(&self, q: QueueName) -> String {
         format!("{}:dead:{}", self.prefix, q.as_str())
     }
+
+    /// Set while an operator has paused the queue (no worker of the fleet consumes it).
+    pub fn paused(&self, q: QueueName) -> String {
+        format!("{}:paused:{}", self.prefix, q.as_str())
+    }
+
+    /// A hash: entry id → the last error of a job that failed and waits to run again
+    /// (`<queue key>:errors`, see [`consume::StreamConsumer`]).
+    pub fn job_errors(&self, q: QueueName) -> String {
+        consume::errors_key(&self.queue(q))
+    }
+
+    /// A hash: `<role>/<id>` → the last heartbeat of each ingress and worker process.
+    pub fn heartbeats(&self) -> String {
+        format!("{}:heartbeats", self.prefix)
+    }
 }
 
 /// A stream entry as `XRANGE` returns it: `[id, [field, value, …]]`.
-type StreamEntry = (String, Vec<(String, Vec<u8>)>);
+pub(crate) type StreamEntry = (String, Vec<(String, Vec<u8>)>);
 
 /// The Redis clock (ms) in the id of the first entry, if any.
 fn first_entry_ms(entries: &[StreamEntry]) -> Option<i64> {
@@ -121,7 +139,7 @@ impl JobQueue {
     /// connection broke. After a Redis restart every multiplexed connection is stale: the
     /// first call on it fails ("broken pipe") and the connection manager reconnects, so
     /// the retry goes through — without it that job would wait for the reconciler.
-    async fn call<T, F, Fut>(&self, f: F) -> Result<T, QueueError>
+    pub(crate) async fn call<T, F, Fut>(&self, f: F) -> Result<T, QueueError>
     where
         F: Fn(ConnectionManager) -> Fut,
         Fut: std::future::Future<Output = redis::RedisResult<T>>,
@@ -210,23 +228,39 @@ impl JobQueue {
         type Reply = (u64, redis::Value, u64, Vec<StreamEntry>);
         let (len, pending, dead, first): Reply = self
             .call(|mut c| {
-                let mut pipe = redis::pipe();
-                pipe.cmd("XLEN").arg(&key);
-                pipe.cmd("XPENDING").arg(&key).arg(consume::GROUP);
-                pipe.cmd("XLEN").arg(&dead);
-                pipe.cmd("XRANGE")
-                    .arg(&key)
-                    .arg("-")
-                    .arg("+")
-                    .arg("COUNT")
-                    .arg(1);
+                let (key, dead) = (key.clone(), dead.clone());
                 async move {
+                    let mut pipe = redis::pipe();
+                    pipe.cmd("XLEN").arg(&key);
+                    pipe.cmd("XPENDING").arg(&key).arg(consume::GROUP);
+                    pipe.cmd("XLEN").arg(&dead);
+                    pipe.cmd("XRANGE")
+                        .arg(&key)
+                        .arg("-")
+                        .arg("+")
+                        .arg("COUNT")
+                        .arg(1);
                     match pipe.query_async(&mut c).await {
                         Ok(v) => Ok(v),
-                        // No group yet (nothing consumed since a restart): nothing in
-                        // flight, and nothing queued either.
-                        Err(e) if e.code() == Some("NOGROUP") => {
-                            Ok((0, redis::Value::Nil, 0, Vec::new()))
+                        // No group yet (no worker has read the stream since it was
+                        // created): nothing is in flight; ask again without XPENDING.
+                        // (A pipeline wraps the reply's error code in its own error,
+                        // so the code is looked for in the text.)
+                        Err(e)
+                            if e.code() == Some("NOGROUP") || e.to_string().contains("NOGROUP") =>
+                        {
+                            let mut pipe = redis::pipe();
+                            pipe.cmd("XLEN").arg(&key);
+                            pipe.cmd("XLEN").arg(&dead);
+                            pipe.cmd("XRANGE")
+                                .arg(&key)
+                                .arg("-")
+                                .arg("+")
+                                .arg("COUNT")
+                                .arg(1);
+                            let (len, dead, first): (u64, u64, Vec<StreamEntry>) =
+                                pipe.query_async(&mut c).await?;
+                            Ok((len, redis::Value::Nil, dead, first))
                         }
                         Err(e) => Err(e),
                     }

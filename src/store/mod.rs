@@ -6,10 +6,12 @@
 //! from these tables.
 
 pub mod attempts;
+pub mod audit;
 pub mod destinations;
 pub mod events;
 pub mod feed;
 pub mod gauges;
+pub mod inspect;
 pub mod keys;
 pub mod local;
 pub mod migrate;

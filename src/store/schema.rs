@@ -181,6 +181,18 @@ diesel::table! {
     }
 }
 
+diesel::table! {
+    admin_audit (id) {
+        id -> Int8,
+        at -> Timestamptz,
+        actor -> Text,
+        action -> Text,
+        target -> Nullable<Text>,
+        filter -> Nullable<Text>,
+        count -> Int8,
+    }
+}
+
 diesel::joinable!(outbound_queue -> federation_events (event_id));
 diesel::joinable!(delivery_attempts -> outbound_queue (outbound_id));
 diesel::joinable!(inbound_feed -> federation_events (event_id));
@@ -199,6 +211,7 @@ diesel::allow_tables_to_appear_in_same_query!(
     destination_health,
     inbound_feed,
     local_transactions,
+    admin_audit,
 );
 
 /// Every table, for the schema test and `parafed migrate` output.
@@ -216,4 +229,5 @@ pub const TABLES: &[&str] = &[
     "destination_health",
     "inbound_feed",
     "local_transactions",
+    "admin_audit",
 ];

@@ -196,7 +196,14 @@ async fn local_api_submits_idempotently_and_admin_reports() {
         .await
         .json();
     assert_eq!(status["events"]["accepted"], 1);
-    assert_eq!(status["queues"]["fanout"], 1);
+    let fanout = status["queues"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|q| q["name"] == "fanout")
+        .unwrap();
+    assert_eq!(fanout["ready"], 1, "{status:#}");
+    assert_eq!(fanout["in_flight"], 0);
 
     let feed = send(
         s.addr,

@@ -604,6 +604,7 @@ async fn reconciler_repushes_lost_jobs_and_leaves_a_backlog_alone() {
         policy: parafed::delivery::Policy::from_config(&alpha.app.cfg),
         app: alpha.app.clone(),
         worker_id: "reconcile-test".into(),
+        control: Default::default(),
     };
     let q = parafed::queue::QueueName::Fanout;
     assert_eq!(alpha.app.queue.len(q).await.unwrap(), 50);

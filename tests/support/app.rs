@@ -812,3 +812,62 @@ impl Drop for Blackhole {
         self.task.abort();
     }
 }
+
+/// A `parafed serve` process for a test server (same database, Redis and peers, its own
+/// listener), for tests that drive the admin API of a running ingress.
+pub struct ServeProcess {
+    pub addr: SocketAddr,
+    child: Option<std::process::Child>,
+    _dir: tempfile::TempDir,
+}
+
+impl ServeProcess {
+    /// Starts it and waits until it answers.
+    pub async fn start(server: &TestServer, admin_token: &str) -> ServeProcess {
+        let (listener, _) = reserve_listener();
+        let addr = listener.local_addr().unwrap();
+        drop(listener);
+        let mut cfg = server.app.cfg.clone();
+        cfg.local.token = None;
+        cfg.admin.token = None;
+        cfg.admin.token_name = "ops-test".into();
+        cfg.http.listen = addr;
+        cfg.http.metrics_listen = SocketAddr::from(([127, 0, 0, 1], 0));
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("serve.toml");
+        std::fs::write(&path, toml::to_string(&cfg).unwrap()).unwrap();
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_parafed"));
+        cmd.arg("--config")
+            .arg(&path)
+            .arg("serve")
+            .env("PARAFED_LOG", "warn")
+            .env("PARAFED_ADMIN_TOKEN", admin_token)
+            .stdin(std::process::Stdio::null());
+        let child = parafed::devservers::spawn::spawn_tied(cmd).unwrap();
+        let p = ServeProcess {
+            addr,
+            child: Some(child),
+            _dir: dir,
+        };
+        super::wait_for(
+            "parafed serve answers",
+            std::time::Duration::from_secs(30),
+            || async { tokio::net::TcpStream::connect(addr).await.ok().map(|_| ()) },
+        )
+        .await;
+        p
+    }
+
+    pub fn base_url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+}
+
+impl Drop for ServeProcess {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
