@@ -578,6 +578,83 @@ fn check_database_url(url: &str) -> Result<(), ConfigError> {
     Ok(())
 }
 
+/// One setting, for `docs/configuration.md` (which a test checks against this list).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Setting {
+    /// `section.key` (or a top-level `key`), as written in the file.
+    pub key: String,
+    /// The default, as text: `required` when there is none and the setting must be
+    /// given, `(none)` when unset means "off" or "derived".
+    pub default: String,
+    /// The environment variable that sets it; `None` for file-only settings (`peers`).
+    pub env: Option<String>,
+}
+
+/// Every setting with its default and environment name, in file order.
+pub fn reference() -> Vec<Setting> {
+    let placeholder = Config {
+        server_name: ServerName::parse("required.invalid").unwrap_or_else(|_| unreachable!()),
+        domain: None,
+        http: HttpConfig::default(),
+        database: DatabaseConfig {
+            url: String::new(),
+            pool_size: defaults::pool_size(),
+        },
+        redis: RedisConfig {
+            url: String::new(),
+            key_prefix: defaults::key_prefix(),
+        },
+        federation: FederationConfig::default(),
+        delivery: DeliveryConfig::default(),
+        worker: WorkerConfig::default(),
+        keys: KeysConfig::default(),
+        local: TokenConfig::default(),
+        admin: AdminConfig::default(),
+        peers: BTreeMap::new(),
+    };
+    let required = ["server_name", "database.url", "redis.url"];
+    let value = serde_json::to_value(&placeholder).unwrap_or_default();
+    let mut out = Vec::new();
+    let Some(top) = value.as_object() else {
+        return out;
+    };
+    let render = |key: &str, v: &serde_json::Value| -> String {
+        if required.contains(&key) {
+            return "required".into();
+        }
+        match v {
+            serde_json::Value::Null => "(none)".into(),
+            serde_json::Value::String(s) => s.clone(),
+            other => other.to_string(),
+        }
+    };
+    for (k, v) in top {
+        match v {
+            serde_json::Value::Object(section) if k != "peers" => {
+                for (field, fv) in section {
+                    let key = format!("{k}.{field}");
+                    out.push(Setting {
+                        default: render(&key, fv),
+                        env: Some(format!("PARAFED_{}_{}", k, field).to_ascii_uppercase()),
+                        key,
+                    });
+                }
+            }
+            _ if k == "peers" => out.push(Setting {
+                key: "peers.\"<name>\".base_url".into(),
+                default: "(none)".into(),
+                env: None,
+            }),
+            _ => out.push(Setting {
+                key: k.clone(),
+                default: render(k, v),
+                env: Some(format!("PARAFED_{k}").to_ascii_uppercase()),
+            }),
+        }
+    }
+    out
+}
+
 /// Puts one `PARAFED_*` variable into the TOML table; returns the dotted path it set.
 fn apply_env(table: &mut toml::Table, var: &str, value: String) -> Result<String, ConfigError> {
     let rest = var["PARAFED_".len()..].to_ascii_lowercase();
@@ -643,6 +720,47 @@ pub fn mask_url_password(url: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// docs/configuration.md lists every setting with its default and environment name;
+    /// this fails when the page and the code disagree, and prints the rows the code has.
+    #[test]
+    fn configuration_page_matches_the_code() {
+        let page = include_str!(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/docs/configuration.md"
+        ));
+        let cell = |c: &str| c.trim().trim_matches('`').to_owned();
+        let documented: Vec<(String, String, String)> = page
+            .lines()
+            .filter(|l| l.starts_with("| `"))
+            .map(|l| {
+                let cells: Vec<&str> = l.trim_matches('|').split('|').collect();
+                (
+                    cell(cells.first().copied().unwrap_or("")),
+                    cell(cells.get(1).copied().unwrap_or("")),
+                    cell(cells.get(2).copied().unwrap_or("")),
+                )
+            })
+            .collect();
+        let code: Vec<(String, String, String)> = reference()
+            .into_iter()
+            .map(|s| {
+                (
+                    s.key,
+                    s.default,
+                    s.env.unwrap_or_else(|| "(file only)".into()),
+                )
+            })
+            .collect();
+        let rows: String = code
+            .iter()
+            .map(|(k, d, e)| format!("| `{k}` | `{d}` | `{e}` | |\n"))
+            .collect();
+        assert_eq!(
+            documented, code,
+            "docs/configuration.md disagrees with src/config.rs; the code's rows are:\n{rows}"
+        );
+    }
 
     const BASE: &str = r#"
 server_name = "alpha.test"

@@ -3,9 +3,12 @@
 //! It starts a throwaway Postgres and Redis (from the installed server binaries), then
 //! two parafed deployments — `alpha.test` and `beta.test`, each one `parafed serve` and
 //! one `parafed-worker` process — configured as peers of each other. It hosts a room on
-//! alpha, has a beta user join it through the federation API, exchanges messages both
-//! ways, and shows each arriving in the other server's inbound feed. Then it keeps
-//! running (until Ctrl-C) so the APIs can be explored; `--once` exits instead.
+//! alpha, has a beta user join it through the federation API, exchanges every text
+//! feature (messages both ways, an edit, a reaction added and removed, a delete, a leave)
+//! and shows each arriving in the other server's inbound feed; then prints the operator's
+//! view of one event (`parafed admin status`, `parafed admin events show`, real output).
+//! Then it keeps running (until Ctrl-C) so the APIs can be explored; `--once` exits
+//! instead.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -124,6 +127,53 @@ async fn call(
     Ok(v)
 }
 
+/// Waits until `event_id` is in the inbound feed of the server on `port`, and prints it.
+async fn show_arrival(
+    client: &HttpClient,
+    port: u16,
+    name: &str,
+    event_id: &str,
+) -> Result<(), DemoError> {
+    let ev = devservers::wait_until(
+        &format!("{event_id} in {name}'s feed"),
+        Duration::from_secs(30),
+        || {
+            let (c, id) = (client.clone(), event_id.to_owned());
+            async move {
+                let feed = call(
+                    &c,
+                    Method::GET,
+                    port,
+                    "/_parafed/local/v1/feed?since=0",
+                    None,
+                )
+                .await
+                .ok()?;
+                feed["events"]
+                    .as_array()?
+                    .iter()
+                    .find(|e| e["event"]["event_id"] == id.as_str())
+                    .cloned()
+            }
+        },
+    )
+    .await?;
+    let content = &ev["event"]["content"];
+    println!(
+        "  {name}'s inbound feed, at {}: {} {} {}",
+        ev["position"],
+        ev["event"]["sender"].as_str().unwrap_or(""),
+        ev["event"]["event_type"].as_str().unwrap_or(""),
+        content
+            .get("body")
+            .or(content.get("emoji"))
+            .or(content.get("message_id"))
+            .map(|v| v.to_string())
+            .unwrap_or_default(),
+    );
+    Ok(())
+}
+
 /// Runs the demo. `base_port` is alpha's HTTP port; beta uses `base_port + 2`.
 pub async fn run(base_port: u16, once: bool) -> Result<(), DemoError> {
     let serve_bin = std::env::current_exe().map_err(|e| step(e.to_string()))?;
@@ -223,62 +273,117 @@ pub async fn run(base_port: u16, once: bool) -> Result<(), DemoError> {
     .await?;
     println!("  beta → alpha POST /join: {}", joined["response"]);
 
-    let hello_a = call(
-        &client,
-        Method::POST,
+    // Every text feature: a message each way, an edit, reactions, a delete and a leave.
+    let post = |port: u16, txn: &str, kind: &str, sender: &str, content: Value| {
+        let client = client.clone();
+        let body = json!({"txn_id": txn, "room_id": room, "event_type": kind,
+                          "sender": sender, "content": content});
+        async move {
+            let r = call(
+                &client,
+                Method::POST,
+                port,
+                "/_parafed/local/v1/events",
+                Some(body),
+            )
+            .await?;
+            Ok::<String, DemoError>(r["event_id"].as_str().unwrap_or_default().to_owned())
+        }
+    };
+    let alice = "@alice:alpha.test";
+    let bob = "@bob:beta.test";
+    let m1 = "demo-m1";
+    let hello_a = post(
         ap,
-        "/_parafed/local/v1/events",
-        Some(json!({
-        "txn_id": "demo-1", "room_id": room, "event_type": "m.message",
-        "sender": "@alice:alpha.test", "content": {"body": "hello from alpha"}})),
+        "demo-1",
+        "m.message",
+        alice,
+        json!({"message_id": m1, "body": "hello from alpha"}),
     )
     .await?;
-    let hello_b = call(
+    show_arrival(&client, bp, "beta.test", &hello_a).await?;
+    let hello_b = post(
+        bp,
+        "demo-2",
+        "m.message",
+        bob,
+        json!({"message_id": "demo-m2", "body": "hello from beta"}),
+    )
+    .await?;
+    show_arrival(&client, ap, "alpha.test", &hello_b).await?;
+    let edit = post(
+        ap,
+        "demo-3",
+        "m.message.edit",
+        alice,
+        json!({"message_id": m1, "body": "hello from alpha (edited)"}),
+    )
+    .await?;
+    show_arrival(&client, bp, "beta.test", &edit).await?;
+    let react = post(
+        bp,
+        "demo-4",
+        "m.reaction.add",
+        bob,
+        json!({"message_id": m1, "emoji": "👋"}),
+    )
+    .await?;
+    show_arrival(&client, ap, "alpha.test", &react).await?;
+    let unreact = post(
+        bp,
+        "demo-5",
+        "m.reaction.remove",
+        bob,
+        json!({"message_id": m1, "emoji": "👋"}),
+    )
+    .await?;
+    show_arrival(&client, ap, "alpha.test", &unreact).await?;
+    let delete = post(
+        ap,
+        "demo-6",
+        "m.message.delete",
+        alice,
+        json!({"message_id": m1}),
+    )
+    .await?;
+    show_arrival(&client, bp, "beta.test", &delete).await?;
+    let left = call(
         &client,
         Method::POST,
         bp,
-        "/_parafed/local/v1/events",
-        Some(json!({
-        "txn_id": "demo-2", "room_id": room, "event_type": "m.message",
-        "sender": "@bob:beta.test", "content": {"body": "hello from beta"}})),
+        "/_parafed/local/v1/leave",
+        Some(json!({"room_id": room, "user_id": bob})),
     )
     .await?;
-    for (port, name, id) in [
-        (bp, "beta.test", &hello_a["event_id"]),
-        (ap, "alpha.test", &hello_b["event_id"]),
+    println!(
+        "  beta → alpha POST /leave (@bob:beta.test leaves): {}",
+        left["response"]
+    );
+
+    // The operator's view of one event, with the commands to try.
+    println!(
+        "\nThe operator's view: `parafed admin` against alpha's admin API\n  \
+         export PARAFED_ADMIN_URL=http://127.0.0.1:{ap} PARAFED_ADMIN_TOKEN={ADMIN_TOKEN}"
+    );
+    let url = format!("http://127.0.0.1:{ap}");
+    for cmd in [
+        crate::admin::cli::AdminCommand::Status,
+        crate::admin::cli::AdminCommand::Events(crate::admin::cli::EventsCommand::Show {
+            event_id: edit.clone(),
+        }),
     ] {
-        let id = id.as_str().unwrap_or_default().to_owned();
-        let c = client.clone();
-        let ev = devservers::wait_until(
-            &format!("{id} in {name}'s feed"),
-            Duration::from_secs(30),
-            || {
-                let (c, id) = (c.clone(), id.clone());
-                async move {
-                    let feed = call(
-                        &c,
-                        Method::GET,
-                        port,
-                        "/_parafed/local/v1/feed?since=0",
-                        None,
-                    )
-                    .await
-                    .ok()?;
-                    feed["events"]
-                        .as_array()?
-                        .iter()
-                        .find(|e| e["event"]["event_id"] == id.as_str())
-                        .cloned()
-                }
-            },
-        )
-        .await?;
+        let shown = match &cmd {
+            crate::admin::cli::AdminCommand::Status => "status".to_owned(),
+            _ => format!("events show '{edit}'"),
+        };
+        let call = crate::admin::cli::call_for(&cmd).map_err(|u| step(u.0))?;
+        let out = crate::admin::cli::run(&url, Some(ADMIN_TOKEN), &call).await;
+        if out.code != crate::admin::cli::EXIT_OK {
+            return Err(step(format!("parafed admin {shown}: {}", out.document)));
+        }
         println!(
-            "  {name}'s inbound feed, at {}: {} says {:?} (signed by {})",
-            ev["position"],
-            ev["event"]["sender"],
-            ev["event"]["content"]["body"].as_str().unwrap_or(""),
-            ev["event"]["origin_server"]
+            "\n$ parafed admin {shown}\n{}",
+            crate::admin::cli::render(&out.document)
         );
     }
     println!(
@@ -289,7 +394,12 @@ pub async fn run(base_port: u16, once: bool) -> Result<(), DemoError> {
         return Ok(());
     }
     println!(
-        "\nStill running — try:\n  curl -s -H 'Authorization: Bearer {ADMIN_TOKEN}' http://127.0.0.1:{ap}/_parafed/admin/v1/status\n  \
+        "\nStill running — try (with the export above):\n  \
+         parafed admin status\n  \
+         parafed admin events list --room '{room}'\n  \
+         parafed admin destinations list\n  \
+         parafed admin deliveries list --destination beta.test\n  \
+         parafed admin queues list\n  \
          curl -s -H 'Authorization: Bearer {LOCAL_TOKEN}' 'http://127.0.0.1:{bp}/_parafed/local/v1/feed?since=0'\n  \
          curl -s http://127.0.0.1:{}/metrics | grep parafed_\nPress Ctrl-C to stop.",
         ap + 1000

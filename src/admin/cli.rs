@@ -735,6 +735,52 @@ mod tests {
         assert_eq!(call_for(&one).unwrap().path, "/deliveries/5/retry");
     }
 
+    /// Every `parafed admin …` command the alert runbooks and the docs name parses (the
+    /// `peers` commands are the trust issue's and not built yet).
+    #[test]
+    fn runbook_and_doc_commands_exist() {
+        use clap::Parser;
+        #[derive(Parser)]
+        struct T {
+            #[command(flatten)]
+            admin: AdminArgs,
+        }
+        let rules = include_str!(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/prometheus/rules/parafed.rules.yml"
+        ));
+        let readme = include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md"));
+        // Backticked in the runbooks; whole lines in the README's shell blocks.
+        let commands = rules
+            .split("`parafed admin ")
+            .skip(1)
+            .map(|c| c.split('`').next().unwrap_or(""))
+            .chain(
+                readme
+                    .lines()
+                    .filter_map(|l| l.strip_prefix("parafed admin ")),
+            );
+        let mut checked = 0;
+        for cmd in commands {
+            if cmd.starts_with("peers") {
+                continue;
+            }
+            let line = cmd
+                .replace("{{ $labels.queue }}", "deliver")
+                .replace("<name>", "beta.test");
+            let mut args = vec!["admin".to_owned()];
+            args.extend(
+                line.split_whitespace()
+                    .map(|w| w.trim_matches('\'').to_owned()),
+            );
+            if let Err(e) = T::try_parse_from(&args) {
+                panic!("`parafed admin {cmd}` does not parse: {e}");
+            }
+            checked += 1;
+        }
+        assert!(checked >= 10, "{checked}");
+    }
+
     #[test]
     fn ids_are_percent_encoded() {
         let c = call_for(&AdminCommand::Events(EventsCommand::Show {

@@ -41,6 +41,42 @@ async fn migrate_is_idempotent() {
     assert_eq!(second["applied"], serde_json::json!([]));
 }
 
+/// `migrate` and `keys` read only the database settings: nothing else needs to be set.
+#[tokio::test]
+async fn migrate_and_keys_need_only_the_database_url() {
+    let db = support::pg::fresh_db().await;
+    let only_db = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_parafed"))
+            .args(args)
+            .env_clear()
+            .env("PARAFED_DATABASE_URL", &db)
+            .env("PARAFED_LOG", "warn")
+            .output()
+            .expect("run parafed")
+    };
+    let migrated = json(&only_db(&["migrate", "--output", "json"]));
+    assert!(!migrated["applied"].as_array().unwrap().is_empty());
+    let key = json(&only_db(&["keys", "generate", "--output", "json"]));
+    assert_eq!(key["keys"][0]["status"], "active");
+    // Without it, the error names the setting (exit 2).
+    let none = Command::new(env!("CARGO_BIN_EXE_parafed"))
+        .arg("migrate")
+        .env_clear()
+        .output()
+        .unwrap();
+    assert_eq!(none.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&none.stderr);
+    assert!(err.contains("database"), "{err}");
+    // `parafed admin` needs only its URL and token: without the token it says so.
+    let admin = Command::new(env!("CARGO_BIN_EXE_parafed"))
+        .args(["admin", "--url", "http://127.0.0.1:1", "status"])
+        .env_clear()
+        .output()
+        .unwrap();
+    assert_eq!(admin.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&admin.stderr).contains("PARAFED_ADMIN_TOKEN"));
+}
+
 #[tokio::test]
 async fn keys_generate_list_rotate() {
     let db = support::pg::migrated_db().await;
@@ -177,4 +213,20 @@ fn demo_federates_two_servers_with_the_real_binaries() {
         stdout.contains("alpha.test's inbound feed") && stdout.contains("hello from beta"),
         "{stdout}"
     );
+    // Every text feature crossed, and the operator's view of one event was printed.
+    for want in [
+        "m.message.edit",
+        "m.reaction.add",
+        "m.reaction.remove",
+        "m.message.delete",
+        "POST /leave",
+        "$ parafed admin status",
+        "$ parafed admin events show",
+        "what: nothing: delivered",
+    ] {
+        assert!(
+            stdout.contains(want),
+            "demo output lacks {want:?}:\n{stdout}"
+        );
+    }
 }

@@ -119,3 +119,82 @@ async fn entries_handed_back_by_a_stopping_worker_are_taken_at_once() {
     assert_eq!(ids(&taken), ids(&read));
     assert_eq!(taken[0].payload, b"0");
 }
+
+/// A job that keeps failing shows its last error while it is retried, and takes it into
+/// the dead stream (`parafed admin jobs list`), instead of looping quietly.
+#[tokio::test]
+async fn a_failing_job_shows_its_last_error_and_keeps_it_when_dead() {
+    use parafed::queue::admin::JobState;
+    use parafed::queue::{JobQueue, Keys, QueueName};
+    let redis = Redis::start().await.unwrap();
+    let keys = Keys::new("t");
+    let q = QueueName::Deliver;
+    let conn = parafed::queue::connect(&redis.url()).unwrap();
+    let reader = parafed::queue::connect(&redis.url()).unwrap();
+    let mut c = StreamConsumer::new(
+        reader,
+        conn.clone(),
+        keys.queue(q),
+        keys.dead(q),
+        "a".into(),
+    );
+    c.block = Duration::from_millis(100);
+    c.max_deliveries = 2;
+    c.min_idle = Duration::ZERO;
+    c.ensure_group().await.unwrap();
+    let jobs = JobQueue::new(conn, keys);
+    jobs.push(
+        q,
+        &parafed::queue::DeliverJob {
+            destination: "beta.test".into(),
+        },
+    )
+    .await
+    .unwrap();
+    let ready = jobs.jobs(q, JobState::Ready, None, 10).await.unwrap();
+    assert_eq!(ready.len(), 1);
+    assert_eq!(ready[0].job["destination"], "beta.test");
+    let got = c.read().await.unwrap();
+    let id = got[0].id.clone();
+    c.note_error(&id, "beta.test answered 500 Internal Server Error")
+        .await
+        .unwrap();
+    let flying = jobs.jobs(q, JobState::InFlight, None, 10).await.unwrap();
+    assert_eq!(flying.len(), 1);
+    assert_eq!(flying[0].deliveries, Some(1));
+    assert!(flying[0].last_error.as_deref().unwrap().contains("500"));
+    assert!(jobs
+        .jobs(q, JobState::Ready, None, 10)
+        .await
+        .unwrap()
+        .is_empty());
+    let (again, _) = c.claim_stale().await.unwrap(); // delivery 2
+    assert_eq!(again.len(), 1);
+    c.note_error(&id, "beta.test answered 502 Bad Gateway")
+        .await
+        .unwrap();
+    let (none, _) = c.claim_stale().await.unwrap(); // too many: dead
+    assert!(none.is_empty());
+    let dead = jobs.jobs(q, JobState::Dead, None, 10).await.unwrap();
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0].dead_from.as_deref(), Some(id.as_str()));
+    assert!(
+        dead[0].last_error.as_deref().unwrap().contains("502"),
+        "{:?}",
+        dead[0]
+    );
+    assert_eq!(
+        command_line(redis.port, "HLEN t:q:deliver:errors").unwrap(),
+        ":0"
+    );
+    // Redriven, it is a ready job again, under a new id.
+    let new_ids = jobs.redrive(q, &dead).await.unwrap();
+    assert_eq!(new_ids.len(), 1);
+    assert!(jobs
+        .jobs(q, JobState::Dead, None, 10)
+        .await
+        .unwrap()
+        .is_empty());
+    let ready = jobs.jobs(q, JobState::Ready, None, 10).await.unwrap();
+    assert_eq!(ready[0].id, new_ids[0]);
+}
