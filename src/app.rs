@@ -42,6 +42,8 @@ pub struct App {
     pub keyring: KeyRing,
     pub trust: Trust,
     pub limiter: RateLimiter,
+    /// Requests in flight per peer in this process (`trust::in_flight`).
+    pub in_flight: crate::trust::in_flight::InFlight,
     signing: RwLock<Option<(Instant, Keypair)>>,
     published: RwLock<Option<(Instant, Vec<u8>)>>,
 }
@@ -66,8 +68,14 @@ impl App {
         );
         let queue = JobQueue::new(redis.clone(), keys.clone());
         Ok(Arc::new(App {
-            trust: Trust::new(pool.clone(), cfg.federation.mode),
+            trust: Trust::new(
+                pool.clone(),
+                redis.clone(),
+                keys.clone(),
+                cfg.federation.mode,
+            ),
             limiter: RateLimiter::new(redis.clone(), keys.clone()),
+            in_flight: Default::default(),
             queue,
             cfg,
             pool,

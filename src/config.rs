@@ -141,7 +141,8 @@ pub struct FederationConfig {
     /// Find peers that are not under `[peers]` through `https://<name>/.well-known`.
     /// Off: only configured peers can federate (private fleets, tests).
     pub discovery: bool,
-    /// Inbound events per minute from one peer, across the ingress fleet (0 = no limit).
+    /// Requests per minute from one peer on every signed federation route, across the
+    /// ingress fleet (0 = no limit).
     /// A peer's own limit (`parafed admin peers rate-limit`) overrides it.
     #[serde(deserialize_with = "flex::u32")]
     pub rate_limit_per_minute: u32,
@@ -149,6 +150,19 @@ pub struct FederationConfig {
     /// ids it is sent (a flood of bad key ids costs at most one fetch per interval).
     #[serde(deserialize_with = "flex::u64")]
     pub key_refetch_interval_ms: u64,
+    /// Requests of one peer in flight at once, per ingress process (a peer's own cap,
+    /// `parafed admin peers rate-limit --in-flight`, overrides it).
+    #[serde(deserialize_with = "flex::u32")]
+    pub max_in_flight_per_peer: u32,
+    /// Offences of one kind within `quarantine_window_secs` after which a peer is
+    /// quarantined automatically (0 = never).
+    #[serde(deserialize_with = "flex::u32")]
+    pub quarantine_threshold: u32,
+    #[serde(deserialize_with = "flex::u64")]
+    pub quarantine_window_secs: u64,
+    /// How long an automatic quarantine lasts (0 = until an operator releases it).
+    #[serde(deserialize_with = "flex::u64")]
+    pub quarantine_secs: u64,
 }
 
 impl Default for FederationConfig {
@@ -160,6 +174,10 @@ impl Default for FederationConfig {
             discovery: true,
             rate_limit_per_minute: 6000,
             key_refetch_interval_ms: 30_000,
+            max_in_flight_per_peer: 64,
+            quarantine_threshold: 50,
+            quarantine_window_secs: 60,
+            quarantine_secs: 3600,
         }
     }
 }
@@ -427,6 +445,9 @@ impl Config {
         }
         if self.worker.concurrency == 0 {
             return bad("[worker] concurrency must be at least 1".into());
+        }
+        if self.federation.max_in_flight_per_peer == 0 {
+            return bad("[federation] max_in_flight_per_peer must be at least 1".into());
         }
         if self.delivery.window == 0 {
             return bad("[delivery] window must be at least 1".into());

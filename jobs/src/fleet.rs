@@ -138,6 +138,8 @@ pub async fn run(
             .clone()
             .watch(app.queue.clone(), heartbeat, stop_rx),
     );
+    // Trust changes made anywhere in the fleet reach this process within a tick.
+    let trust_watch = tokio::spawn(parafed::trust::Trust::watch(app.clone()));
     tracing::info!(worker = %worker_id, queues = ?queues, concurrency, "parafed-worker running");
     let signal = async move {
         shutdown.await;
@@ -148,6 +150,7 @@ pub async fn run(
     crate::backend::finish_hand_backs(Duration::from_secs(5)).await;
     let _ = scheduler.await;
     let _ = control.await;
+    trust_watch.abort();
     tracing::info!(worker = %worker_id, "parafed-worker stopped");
     Ok(())
 }

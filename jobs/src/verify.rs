@@ -145,6 +145,17 @@ pub async fn run(ctx: &Ctx, job: &VerifyJob) -> Result<(), JobError> {
         }
         Err(reason) => {
             events::settle(&mut conn, env.event_id.as_str(), seq, false, Some(&reason)).await?;
+            // Counts towards the automatic quarantine of the peer that sent it.
+            if let Some(from) = events::received_from(&mut conn, env.event_id.as_str()).await? {
+                if let Ok(peer) = parafed::protocol::ServerName::parse(&from) {
+                    parafed::trust::offenses::record(
+                        app,
+                        &peer,
+                        parafed::trust::offenses::Offense::RejectedEvent,
+                    )
+                    .await;
+                }
+            }
             metrics::counter!("parafed_events_verified_total", "verdict" => "rejected")
                 .increment(1);
             tracing::info!(event_id = %env.event_id, %reason, "event rejected");

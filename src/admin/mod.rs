@@ -9,7 +9,8 @@
 //!   redrive and purge the dead streams);
 //! * [`deliveries`] — outbound rows by filter, their attempts, retry / cancel / purge;
 //! * [`destinations`] — per-destination state and backlog, retry-now / pause / resume;
-//! * [`events`] — an event and what happened to it at every destination.
+//! * [`events`] — an event and what happened to it at every destination;
+//! * [`peers`] — trust and safety: allow, block, quarantine, release, purge, limits, mode.
 //!
 //! Every state-changing operation writes an audit row (`store::audit`) naming the admin
 //! token's holder (`[admin] token_name`). Bulk operations take a `dry_run` flag and
@@ -20,6 +21,7 @@ pub mod cli;
 pub mod deliveries;
 pub mod destinations;
 pub mod events;
+pub mod peers;
 pub mod queues;
 pub mod status;
 

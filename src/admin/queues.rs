@@ -178,7 +178,7 @@ pub async fn job(app: &App, q: QueueName, id: &str) -> Result<JobView, AdminErro
         .ok_or_else(|| AdminError::NotFound(format!("no job {id} in queue {}", q.as_str())))
 }
 
-/// Puts a dead job back into its queue; returns it with its new id.
+/// Puts a dead job back into its queue; returns it as pushed, with its new id.
 pub async fn retry(app: &App, q: QueueName, id: &str) -> Result<JobView, AdminError> {
     let j = job(app, q, id).await?;
     if j.state != JobState::Dead {
@@ -196,8 +196,15 @@ pub async fn retry(app: &App, q: QueueName, id: &str) -> Result<JobView, AdminEr
         1,
     )
     .await?;
-    let new_id = new_ids.into_iter().next().unwrap_or_default();
-    job(app, q, &new_id).await
+    // The job as pushed (a worker may take it before anyone could read it back).
+    Ok(JobView {
+        id: new_ids.into_iter().next().unwrap_or_default(),
+        state: JobState::Ready,
+        pushed_at_ms: Some(chrono::Utc::now().timestamp_millis()),
+        last_error: None,
+        dead_from: None,
+        ..j
+    })
 }
 
 /// Removes a job (acknowledged, so no worker runs it). The work it names is still in

@@ -12,7 +12,7 @@ use serde::Deserialize;
 
 use super::error::{json_bytes_response, ApiError, Body};
 use super::request::{parse_query, read_body};
-use crate::admin::{self, deliveries, destinations, events, queues};
+use crate::admin::{self, deliveries, destinations, events, peers, queues};
 use crate::app::App;
 use crate::store::inspect::{Change, DeliveryFilter};
 
@@ -104,6 +104,30 @@ struct BulkJobs {
 #[serde(deny_unknown_fields)]
 struct Reason {
     reason: Option<String>,
+}
+
+/// The body of `peers … allow | block | quarantine`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DecisionBody {
+    reason: Option<String>,
+    /// The decision lapses after this many seconds (absent: until changed).
+    for_secs: Option<u64>,
+}
+
+/// The body of `peers … rate-limit`: absent fields lift the peer's own limit.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LimitsBody {
+    per_minute: Option<u32>,
+    in_flight: Option<u32>,
+}
+
+/// The body of `peers mode`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ModeBody {
+    mode: String,
 }
 
 /// The body of calls that take none.
@@ -295,6 +319,51 @@ pub async fn route(
         (true, ["events", id]) => {
             nq()?;
             ok(&events::show(app, id).await?)
+        }
+        (true, ["peers"]) => {
+            let q = Query::parse(parts, &["state", "cursor", "limit"])?;
+            let state = q.get("state").map(peers::state).transpose()?;
+            ok(&peers::list(app, state, q.get("cursor"), q.limit()?).await?)
+        }
+        (true, ["peers", "mode"]) | (true, ["mode"]) => {
+            nq()?;
+            ok(&peers::get_mode(app).await?)
+        }
+        (false, ["peers", "mode"]) => {
+            nq()?;
+            let b: ModeBody = body(parts, incoming).await?;
+            ok(&peers::set_mode(app, peers::mode(&b.mode)?).await?)
+        }
+        (true, ["peers", name]) => {
+            nq()?;
+            ok(&peers::show(app, &peers::peer(name)?).await?)
+        }
+        (false, ["peers", name, op @ ("allow" | "block" | "quarantine")]) => {
+            nq()?;
+            let b: DecisionBody = body(parts, incoming).await?;
+            let verdict = match *op {
+                "allow" => peers::Verdict::Allow,
+                "block" => peers::Verdict::Block,
+                _ => peers::Verdict::Quarantine,
+            };
+            let name = peers::peer(name)?;
+            ok(&peers::decide(app, &name, verdict, b.reason.as_deref(), b.for_secs).await?)
+        }
+        (false, ["peers", name, op @ ("release" | "purge")]) => {
+            nq()?;
+            let _: Empty = body(parts, incoming).await?;
+            let name = peers::peer(name)?;
+            if *op == "release" {
+                ok(&peers::release(app, &name).await?)
+            } else {
+                ok(&peers::purge(app, &name).await?)
+            }
+        }
+        (false, ["peers", name, "rate-limit"]) => {
+            nq()?;
+            let b: LimitsBody = body(parts, incoming).await?;
+            let name = peers::peer(name)?;
+            ok(&peers::set_limits(app, &name, b.per_minute, b.in_flight).await?)
         }
         (true, ["keys"]) => {
             nq()?;

@@ -2,8 +2,10 @@
 //!
 //! Order matters and is cheapest-first: header syntax, clock skew, who the origin is
 //! (refusing blocked peers before any key work), its key (possibly fetched, see the key
-//! ring's bounds), the ed25519 signature over the bytes received. Only then — for POSTs —
-//! the replay check, so a forged request can never occupy a replay slot.
+//! ring's bounds), the ed25519 signature over the bytes received; then the peer's rate
+//! limit and in-flight cap, on every signed route. Only then — for POSTs — the replay
+//! check, so a forged request can never occupy a replay slot. A bad signature and a
+//! replay count towards the peer's automatic quarantine (`trust::offenses`).
 
 use http::{HeaderMap, Method};
 
@@ -14,6 +16,8 @@ use crate::protocol::transport::{
     TransportHeaders, HEADER_KEY_ID, HEADER_ORIGIN, HEADER_SIGNATURE, HEADER_TIMESTAMP,
 };
 use crate::protocol::ServerName;
+use crate::trust::offenses::{self, Offense};
+use crate::trust::rate_limit::Admission;
 use crate::trust::Standing;
 
 /// An authenticated request's origin.
@@ -21,6 +25,8 @@ pub struct Authenticated {
     pub origin: ServerName,
     pub transport: TransportHeaders,
     pub standing: Standing,
+    /// The request's in-flight slot, released when the handler is done with it.
+    _slot: crate::trust::in_flight::Slot,
 }
 
 pub async fn authenticate(
@@ -74,14 +80,35 @@ pub async fn authenticate(
             metrics::counter!("parafed_ingress_refused_total", "reason" => "bad_signature")
                 .increment(1);
             crate::telemetry::signature_checked("transport", false);
+            offenses::record(app, &origin, Offense::BadTransportSignature).await;
             return Err(e.into());
         }
     }
     crate::telemetry::signature_checked("transport", true);
+    let (own_rate, own_cap) = app.trust.limits(&origin).await?;
+    let slot = app
+        .in_flight
+        .enter(
+            origin.as_str(),
+            own_cap.unwrap_or(app.cfg.federation.max_in_flight_per_peer),
+        )
+        .ok_or_else(|| {
+            metrics::counter!("parafed_ingress_refused_total", "reason" => "in_flight")
+                .increment(1);
+            ApiError::too_many_in_flight()
+        })?;
+    let per_minute = own_rate.unwrap_or(app.cfg.federation.rate_limit_per_minute);
+    if let Admission::Limited { retry_after_ms } =
+        app.limiter.admit(origin.as_str(), per_minute).await?
+    {
+        metrics::counter!("parafed_ingress_refused_total", "reason" => "rate_limited").increment(1);
+        return Err(ApiError::rate_limited(retry_after_ms.div_ceil(1000)));
+    }
     Ok(Authenticated {
         origin,
         transport,
         standing,
+        _slot: slot,
     })
 }
 
@@ -108,6 +135,7 @@ pub async fn refuse_replay(
         .map_err(|e| ApiError::from(crate::queue::QueueError::from(e)))?;
     if fresh.is_none() {
         metrics::counter!("parafed_ingress_refused_total", "reason" => "replay").increment(1);
+        offenses::record(app, &auth.origin, Offense::Replay).await;
         return Err(ApiError::conflict(
             "this signed request was already received; sign it again with a fresh timestamp",
         ));

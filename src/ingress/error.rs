@@ -60,9 +60,20 @@ impl ApiError {
                 StatusCode::TOO_MANY_REQUESTS,
                 "RATE_LIMITED",
                 format!(
-                    "too many events from this server; retry after {} s",
+                    "too many requests from this server; retry after {} s",
                     retry_after_secs.max(1)
                 ),
+            )
+        }
+    }
+    /// The peer has as many requests in flight here as it may (`trust::in_flight`).
+    pub fn too_many_in_flight() -> Self {
+        Self {
+            retry_after_secs: Some(1),
+            ..Self::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "RATE_LIMITED",
+                "too many requests from this server in flight at once; retry after 1 s",
             )
         }
     }

@@ -18,7 +18,7 @@ use crate::protocol::envelope::SignatureError;
 use crate::protocol::{Envelope, EventId, RoomId, ServerName, UserId};
 use crate::store::events::{self, EventStatus};
 use crate::store::rooms::{self, Membership};
-use crate::trust::rate_limit::Admission;
+use crate::trust::offenses::{self, Offense};
 use crate::trust::Standing;
 
 pub fn well_known(app: &App) -> Response<Body> {
@@ -51,23 +51,6 @@ pub fn signed_path(parts: &Parts) -> String {
         .uri
         .path_and_query()
         .map_or_else(|| parts.uri.path().to_owned(), |pq| pq.as_str().to_owned())
-}
-
-async fn enforce_rate_limit(app: &App, auth: &Authenticated) -> Result<(), ApiError> {
-    let per_minute = match &auth.standing {
-        Standing::Allowed { rate_limit } | Standing::Quarantined { rate_limit } => {
-            rate_limit.unwrap_or(app.cfg.federation.rate_limit_per_minute)
-        }
-        Standing::Refused { .. } => 0,
-    };
-    match app.limiter.admit(auth.origin.as_str(), per_minute).await? {
-        Admission::Admitted => Ok(()),
-        Admission::Limited { retry_after_ms } => {
-            metrics::counter!("parafed_ingress_refused_total", "reason" => "rate_limited")
-                .increment(1);
-            Err(ApiError::rate_limited(retry_after_ms.div_ceil(1000)))
-        }
-    }
 }
 
 /// The origin's id domain, when we know where it is.
@@ -122,7 +105,6 @@ pub async fn post_event(
     let path = signed_path(parts);
     let auth = authenticate(app, &Method::POST, &path, &parts.headers, &body).await?;
     refuse_replay(app, &auth, &Method::POST, &path).await?;
-    enforce_rate_limit(app, &auth).await?;
 
     let env = Envelope::from_wire(&body)?;
     let relayed = env.origin_server != auth.origin;
@@ -137,14 +119,16 @@ pub async fn post_event(
     } else {
         None
     };
-    crate::protocol::relay::check(
+    if let Err(e) = crate::protocol::relay::check(
         &auth.origin,
         relayer_domain.as_deref(),
         &env.origin_server,
         &env.room_id,
         app.cfg.domain(),
-    )
-    .map_err(|e| ApiError::forbidden(e.to_string()))?;
+    ) {
+        offenses::record(app, &auth.origin, Offense::ForgedRelay).await;
+        return Err(ApiError::forbidden(e.to_string()));
+    }
     let mut held = matches!(auth.standing, Standing::Quarantined { .. });
     if relayed {
         match app.trust.standing(&env.origin_server).await? {
@@ -165,7 +149,15 @@ pub async fn post_event(
             env.sender, env.origin_server
         )));
     }
-    let signature_checked = check_envelope_signature(app, &env, relayed).await?;
+    let signature_checked = match check_envelope_signature(app, &env, relayed).await {
+        Ok(checked) => checked,
+        Err(e) => {
+            if e.status == StatusCode::FORBIDDEN {
+                offenses::record(app, &auth.origin, Offense::BadEnvelopeSignature).await;
+            }
+            return Err(e);
+        }
+    };
 
     let status = if held {
         EventStatus::Held

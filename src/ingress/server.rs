@@ -81,6 +81,15 @@ async fn serve_connection<I>(
 /// At most `http.max_connections` connections are open at once; past that, new ones wait
 /// in the kernel's accept backlog until one closes (an idle keep-alive connection is
 /// closed after `HEADER_READ_TIMEOUT`).
+/// Aborts a background task when the server stops.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 pub async fn serve(
     app: Arc<App>,
     listener: TcpListener,
@@ -89,6 +98,9 @@ pub async fn serve(
 ) {
     let graceful = GracefulShutdown::new();
     let slots = Arc::new(Semaphore::new(app.cfg.http.max_connections.max(1) as usize));
+    // Trust changes made anywhere in the fleet reach this process within a tick.
+    let trust_watch = tokio::spawn(crate::trust::Trust::watch(app.clone()));
+    let _stop_watch = AbortOnDrop(trust_watch);
     let app = Arc::new(super::Ingress::new(app));
     tokio::pin!(shutdown);
     loop {

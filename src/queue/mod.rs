@@ -96,6 +96,17 @@ impl Keys {
         consume::errors_key(&self.queue(q))
     }
 
+    /// Bumped by every trust change (a peer's decision or limits, the federation mode):
+    /// every process watches it and drops its cached standings when it moves.
+    pub fn trust_version(&self) -> String {
+        format!("{}:trust-version", self.prefix)
+    }
+
+    /// A peer's offences of one kind in the current window (automatic quarantine).
+    pub fn offenses(&self, peer: &str, kind: &str) -> String {
+        format!("{}:offenses:{}:{}", self.prefix, peer, kind)
+    }
+
     /// A hash: `<role>/<id>` → the last heartbeat of each ingress and worker process.
     pub fn heartbeats(&self) -> String {
         format!("{}:heartbeats", self.prefix)

@@ -4,9 +4,18 @@
 //! Otherwise, with discovery on, `https://<name>/.well-known/paracord/server` is read once
 //! and remembered in the `peers` table; with discovery off, unknown peers have no
 //! endpoint and cannot federate.
+//!
+//! Any request names an origin, and a relayed event another, before anything about
+//! them is known — so lookups are bounded, or a stream of made-up names would turn this
+//! server into a generator of outbound requests: one lookup per name at a time (callers
+//! for the same name wait for it), a failure remembered for [`FAILURE_TTL`], at most
+//! [`MAX_CONCURRENT`] lookups at once and [`LOOKUPS_PER_MINUTE`] new ones per minute per
+//! process; past those bounds a lookup fails at once (the request gets 503 and is
+//! retried by its sender).
 
 use std::collections::HashMap;
-use std::sync::RwLock;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
 
 use chrono::Utc;
 use diesel::prelude::*;
@@ -55,9 +64,54 @@ pub enum DirectoryError {
     Discovery(ServerName, String),
 }
 
+/// How long a failed lookup is remembered.
+pub const FAILURE_TTL: Duration = Duration::from_secs(60);
+/// Lookups running at once, per process.
+pub const MAX_CONCURRENT: usize = 16;
+/// New lookups started per minute, per process.
+pub const LOOKUPS_PER_MINUTE: u32 = 120;
+const MAX_REMEMBERED_FAILURES: usize = 100_000;
+
+/// A fixed-window budget of lookups: `limit` per minute.
+#[derive(Debug)]
+pub struct Budget {
+    window_start: Instant,
+    used: u32,
+    limit: u32,
+}
+
+impl Budget {
+    pub fn new(limit: u32, now: Instant) -> Budget {
+        Budget {
+            window_start: now,
+            used: 0,
+            limit,
+        }
+    }
+
+    /// Takes one lookup from the budget; false when this minute's is spent.
+    pub fn take(&mut self, now: Instant) -> bool {
+        if now.duration_since(self.window_start) >= Duration::from_secs(60) {
+            self.window_start = now;
+            self.used = 0;
+        }
+        if self.used >= self.limit {
+            return false;
+        }
+        self.used += 1;
+        true
+    }
+}
+
 pub struct PeerDirectory {
     configured: HashMap<String, PeerEndpoint>,
     discovered: RwLock<HashMap<ServerName, PeerEndpoint>>,
+    /// Recent failures: name → (when, why).
+    failed: Mutex<HashMap<ServerName, (Instant, String)>>,
+    /// One lookup per name at a time.
+    lookups: Mutex<HashMap<ServerName, Arc<tokio::sync::Mutex<()>>>>,
+    budget: Mutex<Budget>,
+    slots: tokio::sync::Semaphore,
     discovery: bool,
     pool: PgPool,
     client: HttpClient,
@@ -85,6 +139,10 @@ impl PeerDirectory {
         Self {
             configured,
             discovered: RwLock::new(HashMap::new()),
+            failed: Mutex::new(HashMap::new()),
+            lookups: Mutex::new(HashMap::new()),
+            budget: Mutex::new(Budget::new(LOOKUPS_PER_MINUTE, Instant::now())),
+            slots: tokio::sync::Semaphore::new(MAX_CONCURRENT),
             discovery: cfg.federation.discovery,
             pool,
             client,
@@ -110,21 +168,93 @@ impl PeerDirectory {
         if !self.discovery {
             return Err(DirectoryError::Unknown(name.clone()));
         }
-        if let Some(p) = self
-            .discovered
-            .read()
-            .ok()
-            .and_then(|m| m.get(name).cloned())
-        {
+        if let Some(p) = self.cached(name)? {
             return Ok(p);
         }
         if let Some(p) = self.load(name).await {
             self.remember(name, &p);
             return Ok(p);
         }
-        let p = self.discover(name).await?;
-        self.remember(name, &p);
-        Ok(p)
+        // One lookup per name: later callers wait for it and take its result.
+        let lock = {
+            let mut l = self.lookups.lock().unwrap_or_else(|p| p.into_inner());
+            l.entry(name.clone()).or_default().clone()
+        };
+        let result = {
+            let _one = lock.lock().await;
+            match self.cached(name) {
+                Ok(Some(p)) => Ok(p),
+                Err(e) => Err(e),
+                Ok(None) => self.look_up(name).await,
+            }
+        };
+        self.lookups
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(name);
+        result
+    }
+
+    /// A remembered endpoint, a remembered failure, or neither.
+    fn cached(&self, name: &ServerName) -> Result<Option<PeerEndpoint>, DirectoryError> {
+        if let Some(p) = self
+            .discovered
+            .read()
+            .ok()
+            .and_then(|m| m.get(name).cloned())
+        {
+            return Ok(Some(p));
+        }
+        let failed = self.failed.lock().unwrap_or_else(|p| p.into_inner());
+        match failed.get(name) {
+            Some((at, why)) if at.elapsed() < FAILURE_TTL => Err(DirectoryError::Discovery(
+                name.clone(),
+                format!("{why} (not retried for {} s)", FAILURE_TTL.as_secs()),
+            )),
+            _ => Ok(None),
+        }
+    }
+
+    /// Discovers `name` within the process's bounds; remembers a failure.
+    async fn look_up(&self, name: &ServerName) -> Result<PeerEndpoint, DirectoryError> {
+        let busy = || {
+            DirectoryError::Discovery(
+                name.clone(),
+                "too many peer lookups right now; try again shortly".into(),
+            )
+        };
+        let Ok(_slot) = self.slots.try_acquire() else {
+            return Err(busy());
+        };
+        if !self
+            .budget
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take(Instant::now())
+        {
+            return Err(busy());
+        }
+        match self.discover(name).await {
+            Ok(p) => {
+                self.remember(name, &p);
+                Ok(p)
+            }
+            Err(e) => {
+                let why = match &e {
+                    DirectoryError::Discovery(_, m) => m.clone(),
+                    other => other.to_string(),
+                };
+                let mut failed = self.failed.lock().unwrap_or_else(|p| p.into_inner());
+                if failed.len() >= MAX_REMEMBERED_FAILURES {
+                    failed.retain(|_, (at, _)| at.elapsed() < FAILURE_TTL);
+                    if failed.len() >= MAX_REMEMBERED_FAILURES {
+                        failed.clear();
+                    }
+                }
+                failed.insert(name.clone(), (Instant::now(), why));
+                Err(e)
+            }
+        }
     }
 
     fn remember(&self, name: &ServerName, p: &PeerEndpoint) {
@@ -209,6 +339,15 @@ impl PeerDirectory {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_lookup_budget_refills_each_minute() {
+        let t0 = Instant::now();
+        let mut b = Budget::new(3, t0);
+        assert!((0..3).all(|_| b.take(t0)));
+        assert!(!b.take(t0 + Duration::from_secs(59)));
+        assert!(b.take(t0 + Duration::from_secs(60)));
+    }
 
     #[test]
     fn signed_path_is_the_path_after_the_authority() {

@@ -69,3 +69,18 @@ pub async fn list(
     }
     Ok(q.order(aa::id.desc()).limit(limit).load(conn).await?)
 }
+
+/// The audit rows about one target (a peer, a destination), newest first.
+pub async fn for_target(
+    conn: &mut AsyncPgConnection,
+    target: &str,
+    limit: i64,
+) -> Result<Vec<AuditRow>, StoreError> {
+    Ok(aa::table
+        .filter(aa::target.eq(target))
+        .select(AuditRow::as_select())
+        .order(aa::id.desc())
+        .limit(limit)
+        .load(conn)
+        .await?)
+}

@@ -434,3 +434,51 @@ pub async fn unsettled_before(
         .await?;
     Ok(rows.into_iter().filter_map(|r| from_row(r).ok()).collect())
 }
+
+/// Held events from `peer` — sent by it, or originated by it and relayed — oldest first:
+/// each becomes pending (its verify job is the caller's to push, in this order).
+/// Returns their ids in storage order.
+pub async fn release_held(
+    conn: &mut AsyncPgConnection,
+    peer: &str,
+) -> Result<Vec<String>, StoreError> {
+    #[derive(diesel::QueryableByName)]
+    struct Row {
+        #[diesel(sql_type = diesel::sql_types::Text)]
+        event_id: String,
+        #[diesel(sql_type = diesel::sql_types::BigInt)]
+        seq: i64,
+    }
+    let mut rows: Vec<Row> = diesel::sql_query(
+        "UPDATE federation_events SET status = 'pending', enqueued_at = now() \
+         WHERE status = 'held' AND (received_from = $1 OR origin_server = $1) \
+         RETURNING event_id, seq",
+    )
+    .bind::<diesel::sql_types::Text, _>(peer)
+    .load(conn)
+    .await?;
+    rows.sort_by_key(|r| r.seq);
+    Ok(rows.into_iter().map(|r| r.event_id).collect())
+}
+
+/// Deletes the held events from `peer` (sent by it, or originated by it); returns how
+/// many.
+pub async fn purge_held(conn: &mut AsyncPgConnection, peer: &str) -> Result<usize, StoreError> {
+    Ok(diesel::sql_query(
+        "DELETE FROM federation_events \
+         WHERE status = 'held' AND (received_from = $1 OR origin_server = $1)",
+    )
+    .bind::<diesel::sql_types::Text, _>(peer)
+    .execute(conn)
+    .await?)
+}
+
+/// How many events from `peer` are held.
+pub async fn held_count(conn: &mut AsyncPgConnection, peer: &str) -> Result<i64, StoreError> {
+    Ok(fe::table
+        .filter(fe::status.eq("held"))
+        .filter(fe::received_from.eq(peer).or(fe::origin_server.eq(peer)))
+        .count()
+        .get_result(conn)
+        .await?)
+}

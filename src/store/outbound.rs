@@ -223,3 +223,16 @@ pub async fn cancel_waiting(
     .execute(conn)
     .await?)
 }
+
+/// Deliveries waiting for `destination`.
+pub async fn waiting_count(
+    conn: &mut AsyncPgConnection,
+    destination: &str,
+) -> Result<i64, StoreError> {
+    Ok(oq::table
+        .filter(oq::destination.eq(destination))
+        .filter(oq::status.eq("pending"))
+        .count()
+        .get_result(conn)
+        .await?)
+}

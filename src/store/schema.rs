@@ -71,6 +71,18 @@ diesel::table! {
         bad_signatures -> Int8,
         rejected_events -> Int8,
         updated_at -> Timestamptz,
+        set_by -> Nullable<Text>,
+        max_in_flight -> Nullable<Int4>,
+        offenses -> Nullable<Text>,
+    }
+}
+
+diesel::table! {
+    trust_settings (name) {
+        name -> Text,
+        value -> Text,
+        set_by -> Text,
+        updated_at -> Timestamptz,
     }
 }
 
@@ -212,6 +224,7 @@ diesel::allow_tables_to_appear_in_same_query!(
     inbound_feed,
     local_transactions,
     admin_audit,
+    trust_settings,
 );
 
 /// Every table, for the schema test and `parafed migrate` output.
@@ -230,4 +243,5 @@ pub const TABLES: &[&str] = &[
     "inbound_feed",
     "local_transactions",
     "admin_audit",
+    "trust_settings",
 ];

@@ -87,7 +87,7 @@ impl Sink {
 }
 
 /// Runs `parafed admin …` against `serve`; returns (exit code, stdout, stderr).
-async fn run(url: &str, token: Option<&str>, args: &[&str]) -> (i32, String, String) {
+pub(crate) async fn run(url: &str, token: Option<&str>, args: &[&str]) -> (i32, String, String) {
     let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_parafed"));
     cmd.arg("admin").args(args).env("PARAFED_ADMIN_URL", url);
     cmd.env_remove("PARAFED_ADMIN_TOKEN")
@@ -686,6 +686,50 @@ async fn every_admin_command_against_a_running_fleet() {
     assert_eq!(f.code(&["deliveries", "show", "999999"]).await, 3);
     assert_eq!(f.code(&["deliveries", "list", "--state", "lost"]).await, 2);
     assert_eq!(f.code(&["queues", "stats", "nosuch"]).await, 2);
+
+    // --- peers: every trust command (their effects are tests/it/trust.rs's).
+    assert_eq!(f.json(&["peers", "mode"]).await["mode"], "open");
+    let limited = f
+        .json(&["peers", "rate-limit", "delta.test", "--per-minute", "1000"])
+        .await;
+    assert_eq!(limited["limits"]["own_rate_limit_per_minute"], 1000);
+    assert_eq!(
+        f.json(&["peers", "allow", "delta.test"]).await["standing"],
+        "allowed"
+    );
+    let q = f
+        .json(&[
+            "peers",
+            "quarantine",
+            "gamma.test",
+            "--reason",
+            "test",
+            "--for-secs",
+            "600",
+        ])
+        .await;
+    assert_eq!(q["standing"], "quarantined");
+    assert!(!q["decision"]["until"].is_null());
+    assert_eq!(
+        f.json(&["peers", "purge", "gamma.test", "--yes"]).await["count"],
+        0
+    );
+    assert_eq!(
+        f.json(&["peers", "release", "gamma.test"]).await["count"],
+        0
+    );
+    assert_eq!(
+        f.json(&["peers", "block", "gamma.test", "--yes"]).await["standing"],
+        "refused"
+    );
+    let peers = f.json(&["peers", "list"]).await;
+    assert_eq!(peers["items"].as_array().unwrap().len(), 2);
+    let shown = f.json(&["peers", "show", "gamma.test"]).await;
+    assert_eq!(shown["audit"][0]["action"], "peers.block");
+    assert_eq!(
+        f.json(&["peers", "mode", "allowlist"]).await["mode"],
+        "allowlist"
+    );
 
     check_docs(&f.seen.lock().unwrap());
 }

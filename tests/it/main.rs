@@ -25,4 +25,5 @@ mod protocol_props;
 mod queue_stream;
 mod relay;
 mod store;
+mod trust;
 mod vectors;
