@@ -33,7 +33,8 @@ async fn setup() -> (FakePeers, TestServer, Peer) {
     let fakes = FakePeers::start(vec![("peer".into(), KeysAnswer::Keys(vec![p.clone()]))]).await;
     let server = TestServer::start(Options {
         peers: vec![("peer.test".into(), fakes.base_url("peer"))],
-        extra_toml: "\n[federation]\ndiscovery = false\nrate_limit_per_minute = 0\n".into(),
+        // These tests are about many requests at once from one peer: no cap on them here.
+        extra_toml: "\n[federation]\ndiscovery = false\nrate_limit_per_minute = 0\nmax_in_flight_per_peer = 100000\n".into(),
         ..Options::default()
     })
     .await;
@@ -217,4 +218,56 @@ async fn made_up_origins_cause_no_key_lookups() {
     );
     assert_eq!(fakes.key_fetches("peer"), 0);
     assert_eq!(s.event_count().await, 0);
+}
+
+/// With discovery on, every request names an origin the ingress may have to look up at
+/// `https://<name>/.well-known`: made-up names must not turn it into a generator of
+/// outbound requests. 150 origins (each a listener on 127.0.0.1 that counts connections
+/// and hangs up), three requests each: one lookup per name at most (the failure is
+/// remembered), at most the per-minute budget in all, and every request answered 503.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn peer_lookups_are_bounded_and_failures_remembered() {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::Arc;
+    let mut origins = Vec::new();
+    let mut counters = Vec::new();
+    for _ in 0..150 {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = l.local_addr().unwrap().port();
+        let n = Arc::new(AtomicU64::new(0));
+        let c = n.clone();
+        tokio::spawn(async move {
+            while let Ok((s, _)) = l.accept().await {
+                c.fetch_add(1, Ordering::SeqCst);
+                drop(s);
+            }
+        });
+        origins.push(Peer::new(&format!("localhost:{port}"), "ed25519:auto", [7; 32]));
+        counters.push(n);
+    }
+    let server = TestServer::start(Options {
+        extra_toml: "\n[federation]\ndiscovery = true\nrate_limit_per_minute = 0\n".into(),
+        ..Options::default()
+    })
+    .await;
+    let path = "/_paracord/federation/v1/event/%24x%3Alocalhost";
+    let requests: Vec<Peer> = (0..3).flat_map(|_| origins.clone()).collect();
+    use futures::StreamExt;
+    let codes: Vec<u16> = futures::stream::iter(requests)
+        .map(|p| {
+            let addr = server.addr;
+            async move { send(addr, "GET", path, &p.sign("GET", path, b""), b"").await.status }
+        })
+        .buffer_unordered(16)
+        .collect()
+        .await;
+    assert!(codes.iter().all(|&c| c == 503), "{codes:?}");
+    let per_name: Vec<u64> = counters.iter().map(|c| c.load(Ordering::SeqCst)).collect();
+    let total: u64 = per_name.iter().sum();
+    assert!(per_name.iter().all(|&n| n <= 1), "a name was looked up twice: {per_name:?}");
+    assert!(total >= 1, "nothing was looked up");
+    assert!(
+        total <= u64::from(parafed::remote::directory::LOOKUPS_PER_MINUTE),
+        "{total} lookups in well under a minute"
+    );
 }
