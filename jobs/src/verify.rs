@@ -15,15 +15,34 @@ use parafed::store::{events, feed};
 
 use crate::context::{Ctx, JobError};
 
+/// How long an event whose origin cannot be reached (its keys, its `/.well-known`) waits
+/// to be judged. A relayed event is stored before its origin's keys are known (a dead
+/// origin must not stall the room) and its relayer was told it arrived, so nobody sends
+/// it again: rejecting it because the origin was briefly down would lose it. Within this
+/// the job fails and is retried; after it, it is judged with what is known.
+pub const UNREACHABLE_WAIT: chrono::Duration = chrono::Duration::hours(1);
+
+/// A failure to judge that goes away by itself.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}; the event is judged again later")]
+struct NotYet(String);
+
 /// Why an event is rejected (kept in `reject_reason`).
-async fn judge(ctx: &Ctx, env: &Envelope) -> Result<Result<(), String>, JobError> {
+async fn judge(
+    ctx: &Ctx,
+    env: &Envelope,
+    received_at: chrono::DateTime<chrono::Utc>,
+) -> Result<Result<(), String>, JobError> {
     let app = &ctx.app;
+    let may_wait = chrono::Utc::now() - received_at < UNREACHABLE_WAIT;
     // Keys first: a peer that is unreachable now is a reason to retry, not to reject.
     for kid in env.signing_key_ids().iter().take(4) {
         match app.keyring.key(&env.origin_server, kid).await {
-            // Unreachable: judged with what is known (and rejected if nothing is; a later
-            // correct copy replaces a rejected one).
-            Ok(_) | Err(KeyLookupError::UnknownKey { .. } | KeyLookupError::Unreachable { .. }) => {
+            Ok(_) | Err(KeyLookupError::UnknownKey { .. }) => {}
+            Err(e @ KeyLookupError::Unreachable { .. }) => {
+                if may_wait && app.keyring.key_if_cached(&env.origin_server, kid).is_none() {
+                    return Err(NotYet(e.to_string()).into());
+                }
             }
             Err(e @ KeyLookupError::Unavailable(_)) => return Err(e.into()),
         }
@@ -40,12 +59,13 @@ async fn judge(ctx: &Ctx, env: &Envelope) -> Result<Result<(), String>, JobError
         }
         Err(e) => return Ok(Err(e.to_string())),
     }
-    let domain = app
-        .directory
-        .resolve(&env.origin_server)
-        .await
-        .ok()
-        .map(|p| p.domain);
+    let domain = match app.directory.resolve(&env.origin_server).await {
+        Ok(p) => Some(p.domain),
+        Err(e @ parafed::remote::directory::DirectoryError::Discovery(..)) if may_wait => {
+            return Err(NotYet(e.to_string()).into())
+        }
+        Err(_) => None,
+    };
     if !env.sender_belongs_to_origin(domain.as_deref()) {
         return Ok(Err(format!(
             "sender {} is not a user of {}",
@@ -109,7 +129,7 @@ pub async fn run(ctx: &Ctx, job: &VerifyJob) -> Result<(), JobError> {
     }
     let seq = stored.seq;
     let env = stored.envelope;
-    let verdict = judge(ctx, &env).await?;
+    let verdict = judge(ctx, &env, stored.received_at).await?;
     let mut conn = app.pool.get().await?;
     match verdict {
         Ok(()) => {

@@ -65,6 +65,7 @@ struct Row {
     status: String,
     fanned_out_at: Option<chrono::DateTime<chrono::Utc>>,
     seq: i64,
+    received_at: chrono::DateTime<chrono::Utc>,
 }
 
 /// A stored event with its status.
@@ -77,6 +78,8 @@ pub struct StoredEvent {
     pub fanned_out: bool,
     /// Storage order (`federation_events.seq`): the order dependants are sent in.
     pub seq: i64,
+    /// When it was stored here.
+    pub received_at: chrono::DateTime<chrono::Utc>,
 }
 
 fn corrupt(id: &str, what: &str) -> StoreError {
@@ -109,6 +112,7 @@ fn from_row(r: Row) -> Result<StoredEvent, StoreError> {
         status: r.status,
         fanned_out: r.fanned_out_at.is_some(),
         seq: r.seq,
+        received_at: r.received_at,
     })
 }
 

@@ -242,7 +242,11 @@ async fn peer_lookups_are_bounded_and_failures_remembered() {
                 drop(s);
             }
         });
-        origins.push(Peer::new(&format!("localhost:{port}"), "ed25519:auto", [7; 32]));
+        origins.push(Peer::new(
+            &format!("localhost:{port}"),
+            "ed25519:auto",
+            [7; 32],
+        ));
         counters.push(n);
     }
     let server = TestServer::start(Options {
@@ -256,7 +260,11 @@ async fn peer_lookups_are_bounded_and_failures_remembered() {
     let codes: Vec<u16> = futures::stream::iter(requests)
         .map(|p| {
             let addr = server.addr;
-            async move { send(addr, "GET", path, &p.sign("GET", path, b""), b"").await.status }
+            async move {
+                send(addr, "GET", path, &p.sign("GET", path, b""), b"")
+                    .await
+                    .status
+            }
         })
         .buffer_unordered(16)
         .collect()
@@ -264,7 +272,10 @@ async fn peer_lookups_are_bounded_and_failures_remembered() {
     assert!(codes.iter().all(|&c| c == 503), "{codes:?}");
     let per_name: Vec<u64> = counters.iter().map(|c| c.load(Ordering::SeqCst)).collect();
     let total: u64 = per_name.iter().sum();
-    assert!(per_name.iter().all(|&n| n <= 1), "a name was looked up twice: {per_name:?}");
+    assert!(
+        per_name.iter().all(|&n| n <= 1),
+        "a name was looked up twice: {per_name:?}"
+    );
     assert!(total >= 1, "nothing was looked up");
     assert!(
         total <= u64::from(parafed::remote::directory::LOOKUPS_PER_MINUTE),

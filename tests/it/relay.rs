@@ -225,3 +225,93 @@ async fn an_unchecked_held_copy_does_not_block_the_correctly_signed_event() {
     )
     .await;
 }
+
+/// A host relays an event whose origin is briefly unreachable: the event is stored
+/// unchecked, and the verify job waits for the origin's keys instead of rejecting it —
+/// its relayer was told it arrived and will not send it again, so a rejection would lose
+/// it. Once the origin answers, it is accepted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relayed_event_waits_for_an_unreachable_origin_instead_of_being_rejected() {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    let host = Peer::new("host.test", "ed25519:auto", [21; 32]);
+    let origin = Peer::new("origin.test", "ed25519:auto", [22; 32]);
+    let origin_fetches = Arc::new(AtomicU64::new(0));
+    let (l, url) = reserve_listener();
+    let (h, o, n) = (host.clone(), origin.clone(), origin_fetches.clone());
+    let _keys = FnPeer::start(l, move |r: FakeRequest| {
+        let (h, o, n) = (h.clone(), o.clone(), n.clone());
+        async move {
+            let p = if r.path.starts_with("/host/") { h } else { o.clone() };
+            if !r.path.ends_with("/keys") {
+                return FakeAnswer::json(202, json!({"event_id": event_id_of(&r.body), "inserted": true}));
+            }
+            // The origin is down for its first two key fetches.
+            if p.name.as_str() == "origin.test" && n.fetch_add(1, Ordering::SeqCst) < 2 {
+                return FakeAnswer::json(503, json!({"error": "down"}));
+            }
+            FakeAnswer::json(
+                200,
+                json!({
+                    "keys": [{"key_id": p.key.key_id(), "public_key": p.key.public_key_hex(),
+                              "server_name": p.name, "valid_until": parafed::time::now_ms() + 86_400_000}],
+                    "server_name": p.name,
+                }),
+            )
+        }
+    })
+    .await;
+    let alpha = TestServer::start(Options {
+        server_name: "alpha.test".into(),
+        peers: vec![
+            ("host.test".into(), format!("{url}/host")),
+            ("origin.test".into(), format!("{url}/origin")),
+        ],
+        signing_key: true,
+        extra_toml: format!(
+            "\n[federation]\ndiscovery = false\nrate_limit_per_minute = 0\nkey_refetch_interval_ms = 100\n{FAST_WORKER_TOML}"
+        ),
+        ..Options::default()
+    })
+    .await;
+    let _worker = TestWorker::start(&alpha);
+    let mut e = Envelope {
+        event_id: EventId::parse("$777:origin.test").unwrap(),
+        room_id: RoomId::parse("!r:host.test").unwrap(),
+        event_type: EventType::parse("m.message").unwrap(),
+        sender: UserId::parse("@o:origin.test").unwrap(),
+        origin_server: parafed::protocol::ServerName::parse("origin.test").unwrap(),
+        origin_ts: 1_800_000_000_000,
+        content: json!({"body": "through the host", "message_id": "777"}),
+        depth: 1,
+        state_key: None,
+        signatures: Signatures::default(),
+    };
+    e.sign(&origin.key);
+    let body = e.to_wire();
+    let r = send(
+        alpha.addr,
+        "POST",
+        EVENT,
+        &json_signed(&host, EVENT, &body),
+        &body,
+    )
+    .await;
+    assert_eq!(r.status, 202, "{:?}", r.json());
+    let status = wait_for(
+        "the relayed event is judged",
+        Duration::from_secs(60),
+        || async {
+            let s: Option<String> = fe::table
+                .filter(fe::event_id.eq("$777:origin.test"))
+                .select(fe::status)
+                .first(&mut *alpha.db().await)
+                .await
+                .optional()
+                .unwrap();
+            s.filter(|s| s != "pending")
+        },
+    )
+    .await;
+    assert_eq!(status, "accepted");
+    assert!(AtomicU64::load(&origin_fetches, Ordering::SeqCst) >= 3);
+}
