@@ -373,7 +373,14 @@ const SECTIONS: &[&str] = &[
 ];
 const TOP_LEVEL: &[&str] = &["server_name", "domain"];
 /// `PARAFED_*` variables that are not settings.
-const NOT_SETTINGS: &[&str] = &["PARAFED_CONFIG", "PARAFED_LOG", "PARAFED_LOG_FORMAT"];
+/// (`PARAFED_ADMIN_URL` is the `parafed admin` command's, so an operator's shell can
+/// export it next to a running server's settings.)
+const NOT_SETTINGS: &[&str] = &[
+    "PARAFED_CONFIG",
+    "PARAFED_LOG",
+    "PARAFED_LOG_FORMAT",
+    "PARAFED_ADMIN_URL",
+];
 
 /// Settings whose environment value is a boolean.
 const BOOLEANS: &[&str] = &["federation.discovery"];
@@ -445,6 +452,16 @@ impl Config {
         }
         if self.worker.concurrency == 0 {
             return bad("[worker] concurrency must be at least 1".into());
+        }
+        // Ten years: any longer is "forever", and beyond it time arithmetic overflows.
+        const DECADE_SECS: u64 = 10 * 365 * 24 * 3600;
+        if self.federation.quarantine_window_secs == 0
+            || self.federation.quarantine_window_secs > DECADE_SECS
+            || self.federation.quarantine_secs > DECADE_SECS
+        {
+            return bad(format!(
+                "[federation] quarantine_window_secs must be 1 to {DECADE_SECS}, and quarantine_secs 0 to {DECADE_SECS}"
+            ));
         }
         if self.federation.max_in_flight_per_peer == 0 {
             return bad("[federation] max_in_flight_per_peer must be at least 1".into());
@@ -812,6 +829,7 @@ base_url = "http://127.0.0.1:8449"
                 ("PARAFED_LOCAL_TOKEN", "s3cret"),
                 ("PARAFED_WORKER_QUEUES", "verify, deliver"),
                 ("PARAFED_CONFIG", "/ignored"),
+                ("PARAFED_ADMIN_URL", "http://127.0.0.1:8448"),
                 ("PATH", "/bin"),
             ]),
         )

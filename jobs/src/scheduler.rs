@@ -11,6 +11,7 @@
 //! * **gauges** — queue depths, destination states, the backlog (see `gauges`), every
 //!   `gauges_interval_ms`, and this worker's heartbeat every tick;
 //! * **expire and prune** — outbound rows older than the maximum age become dead;
+//!   quarantines past their end time end (their held events are processed);
 //!   attempts, finished rows and local transactions older than `retention_secs` are
 //!   deleted (replay entries expire in Redis by themselves; acknowledged jobs are deleted
 //!   from their stream at once).
@@ -138,6 +139,14 @@ async fn expire(ctx: &Ctx) -> Result<(), crate::context::JobError> {
     if n > 0 {
         tracing::info!(attempts = n, "closed attempts their sender left open");
     }
+    drop(conn);
+    // Quarantines whose time is up end, and what they held is processed.
+    match parafed::admin::peers::lift_lapsed(&ctx.app).await {
+        Ok(0) => {}
+        Ok(n) => tracing::info!(peers = n, "quarantines ended"),
+        Err(e) => tracing::warn!(error = %e, "ending lapsed quarantines failed"),
+    }
+    let mut conn = ctx.app.pool.get().await?;
     let horizon =
         chrono::Utc::now() - chrono::Duration::seconds(ctx.app.cfg.worker.retention_secs as i64);
     let (attempts, rows, txns) = retention::prune(&mut conn, horizon).await?;

@@ -35,6 +35,9 @@ async fn judge(
 ) -> Result<Result<(), String>, JobError> {
     let app = &ctx.app;
     let may_wait = chrono::Utc::now() - received_at < UNREACHABLE_WAIT;
+    // An authenticated peer handed us this event: finding its origin is not subject to
+    // the lookup budget that made-up names in unauthenticated requests draw on.
+    let endpoint = app.directory.resolve_trusted(&env.origin_server).await;
     // Keys first: a peer that is unreachable now is a reason to retry, not to reject.
     for kid in env.signing_key_ids().iter().take(4) {
         match app.keyring.key(&env.origin_server, kid).await {
@@ -59,7 +62,7 @@ async fn judge(
         }
         Err(e) => return Ok(Err(e.to_string())),
     }
-    let domain = match app.directory.resolve(&env.origin_server).await {
+    let domain = match endpoint {
         Ok(p) => Some(p.domain),
         Err(e @ parafed::remote::directory::DirectoryError::Discovery(..)) if may_wait => {
             return Err(NotYet(e.to_string()).into())

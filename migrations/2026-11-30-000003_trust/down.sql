@@ -1,4 +1,5 @@
 DROP TABLE IF EXISTS trust_settings;
+ALTER TABLE peer_trust DROP COLUMN IF EXISTS previous_state;
 ALTER TABLE peer_trust DROP COLUMN IF EXISTS offenses;
 ALTER TABLE peer_trust DROP COLUMN IF EXISTS max_in_flight;
 ALTER TABLE peer_trust DROP COLUMN IF EXISTS set_by;

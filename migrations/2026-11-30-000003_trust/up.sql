@@ -10,6 +10,9 @@ ALTER TABLE peer_trust ADD COLUMN max_in_flight INTEGER
     CHECK (max_in_flight IS NULL OR max_in_flight >= 1);
 -- An automatic quarantine's offence counts (JSON), kept with the decision.
 ALTER TABLE peer_trust ADD COLUMN offenses TEXT;
+-- While quarantined: the state to return to when the quarantine ends.
+ALTER TABLE peer_trust ADD COLUMN previous_state TEXT
+    CHECK (previous_state IS NULL OR previous_state IN ('none', 'allow', 'block'));
 
 -- Fleet-wide settings an operator changes without a restart (the federation mode).
 CREATE TABLE trust_settings (

@@ -116,13 +116,10 @@ pub async fn change_bulk(
 ) -> Result<BulkResult, AdminError> {
     let (ids, truncated) = {
         let mut conn = app.pool.get().await.map_err(StoreError::from)?;
-        let mut ids = inspect::matching_ids(&mut conn, f).await?;
+        let mut ids = inspect::matching_ids(&mut conn, f, change).await?;
         let truncated = ids.len() as i64 > inspect::MAX_BULK;
         ids.truncate(inspect::MAX_BULK as usize);
-        (
-            inspect::applicable(&mut conn, change, &ids).await?,
-            truncated,
-        )
+        (ids, truncated)
     };
     let count = if dry_run {
         ids.len() as i64

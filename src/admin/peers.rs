@@ -9,8 +9,9 @@
 //!   deliveries are cancelled (kept, visible as cancelled);
 //! * **quarantine** — its events are stored but held (not verified, applied or relayed);
 //!   deliveries to it are held;
-//! * **release** — lifts the quarantine (in `allowlist` mode the peer stays allowed) and
-//!   processes its held events in storage order;
+//! * **release** — ends the quarantine (back to the state it interrupted: allowed, none
+//!   or blocked) and processes its held events in storage order; so does an `allow`
+//!   of a quarantined peer, and a quarantine's end time (`lift_lapsed`);
 //! * **purge** — deletes its held events (counted in the answer and the audit trail);
 //! * **allow** — in `allowlist` mode, only allowed peers federate.
 
@@ -171,12 +172,27 @@ pub async fn decide(
             "that is this server's own name".into(),
         ));
     }
-    let until = for_secs.map(|s| {
-        chrono::Utc::now() + chrono::Duration::seconds(i64::try_from(s).unwrap_or(i64::MAX / 1000))
-    });
+    let until = match for_secs {
+        None => None,
+        Some(s) => Some(
+            i64::try_from(s)
+                .ok()
+                .and_then(chrono::Duration::try_seconds)
+                .and_then(|d| chrono::Utc::now().checked_add_signed(d))
+                .ok_or_else(|| {
+                    AdminError::BadRequest(format!(
+                        "for_secs {s} is too far in the future; leave it out for \"until changed\""
+                    ))
+                })?,
+        ),
+    };
     let mut changed = 1;
+    let was_quarantined;
     {
         let mut conn = app.pool.get().await.map_err(StoreError::from)?;
+        was_quarantined = decisions::get(&mut conn, name.as_str())
+            .await?
+            .is_some_and(|d| d.state == "quarantine");
         decisions::set(
             &mut conn,
             name.as_str(),
@@ -209,6 +225,10 @@ pub async fn decide(
     )
     .await?;
     app.trust.changed().await?;
+    if verdict == Verdict::Allow && was_quarantined {
+        // Allowed now: what the quarantine held is processed.
+        release_held_events(app, name).await?;
+    }
     // The deliver job applies the standing to outbound traffic (hold, release, cancel).
     app.queue.schedule_deliveries(&[name.to_string()]).await?;
     show(app, name).await
@@ -225,34 +245,10 @@ pub struct HeldResult {
     pub peer: PeerDetail,
 }
 
-/// Lifts a quarantine and processes the peer's held events in storage order.
-pub async fn release(app: &App, name: &ServerName) -> Result<HeldResult, AdminError> {
-    // Released, the peer federates: in allowlist mode that takes an allow.
-    let state = match app.trust.mode().await? {
-        FederationMode::Allowlist => "allow",
-        FederationMode::Open => "none",
-    };
+/// Queues the peer's held events for verification, oldest first; returns how many.
+async fn release_held_events(app: &App, name: &ServerName) -> Result<i64, AdminError> {
     let released = {
         let mut conn = app.pool.get().await.map_err(StoreError::from)?;
-        if let Some(d) = decisions::get(&mut conn, name.as_str()).await? {
-            if d.state == "quarantine" {
-                decisions::set(
-                    &mut conn,
-                    name.as_str(),
-                    &NewDecision {
-                        state,
-                        reason: None,
-                        until: None,
-                        automatic: false,
-                        set_by: super::actor(app),
-                        offenses: None,
-                    },
-                )
-                .await?;
-            }
-        }
-        // Trust first, so the verify jobs below see the peer released.
-        app.trust.changed().await?;
         events::release_held(&mut conn, name.as_str()).await?
     };
     let jobs: Vec<VerifyJob> = released
@@ -263,7 +259,46 @@ pub async fn release(app: &App, name: &ServerName) -> Result<HeldResult, AdminEr
         .collect();
     app.queue.push_many(QueueName::Verify, &jobs).await?;
     app.queue.schedule_deliveries(&[name.to_string()]).await?;
-    let count = released.len() as i64;
+    Ok(released.len() as i64)
+}
+
+/// Ends a quarantine: back to the state it interrupted (`previous_state`; `none` when
+/// there was none — in allowlist mode a peer is allowed again only if it was before).
+async fn end_quarantine(
+    app: &App,
+    name: &ServerName,
+    set_by: &str,
+    reason: &str,
+) -> Result<(), AdminError> {
+    let mut conn = app.pool.get().await.map_err(StoreError::from)?;
+    if let Some(d) = decisions::get(&mut conn, name.as_str()).await? {
+        if d.state == "quarantine" {
+            let back = d.previous_state.as_deref().unwrap_or("none");
+            decisions::set(
+                &mut conn,
+                name.as_str(),
+                &NewDecision {
+                    state: back,
+                    reason: Some(reason),
+                    until: None,
+                    automatic: false,
+                    set_by,
+                    offenses: None,
+                },
+            )
+            .await?;
+        }
+    }
+    drop(conn);
+    // Trust first, so the verify jobs of the released events see the peer released.
+    app.trust.changed().await?;
+    Ok(())
+}
+
+/// Lifts a quarantine and processes the peer's held events in storage order.
+pub async fn release(app: &App, name: &ServerName) -> Result<HeldResult, AdminError> {
+    end_quarantine(app, name, super::actor(app), "released from quarantine").await?;
+    let count = release_held_events(app, name).await?;
     audit(app, "peers.release", Some(name.as_str()), None, count).await?;
     Ok(HeldResult {
         server_name: name.to_string(),
@@ -271,6 +306,36 @@ pub async fn release(app: &App, name: &ServerName) -> Result<HeldResult, AdminEr
         count,
         peer: show(app, name).await?,
     })
+}
+
+/// Ends the quarantines whose time is up (automatic ones with `quarantine_secs`, and
+/// operators' with `--for-secs`), releasing what they held; returns how many. Run by
+/// every worker's scheduler.
+pub async fn lift_lapsed(app: &App) -> Result<usize, AdminError> {
+    let lapsed = {
+        let mut conn = app.pool.get().await.map_err(StoreError::from)?;
+        decisions::lapsed_quarantines(&mut conn, 100).await?
+    };
+    for d in &lapsed {
+        let Ok(name) = ServerName::parse(&d.server_name) else {
+            continue;
+        };
+        end_quarantine(app, &name, offenses::AUTOMATIC_ACTOR, "quarantine ended").await?;
+        let count = release_held_events(app, &name).await?;
+        let mut conn = app.pool.get().await.map_err(StoreError::from)?;
+        store::audit::record(
+            &mut conn,
+            &store::audit::Entry {
+                actor: offenses::AUTOMATIC_ACTOR,
+                action: "peers.release",
+                target: Some(name.as_str()),
+                filter: Some(r#"{"reason":"quarantine ended"}"#),
+                count,
+            },
+        )
+        .await?;
+    }
+    Ok(lapsed.len())
 }
 
 /// Deletes the peer's held events; the decision stays.

@@ -62,13 +62,11 @@ impl Query {
     }
 }
 
-/// A JSON body (an empty body reads as `{}`); unknown fields are refused.
+/// A JSON body (an empty one reads as `{}`); unknown fields are refused. Read like every
+/// body here — `Content-Length` required, no `Transfer-Encoding` — so a body is never
+/// mistaken for an empty one (which would drop a bulk operation's filter and dry run).
 async fn body<T: DeserializeOwned>(parts: &Parts, body: Incoming) -> Result<T, ApiError> {
-    let bytes = if parts.headers.contains_key(http::header::CONTENT_LENGTH) {
-        read_body(&parts.headers, body).await?
-    } else {
-        bytes::Bytes::new()
-    };
+    let bytes = read_body(&parts.headers, body).await?;
     let bytes: &[u8] = if bytes.iter().all(u8::is_ascii_whitespace) {
         b"{}"
     } else {
@@ -136,13 +134,16 @@ struct ModeBody {
 struct Empty {}
 
 fn ago(secs: Option<i64>) -> Result<Option<chrono::DateTime<chrono::Utc>>, ApiError> {
-    match secs {
-        None => Ok(None),
-        Some(s) if s >= 0 => Ok(Some(chrono::Utc::now() - chrono::Duration::seconds(s))),
-        Some(s) => Err(ApiError::bad_request(format!(
-            "older_than_secs must not be negative, not {s}"
-        ))),
-    }
+    let Some(s) = secs else { return Ok(None) };
+    chrono::Duration::try_seconds(s)
+        .filter(|_| s >= 0)
+        .and_then(|d| chrono::Utc::now().checked_sub_signed(d))
+        .map(Some)
+        .ok_or_else(|| {
+            ApiError::bad_request(format!(
+                "older_than_secs must be a number of seconds from 0 to a few centuries, not {s}"
+            ))
+        })
 }
 
 fn delivery_filter(
@@ -267,6 +268,15 @@ pub async fn route(
         (false, ["deliveries", op @ ("retry" | "cancel" | "purge")]) => {
             nq()?;
             let b: BulkDeliveries = body(parts, incoming).await?;
+            if b.destination.is_none()
+                && b.state.is_none()
+                && b.event_id.is_none()
+                && b.older_than_secs.is_none()
+            {
+                return Err(ApiError::bad_request(
+                    "a bulk change needs at least one filter: destination, state, event_id or older_than_secs",
+                ));
+            }
             let f = delivery_filter(
                 b.destination.as_deref(),
                 b.state.as_deref(),

@@ -2,10 +2,11 @@
 //!
 //! Order matters and is cheapest-first: header syntax, clock skew, who the origin is
 //! (refusing blocked peers before any key work), its key (possibly fetched, see the key
-//! ring's bounds), the ed25519 signature over the bytes received; then the peer's rate
-//! limit and in-flight cap, on every signed route. Only then — for POSTs — the replay
-//! check, so a forged request can never occupy a replay slot. A bad signature and a
-//! replay count towards the peer's automatic quarantine (`trust::offenses`).
+//! ring's bounds), the ed25519 signature over the bytes received — so a forged request
+//! can never occupy a replay slot; for POSTs the replay check, before the peer's rate
+//! limit and in-flight cap are charged (on every signed route), so a replay never spends
+//! the peer's budget. A bad signature and a replay count towards the peer's automatic
+//! quarantine (`trust::offenses`).
 
 use http::{HeaderMap, Method};
 
@@ -85,6 +86,11 @@ pub async fn authenticate(
         }
     }
     crate::telemetry::signature_checked("transport", true);
+    // A replay is refused before it is charged to the peer's limits: whoever replays a
+    // peer's request must not spend that peer's budget.
+    if method == Method::POST {
+        refuse_replay(app, &origin, &transport, method, path_and_query).await?;
+    }
     let (own_rate, own_cap) = app.trust.limits(&origin).await?;
     let slot = app
         .in_flight
@@ -115,13 +121,14 @@ pub async fn authenticate(
 /// Refuses an exact replay of a signed request (409), fleet-wide through Redis. The
 /// identity is over the decoded signature bytes, so re-spelling the hex cannot evade it;
 /// entries live for twice the skew window, after which the timestamp alone refuses it.
-pub async fn refuse_replay(
+async fn refuse_replay(
     app: &App,
-    auth: &Authenticated,
+    origin: &ServerName,
+    transport: &TransportHeaders,
     method: &Method,
     path_and_query: &str,
 ) -> Result<(), ApiError> {
-    let id = auth.transport.replay_id(method.as_str(), path_and_query);
+    let id = transport.replay_id(method.as_str(), path_and_query);
     let ttl_ms = (app.cfg.federation.max_skew_ms.max(1) as u64) * 2;
     let mut conn = app.redis.clone();
     let fresh: Option<String> = redis::cmd("SET")
@@ -135,7 +142,7 @@ pub async fn refuse_replay(
         .map_err(|e| ApiError::from(crate::queue::QueueError::from(e)))?;
     if fresh.is_none() {
         metrics::counter!("parafed_ingress_refused_total", "reason" => "replay").increment(1);
-        offenses::record(app, &auth.origin, Offense::Replay).await;
+        offenses::record(app, origin, Offense::Replay).await;
         return Err(ApiError::conflict(
             "this signed request was already received; sign it again with a fresh timestamp",
         ));

@@ -9,7 +9,7 @@ use http::request::Parts;
 use http::{Method, Response, StatusCode};
 use serde::Deserialize;
 
-use super::auth::{authenticate, refuse_replay, Authenticated};
+use super::auth::{authenticate, Authenticated};
 use super::error::{json_bytes_response, json_response, ApiError, Body};
 use super::request::{parse_query, query_param};
 use crate::app::App;
@@ -104,7 +104,6 @@ pub async fn post_event(
 ) -> Result<Response<Body>, ApiError> {
     let path = signed_path(parts);
     let auth = authenticate(app, &Method::POST, &path, &parts.headers, &body).await?;
-    refuse_replay(app, &auth, &Method::POST, &path).await?;
 
     let env = Envelope::from_wire(&body)?;
     let relayed = env.origin_server != auth.origin;
@@ -185,7 +184,8 @@ fn sorted_envelope(env: &Envelope) -> serde_json::Value {
 
 pub async fn get_event(app: &App, parts: &Parts, raw_id: &str) -> Result<Response<Body>, ApiError> {
     let path = signed_path(parts);
-    authenticate(app, &Method::GET, &path, &parts.headers, b"").await?;
+    // Held to the end: the request counts against the peer's in-flight cap until then.
+    let _auth = authenticate(app, &Method::GET, &path, &parts.headers, b"").await?;
     let id = percent_encoding::percent_decode_str(raw_id)
         .decode_utf8()
         .map_err(|_| ApiError::bad_request("event id is not valid UTF-8"))?;
@@ -206,7 +206,8 @@ pub async fn get_event(app: &App, parts: &Parts, raw_id: &str) -> Result<Respons
 
 pub async fn get_events(app: &App, parts: &Parts) -> Result<Response<Body>, ApiError> {
     let path = signed_path(parts);
-    authenticate(app, &Method::GET, &path, &parts.headers, b"").await?;
+    // Held to the end: the request counts against the peer's in-flight cap until then.
+    let _auth = authenticate(app, &Method::GET, &path, &parts.headers, b"").await?;
     let q = parse_query(parts.uri.query().unwrap_or(""))?;
     let room = query_param(&q, "room_id")
         .ok_or_else(|| ApiError::bad_request("query parameter room_id is required"))?;
@@ -315,9 +316,7 @@ async fn authenticated_post(
     body: &[u8],
 ) -> Result<Authenticated, ApiError> {
     let path = signed_path(parts);
-    let auth = authenticate(app, &Method::POST, &path, &parts.headers, body).await?;
-    refuse_replay(app, &auth, &Method::POST, &path).await?;
-    Ok(auth)
+    authenticate(app, &Method::POST, &path, &parts.headers, body).await
 }
 
 pub async fn invite(app: &App, parts: &Parts, body: Bytes) -> Result<Response<Body>, ApiError> {

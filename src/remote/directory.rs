@@ -160,8 +160,25 @@ impl PeerDirectory {
         self.discovery || self.is_configured(name)
     }
 
-    /// The peer's endpoint: configured, remembered, or discovered now.
+    /// The peer's endpoint: configured, remembered, or discovered now — within the
+    /// per-minute budget (for names an unauthenticated request chose).
     pub async fn resolve(&self, name: &ServerName) -> Result<PeerEndpoint, DirectoryError> {
+        self.resolve_with(name, true).await
+    }
+
+    /// [`resolve`](Self::resolve) for a name that is not an unauthenticated request's
+    /// choice (the origin of an event an authenticated peer relayed, a destination):
+    /// still one lookup per name and failures remembered, but outside the per-minute
+    /// budget, so a flood of made-up names cannot keep real peers from being found.
+    pub async fn resolve_trusted(&self, name: &ServerName) -> Result<PeerEndpoint, DirectoryError> {
+        self.resolve_with(name, false).await
+    }
+
+    async fn resolve_with(
+        &self,
+        name: &ServerName,
+        budgeted: bool,
+    ) -> Result<PeerEndpoint, DirectoryError> {
         if let Some(p) = self.configured.get(name.as_str()) {
             return Ok(p.clone());
         }
@@ -185,7 +202,7 @@ impl PeerDirectory {
             match self.cached(name) {
                 Ok(Some(p)) => Ok(p),
                 Err(e) => Err(e),
-                Ok(None) => self.look_up(name).await,
+                Ok(None) => self.look_up(name, budgeted).await,
             }
         };
         self.lookups
@@ -216,7 +233,11 @@ impl PeerDirectory {
     }
 
     /// Discovers `name` within the process's bounds; remembers a failure.
-    async fn look_up(&self, name: &ServerName) -> Result<PeerEndpoint, DirectoryError> {
+    async fn look_up(
+        &self,
+        name: &ServerName,
+        budgeted: bool,
+    ) -> Result<PeerEndpoint, DirectoryError> {
         let busy = || {
             DirectoryError::Discovery(
                 name.clone(),
@@ -226,11 +247,12 @@ impl PeerDirectory {
         let Ok(_slot) = self.slots.try_acquire() else {
             return Err(busy());
         };
-        if !self
-            .budget
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take(Instant::now())
+        if budgeted
+            && !self
+                .budget
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .take(Instant::now())
         {
             return Err(busy());
         }

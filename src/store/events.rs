@@ -440,7 +440,8 @@ pub async fn unsettled_before(
 }
 
 /// Held events from `peer` — sent by it, or originated by it and relayed — oldest first:
-/// each becomes pending (its verify job is the caller's to push, in this order).
+/// each becomes pending (its verify job is the caller's to push, in this order), unless
+/// the other party to it is quarantined too.
 /// Returns their ids in storage order.
 pub async fn release_held(
     conn: &mut AsyncPgConnection,
@@ -453,10 +454,16 @@ pub async fn release_held(
         #[diesel(sql_type = diesel::sql_types::BigInt)]
         seq: i64,
     }
+    // An event held for another party too (its origin, or the peer that relayed it,
+    // still quarantined) stays held.
     let mut rows: Vec<Row> = diesel::sql_query(
-        "UPDATE federation_events SET status = 'pending', enqueued_at = now() \
-         WHERE status = 'held' AND (received_from = $1 OR origin_server = $1) \
-         RETURNING event_id, seq",
+        "UPDATE federation_events e SET status = 'pending', enqueued_at = now() \
+         WHERE e.status = 'held' AND (e.received_from = $1 OR e.origin_server = $1) \
+           AND NOT EXISTS (SELECT 1 FROM peer_trust t \
+             WHERE t.state = 'quarantine' AND (t.until IS NULL OR t.until > now()) \
+               AND t.server_name <> $1 \
+               AND (t.server_name = e.received_from OR t.server_name = e.origin_server)) \
+         RETURNING e.event_id, e.seq",
     )
     .bind::<diesel::sql_types::Text, _>(peer)
     .load(conn)

@@ -67,9 +67,11 @@ pub async fn fleet_counts(conn: &mut AsyncPgConnection) -> Result<FleetCounts, S
     let t: Totals = diesel::sql_query(
         "SELECT (SELECT count(*) FROM outbound_queue WHERE status = 'pending') AS waiting, \
                 (SELECT count(*) FROM federation_events WHERE status = 'held') AS held, \
-                (SELECT count(*) FROM peer_trust WHERE state = 'quarantine' AND automatic) \
+                (SELECT count(*) FROM peer_trust WHERE state = 'quarantine' AND automatic \
+                   AND (until IS NULL OR until > now())) \
                   AS quarantined_automatic, \
-                (SELECT count(*) FROM peer_trust WHERE state = 'quarantine' AND NOT automatic) \
+                (SELECT count(*) FROM peer_trust WHERE state = 'quarantine' AND NOT automatic \
+                   AND (until IS NULL OR until > now())) \
                   AS quarantined_operator",
     )
     .get_result(conn)

@@ -180,17 +180,22 @@ struct Id {
     id: i64,
 }
 
-/// Ids of the deliveries matching `f` (at most [`MAX_BULK`] + 1, so the caller can tell
-/// more matched), oldest first.
+/// Ids of the deliveries matching `f` that `change` applies to (at most [`MAX_BULK`] + 1,
+/// so the caller can tell more matched), oldest first. Rows the change does not apply to
+/// are left out here, not after the cut, so a rerun always makes progress.
 pub async fn matching_ids(
     conn: &mut AsyncPgConnection,
     f: &DeliveryFilter,
+    change: Change,
 ) -> Result<Vec<i64>, StoreError> {
+    let statuses: Vec<&str> = change.applies_to().to_vec();
     let q = diesel::sql_query(format!(
-        "SELECT o.id FROM outbound_queue o WHERE {DELIVERY_WHERE} ORDER BY o.id LIMIT $7"
+        "SELECT o.id FROM outbound_queue o WHERE {DELIVERY_WHERE} AND o.status = ANY($8) \
+         ORDER BY o.id LIMIT $7"
     ));
     let rows: Vec<Id> = bind_filter!(q, f, None::<i64>)
         .bind::<BigInt, _>(MAX_BULK + 1)
+        .bind::<Array<Text>, _>(statuses)
         .load(conn)
         .await?;
     Ok(rows.into_iter().map(|r| r.id).collect())
@@ -217,23 +222,6 @@ impl Change {
             Change::Purge => &["dead", "cancelled", "delivered"],
         }
     }
-}
-
-/// Ids among `ids` whose status `change` applies to (what a dry run reports).
-pub async fn applicable(
-    conn: &mut AsyncPgConnection,
-    change: Change,
-    ids: &[i64],
-) -> Result<Vec<i64>, StoreError> {
-    let statuses: Vec<&str> = change.applies_to().to_vec();
-    let rows: Vec<Id> = diesel::sql_query(
-        "SELECT id FROM outbound_queue WHERE id = ANY($1) AND status = ANY($2) ORDER BY id",
-    )
-    .bind::<Array<BigInt>, _>(ids)
-    .bind::<Array<Text>, _>(statuses)
-    .load(conn)
-    .await?;
-    Ok(rows.into_iter().map(|r| r.id).collect())
 }
 
 #[derive(QueryableByName)]

@@ -74,6 +74,7 @@ diesel::table! {
         set_by -> Nullable<Text>,
         max_in_flight -> Nullable<Int4>,
         offenses -> Nullable<Text>,
+        previous_state -> Nullable<Text>,
     }
 }
 

@@ -33,6 +33,8 @@ pub struct Decision {
     /// An automatic quarantine's offence counts, as JSON.
     pub offenses: Option<String>,
     pub updated_at: DateTime<Utc>,
+    /// While quarantined: the state the peer returns to when the quarantine ends.
+    pub previous_state: Option<String>,
 }
 
 impl Decision {
@@ -88,13 +90,22 @@ pub struct NewDecision<'a> {
     pub offenses: Option<&'a str>,
 }
 
-/// Saves a decision (the peer's limits are kept).
+/// Saves a decision (the peer's limits are kept). A quarantine remembers the state it
+/// interrupts (`previous_state`: a quarantine ends back in `allow`, `none` or `block`).
 pub async fn set(
     conn: &mut AsyncPgConnection,
     peer: &str,
     d: &NewDecision<'_>,
 ) -> Result<Decision, StoreError> {
     let now = Utc::now();
+    let current = get(conn, peer).await?;
+    let previous: Option<String> = match (d.state, &current) {
+        ("quarantine", Some(c)) if c.state == "quarantine" => c.previous_state.clone(),
+        ("quarantine", Some(c)) if c.until.is_some_and(|u| u <= now) => Some("none".into()),
+        ("quarantine", Some(c)) => Some(c.state.clone()),
+        ("quarantine", None) => Some("none".into()),
+        _ => None,
+    };
     Ok(diesel::insert_into(pt::table)
         .values((
             pt::server_name.eq(peer),
@@ -104,6 +115,7 @@ pub async fn set(
             pt::automatic.eq(d.automatic),
             pt::set_by.eq(d.set_by),
             pt::offenses.eq(d.offenses),
+            pt::previous_state.eq(&previous),
             pt::updated_at.eq(now),
         ))
         .on_conflict(pt::server_name)
@@ -115,10 +127,26 @@ pub async fn set(
             pt::automatic.eq(d.automatic),
             pt::set_by.eq(d.set_by),
             pt::offenses.eq(d.offenses),
+            pt::previous_state.eq(&previous),
             pt::updated_at.eq(now),
         ))
         .returning(Decision::as_returning())
         .get_result(conn)
+        .await?)
+}
+
+/// Peers whose quarantine has lapsed (`until` passed), at most `limit`.
+pub async fn lapsed_quarantines(
+    conn: &mut AsyncPgConnection,
+    limit: i64,
+) -> Result<Vec<Decision>, StoreError> {
+    Ok(pt::table
+        .filter(pt::state.eq("quarantine"))
+        .filter(pt::until.le(Utc::now()))
+        .select(Decision::as_select())
+        .order(pt::server_name.asc())
+        .limit(limit)
+        .load(conn)
         .await?)
 }
 

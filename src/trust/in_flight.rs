@@ -1,8 +1,10 @@
 //! A cap on one peer's requests in flight at once, per ingress process.
 //!
 //! The rate limit bounds how many requests a peer makes per minute; this bounds how many
-//! it holds open at once (slow bodies, expensive lookups), so one peer cannot take every
-//! connection's worth of work. Counted in memory: it protects this process, and the
+//! of its authenticated requests are being worked on at once (database reads, stores,
+//! group commits), so one peer cannot take every connection's worth of work. The slot is
+//! taken once the request is authenticated (its body is read by then, within the body
+//! timeout) and held until the answer is ready. Counted in memory: it protects this process, and the
 //! fleet's total is the cap times the number of ingress processes. Over the cap the
 //! request is answered 429 with `Retry-After: 1`.
 

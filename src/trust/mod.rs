@@ -214,6 +214,17 @@ pub fn standing_of(
                 |r| format!("blocked: {r}"),
             ),
         },
+        // In allowlist mode a quarantine holds only a peer that was allowed; others are
+        // refused as the mode says.
+        Some("quarantine")
+            if mode == FederationMode::Allowlist
+                && live.and_then(|d| d.previous_state.as_deref()) != Some("allow") =>
+        {
+            Standing::Refused {
+                reason: "this server federates only with allowed peers (federation mode allowlist)"
+                    .into(),
+            }
+        }
         Some("quarantine") => Standing::Quarantined { rate_limit },
         Some("allow") => Standing::Allowed { rate_limit },
         _ if mode == FederationMode::Allowlist => Standing::Refused {
@@ -240,6 +251,7 @@ mod tests {
             set_by: None,
             offenses: None,
             updated_at: chrono::DateTime::from_timestamp(0, 0).unwrap(),
+            previous_state: Some("allow".into()),
         }
     }
 
@@ -278,7 +290,14 @@ mod tests {
                 "{dec:?} {mode:?}"
             );
         }
-        for dec in [None, Some(d("none", None)), Some(d("allow", Some(999)))] {
+        let mut never_allowed = d("quarantine", None);
+        never_allowed.previous_state = Some("none".into());
+        for dec in [
+            None,
+            Some(d("none", None)),
+            Some(d("allow", Some(999))),
+            Some(never_allowed),
+        ] {
             assert!(
                 matches!(
                     standing_of(dec.as_ref(), Allowlist, now),

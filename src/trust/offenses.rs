@@ -23,6 +23,13 @@ use crate::store::{self, StoreError};
 
 use super::decisions::{self, NewDecision};
 
+/// Counts one offence in a fixed window that starts with the window's first offence.
+const COUNT: &str = r"
+local n = redis.call('INCR', KEYS[1])
+if n == 1 then redis.call('PEXPIRE', KEYS[1], ARGV[1]) end
+return n
+";
+
 /// Who the audit trail names for an automatic decision.
 pub const AUTOMATIC_ACTOR: &str = "parafed (automatic)";
 
@@ -84,20 +91,14 @@ pub async fn record(app: &App, peer: &ServerName, offense: Offense) {
     let key = app.keys.offenses(peer.as_str(), offense.as_str());
     let window_ms = app.cfg.federation.quarantine_window_secs.max(1) * 1000;
     let mut c = app.redis.clone();
-    // The window starts with the first offence and ends `window` later.
-    let r: Result<(Option<String>, u64), _> = redis::pipe()
-        .cmd("SET")
-        .arg(&key)
-        .arg(0)
-        .arg("NX")
-        .arg("PX")
+    // One script, so the window's expiry is set with its first count, whatever fails.
+    let r: Result<u64, _> = redis::Script::new(COUNT)
+        .key(&key)
         .arg(window_ms)
-        .cmd("INCR")
-        .arg(&key)
-        .query_async(&mut c)
+        .invoke_async(&mut c)
         .await;
     let n = match r {
-        Ok((_, n)) => n,
+        Ok(n) => n,
         Err(e) => {
             tracing::debug!(error = %e, "counting an offence failed");
             return;

@@ -780,6 +780,52 @@ async fn a_wrong_or_missing_token_is_refused_and_changes_nothing() {
     )
     .await;
     assert_eq!(r.status, 400, "{:?}", r.json());
+    let auth = vec![
+        ("Authorization".to_owned(), format!("Bearer {TOKEN}")),
+        ("Content-Type".to_owned(), "application/json".to_owned()),
+    ];
+    // A bulk change without a filter is refused by the API too, not only by the CLI.
+    let r = send(
+        f.serve.addr,
+        "POST",
+        "/_parafed/admin/v1/deliveries/purge",
+        &auth,
+        b"{}",
+    )
+    .await;
+    assert_eq!(r.status, 400, "{:?}", r.json());
+    // A body whose length is not given is refused, never read as an empty one (which
+    // would drop its filter and its dry run).
+    let chunked = format!(
+        "POST /_parafed/admin/v1/deliveries/purge HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\n\
+         Content-Type: application/json\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n\
+         2a\r\n{{\"destination\":\"beta.test\",\"dry_run\":true}}\r\n0\r\n\r\n"
+    );
+    let r = support::app::raw(f.serve.addr, chunked.as_bytes())
+        .await
+        .unwrap();
+    assert_eq!(r.status, 400, "{:?}", r.json());
+    // Out-of-range numbers are a 400, not a crash.
+    let r = send(
+        f.serve.addr,
+        "GET",
+        "/_parafed/admin/v1/deliveries?older_than_secs=10000000000000",
+        &auth,
+        b"",
+    )
+    .await;
+    assert_eq!(r.status, 400, "{:?}", r.json());
+    let r = send(
+        f.serve.addr,
+        "POST",
+        "/_parafed/admin/v1/peers/beta.test/quarantine",
+        &auth,
+        br#"{"for_secs": 18000000000000000000}"#,
+    )
+    .await;
+    assert_eq!(r.status, 400, "{:?}", r.json());
+    let audit = f.json(&["audit", "list"]).await;
+    assert!(audit["items"].as_array().unwrap().is_empty(), "{audit:#}");
 }
 
 /// The shape of a JSON value: object keys (recursively), the shape of an array's first

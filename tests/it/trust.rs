@@ -488,4 +488,45 @@ async fn fifty_bad_signatures_quarantine_a_peer_automatically() {
         })
         .await;
     }
+
+    // A quarantine with an end: when it lapses, the peer is back where it was and what
+    // was held is processed (the workers' scheduler runs this once a minute).
+    let q = admin_json(
+        &url,
+        &["peers", "quarantine", "peer.test", "--for-secs", "1"],
+    )
+    .await;
+    let until: chrono::DateTime<chrono::Utc> =
+        q["decision"]["until"].as_str().unwrap().parse().unwrap();
+    for n in 9..=10 {
+        assert_eq!(post(serve.addr, &w.peer, &w.peer, n).await, 202);
+    }
+    assert_eq!(
+        status_of(&w.alpha, "$9:peer.test").await.as_deref(),
+        Some("held")
+    );
+    wait_for("the quarantine's end time passes", WAIT, || async {
+        (chrono::Utc::now() > until).then_some(())
+    })
+    .await;
+    let lifted = parafed::admin::peers::lift_lapsed(&w.alpha.app)
+        .await
+        .unwrap();
+    assert_eq!(lifted, 1);
+    for n in 9..=10 {
+        let id = format!("${n}:peer.test");
+        wait_for(
+            "an event held until the quarantine ended is accepted",
+            WAIT,
+            || async {
+                (status_of(&w.alpha, &id).await.as_deref() == Some("accepted")).then_some(())
+            },
+        )
+        .await;
+    }
+    let shown = admin_json(&url, &["peers", "show", "peer.test"]).await;
+    assert_eq!(shown["standing"], "allowed");
+    assert_eq!(shown["audit"][0]["action"], "peers.release");
+    assert_eq!(shown["audit"][0]["actor"], "parafed (automatic)");
+    assert_eq!(shown["audit"][0]["count"], 2);
 }
