@@ -58,22 +58,24 @@ fn name(change: Change) -> &'static str {
     }
 }
 
-/// Applies `change` to the rows in `ids` it applies to; schedules the drains a retry
-/// needs. Returns how many rows changed.
-async fn apply(app: &App, change: Change, ids: &[i64]) -> Result<i64, AdminError> {
+/// Applies `change` to the rows in `ids` it applies to. Returns how many rows changed,
+/// and the destinations whose drains a retry needs (the caller schedules them once it
+/// has read what it answers with, so the answer shows the change, not a later send).
+async fn apply(app: &App, change: Change, ids: &[i64]) -> Result<(i64, Vec<String>), AdminError> {
     let destinations = {
         let mut conn = app.pool.get().await.map_err(StoreError::from)?;
         let reason = format!("cancelled by {}", super::actor(app));
         inspect::apply(&mut conn, change, ids, &reason).await?
     };
     let count = destinations.len() as i64;
-    if change == Change::Retry {
-        let mut unique = destinations;
-        unique.sort();
-        unique.dedup();
-        app.queue.schedule_deliveries(&unique).await?;
-    }
-    Ok(count)
+    let mut drains = if change == Change::Retry {
+        destinations
+    } else {
+        Vec::new()
+    };
+    drains.sort();
+    drains.dedup();
+    Ok((count, drains))
 }
 
 /// Retries, cancels or purges one delivery; `Conflict` when its state does not allow it.
@@ -91,7 +93,7 @@ pub async fn change_one(app: &App, change: Change, id: i64) -> Result<DeliveryDe
             change.applies_to().join(", ")
         )));
     }
-    let n = apply(app, change, &[id]).await?;
+    let (n, drains) = apply(app, change, &[id]).await?;
     audit(
         app,
         &format!("deliveries.{}", name(change)),
@@ -100,10 +102,13 @@ pub async fn change_one(app: &App, change: Change, id: i64) -> Result<DeliveryDe
         n,
     )
     .await?;
-    if change == Change::Purge {
-        return Ok(before);
-    }
-    show(app, id).await
+    let after = if change == Change::Purge {
+        before
+    } else {
+        show(app, id).await?
+    };
+    app.queue.schedule_deliveries(&drains).await?;
+    Ok(after)
 }
 
 /// Applies `change` to every delivery matching `f` that it applies to (at most
@@ -124,7 +129,8 @@ pub async fn change_bulk(
     let count = if dry_run {
         ids.len() as i64
     } else {
-        let n = apply(app, change, &ids).await?;
+        let (n, drains) = apply(app, change, &ids).await?;
+        app.queue.schedule_deliveries(&drains).await?;
         let filter = serde_json::to_value(f).unwrap_or_default();
         audit(
             app,
