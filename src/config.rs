@@ -174,7 +174,7 @@ impl Default for FederationConfig {
             discovery: true,
             rate_limit_per_minute: 6000,
             key_refetch_interval_ms: 30_000,
-            max_in_flight_per_peer: 64,
+            max_in_flight_per_peer: 256,
             quarantine_threshold: 50,
             quarantine_window_secs: 60,
             quarantine_secs: 3600,
