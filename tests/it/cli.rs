@@ -230,3 +230,29 @@ fn demo_federates_two_servers_with_the_real_binaries() {
         );
     }
 }
+
+/// The load tool's CI mode: a whole federation (throwaway Postgres and Redis, `parafed
+/// serve`, `parafed-worker`, a source peer and two sinks that check every signature),
+/// 200 events; it checks counts, never speed.
+#[test]
+fn the_load_tool_small_mode_delivers_everything_exactly_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let json_path = dir.path().join("bench.json");
+    let out = Command::new(env!("CARGO_BIN_EXE_parafed-bench"))
+        .args(["--small", "--json", json_path.to_str().unwrap()])
+        .env("PARAFED_LOG", "warn")
+        .output()
+        .expect("run parafed-bench");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("| ingest accepted |"), "{stdout}");
+    let v: Value = serde_json::from_str(&std::fs::read_to_string(&json_path).unwrap()).unwrap();
+    assert_eq!(v["ingest"]["accepted"], 200);
+    assert_eq!(v["delivery"]["delivered"], 400);
+    assert_eq!(v["delivery"]["bad_signatures"], 0);
+    assert_eq!(v["delivery"]["every_peer_got_every_event_once"], true);
+}
