@@ -396,14 +396,7 @@ impl Config {
         path: Option<&Path>,
         env: impl IntoIterator<Item = (String, String)>,
     ) -> Result<Self, ConfigError> {
-        let text = match path {
-            Some(p) => std::fs::read_to_string(p).map_err(|source| ConfigError::Read {
-                path: p.display().to_string(),
-                source,
-            })?,
-            None => String::new(),
-        };
-        let shown = path.map_or_else(|| "(none)".to_owned(), |p| p.display().to_string());
+        let (text, shown) = read_file(path)?;
         Self::from_toml_and_env(&text, &shown, env)
     }
 
@@ -501,6 +494,19 @@ impl Config {
     }
 }
 
+/// The configuration file's text (empty without one) and how errors name it.
+fn read_file(path: Option<&Path>) -> Result<(String, String), ConfigError> {
+    let text = match path {
+        Some(p) => std::fs::read_to_string(p).map_err(|source| ConfigError::Read {
+            path: p.display().to_string(),
+            source,
+        })?,
+        None => String::new(),
+    };
+    let shown = path.map_or_else(|| "(none)".to_owned(), |p| p.display().to_string());
+    Ok((text, shown))
+}
+
 /// The file's table with the environment applied, and which variables set which keys.
 fn merged_table(
     text: &str,
@@ -591,14 +597,7 @@ impl StoreSettings {
         path: Option<&Path>,
         env: impl IntoIterator<Item = (String, String)>,
     ) -> Result<Self, ConfigError> {
-        let text = match path {
-            Some(p) => std::fs::read_to_string(p).map_err(|source| ConfigError::Read {
-                path: p.display().to_string(),
-                source,
-            })?,
-            None => String::new(),
-        };
-        let shown = path.map_or_else(|| "(none)".to_owned(), |p| p.display().to_string());
+        let (text, shown) = read_file(path)?;
         let (table, from_env) = merged_table(&text, &shown, env)?;
         let s: StoreSettings = deserialize(table, &from_env)?;
         check_database_url(&s.database.url)?;

@@ -19,8 +19,8 @@ use serde_json::json;
 
 use crate::support;
 use support::app::{
-    event_id_of, json_signed, reserve_listener, send, FakeAnswer, FakePeers, FakeRequest, FnPeer,
-    KeysAnswer, Options, Peer, TestServer, TestWorker, FAST_WORKER_TOML,
+    event_id_of, json_signed, keys_document, reserve_listener, send, FakeAnswer, FakePeers,
+    FakeRequest, FnPeer, KeysAnswer, Options, Peer, TestServer, TestWorker, FAST_WORKER_TOML,
 };
 use support::wait_for;
 
@@ -241,22 +241,22 @@ async fn a_relayed_event_waits_for_an_unreachable_origin_instead_of_being_reject
     let _keys = FnPeer::start(l, move |r: FakeRequest| {
         let (h, o, n) = (h.clone(), o.clone(), n.clone());
         async move {
-            let p = if r.path.starts_with("/host/") { h } else { o.clone() };
+            let p = if r.path.starts_with("/host/") {
+                h
+            } else {
+                o.clone()
+            };
             if !r.path.ends_with("/keys") {
-                return FakeAnswer::json(202, json!({"event_id": event_id_of(&r.body), "inserted": true}));
+                return FakeAnswer::json(
+                    202,
+                    json!({"event_id": event_id_of(&r.body), "inserted": true}),
+                );
             }
             // The origin is down for its first two key fetches.
             if p.name.as_str() == "origin.test" && n.fetch_add(1, Ordering::SeqCst) < 2 {
                 return FakeAnswer::json(503, json!({"error": "down"}));
             }
-            FakeAnswer::json(
-                200,
-                json!({
-                    "keys": [{"key_id": p.key.key_id(), "public_key": p.key.public_key_hex(),
-                              "server_name": p.name, "valid_until": parafed::time::now_ms() + 86_400_000}],
-                    "server_name": p.name,
-                }),
-            )
+            FakeAnswer::json(200, keys_document(&p))
         }
     })
     .await;

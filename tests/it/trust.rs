@@ -15,8 +15,8 @@ use serde_json::{json, Value};
 use crate::admin::run;
 use crate::support;
 use support::app::{
-    json_signed, reserve_listener, send, FakeAnswer, FakeRequest, FnPeer, Options, Peer,
-    ServeProcess, TestServer, WorkerProcess, FAST_WORKER_TOML,
+    json_signed, keys_document, reserve_listener, send, FakeAnswer, FakeRequest, FnPeer, Options,
+    Peer, ServeProcess, TestServer, WorkerProcess, FAST_WORKER_TOML,
 };
 use support::wait_for;
 
@@ -98,18 +98,7 @@ async fn peers_server(peers: Vec<Peer>) -> (FnPeer, String) {
             if !r.path.ends_with("/keys") {
                 return FakeAnswer::json(503, json!({"error": "busy"}));
             }
-            FakeAnswer::json(
-                200,
-                json!({
-                    "keys": [{
-                        "key_id": p.key.key_id(),
-                        "public_key": p.key.public_key_hex(),
-                        "server_name": p.name,
-                        "valid_until": parafed::time::now_ms() + 86_400_000,
-                    }],
-                    "server_name": p.name,
-                }),
-            )
+            FakeAnswer::json(200, keys_document(p))
         }
     })
     .await;

@@ -230,6 +230,19 @@ impl Drop for TestServer {
     }
 }
 
+/// The `/keys` document `p` publishes (its one key, valid for a day).
+pub fn keys_document(p: &Peer) -> serde_json::Value {
+    serde_json::json!({
+        "keys": [{
+            "key_id": p.key.key_id(),
+            "public_key": p.key.public_key_hex(),
+            "server_name": p.name,
+            "valid_until": parafed::time::now_ms() + 86_400_000,
+        }],
+        "server_name": p.name,
+    })
+}
+
 /// A peer's identity for tests.
 #[derive(Clone)]
 pub struct Peer {
