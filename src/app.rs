@@ -48,6 +48,12 @@ pub struct App {
     published: RwLock<Option<(Instant, Vec<u8>)>>,
 }
 
+impl AsRef<Trust> for App {
+    fn as_ref(&self) -> &Trust {
+        &self.trust
+    }
+}
+
 impl App {
     /// Builds the state. Connections are opened lazily: this succeeds while Postgres or
     /// Redis is down, and requests then answer 503 until they are back.
@@ -68,12 +74,7 @@ impl App {
         );
         let queue = JobQueue::new(redis.clone(), keys.clone());
         Ok(Arc::new(App {
-            trust: Trust::new(
-                pool.clone(),
-                redis.clone(),
-                keys.clone(),
-                cfg.federation.mode,
-            ),
+            trust: Trust::new(pool.clone(), redis.clone(), keys.clone(), &cfg),
             limiter: RateLimiter::new(redis.clone(), keys.clone()),
             in_flight: Default::default(),
             queue,

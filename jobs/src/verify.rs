@@ -172,7 +172,7 @@ pub async fn run(ctx: &Ctx, job: &VerifyJob) -> Result<(), JobError> {
             if let Some(from) = events::received_from(&mut conn, env.event_id.as_str()).await? {
                 if let Ok(peer) = parafed::protocol::ServerName::parse(&from) {
                     parafed::trust::offenses::record(
-                        app,
+                        &app.trust,
                         &peer,
                         parafed::trust::offenses::Offense::RejectedEvent,
                     )

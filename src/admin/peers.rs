@@ -113,7 +113,7 @@ pub async fn list(
 
 pub async fn show(app: &App, name: &ServerName) -> Result<PeerDetail, AdminError> {
     let mode = app.trust.mode().await?;
-    let counts = offenses::counts(app, name.as_str()).await?;
+    let counts = offenses::counts(&app.trust, name.as_str()).await?;
     let mut conn = app.pool.get().await.map_err(StoreError::from)?;
     let decision = decisions::get(&mut conn, name.as_str()).await?;
     let standing = standing_of(decision.as_ref(), mode, chrono::Utc::now());

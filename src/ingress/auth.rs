@@ -81,7 +81,7 @@ pub async fn authenticate(
             metrics::counter!("parafed_ingress_refused_total", "reason" => "bad_signature")
                 .increment(1);
             crate::telemetry::signature_checked("transport", false);
-            offenses::record(app, &origin, Offense::BadTransportSignature).await;
+            offenses::record(&app.trust, &origin, Offense::BadTransportSignature).await;
             return Err(e.into());
         }
     }
@@ -142,7 +142,7 @@ async fn refuse_replay(
         .map_err(|e| ApiError::from(crate::queue::QueueError::from(e)))?;
     if fresh.is_none() {
         metrics::counter!("parafed_ingress_refused_total", "reason" => "replay").increment(1);
-        offenses::record(app, origin, Offense::Replay).await;
+        offenses::record(&app.trust, origin, Offense::Replay).await;
         return Err(ApiError::conflict(
             "this signed request was already received; sign it again with a fresh timestamp",
         ));

@@ -125,7 +125,7 @@ pub async fn post_event(
         &env.room_id,
         app.cfg.domain(),
     ) {
-        offenses::record(app, &auth.origin, Offense::ForgedRelay).await;
+        offenses::record(&app.trust, &auth.origin, Offense::ForgedRelay).await;
         return Err(ApiError::forbidden(e.to_string()));
     }
     let mut held = matches!(auth.standing, Standing::Quarantined { .. });
@@ -152,7 +152,7 @@ pub async fn post_event(
         Ok(checked) => checked,
         Err(e) => {
             if e.status == StatusCode::FORBIDDEN {
-                offenses::record(app, &auth.origin, Offense::BadEnvelopeSignature).await;
+                offenses::record(&app.trust, &auth.origin, Offense::BadEnvelopeSignature).await;
             }
             return Err(e);
         }

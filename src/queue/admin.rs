@@ -21,9 +21,6 @@ use serde::{Deserialize, Serialize};
 
 use super::{JobQueue, QueueError, QueueName, StreamEntry, JOB_FIELD};
 
-/// Longest error text kept per job.
-pub const MAX_ERROR_CHARS: usize = 500;
-
 /// A job's state (see the module docs).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]

@@ -22,6 +22,9 @@ pub const GROUP: &str = "workers";
 /// first. The work itself is not lost with them — Postgres still holds its rows.
 pub const MAX_DEAD_ENTRIES: usize = 10_000;
 
+/// Longest error text kept per job.
+pub const MAX_ERROR_CHARS: usize = 500;
+
 /// The hash beside a queue's stream holding the last error of each entry that failed
 /// (entry id → text); an entry's error goes with it into the dead stream.
 pub fn errors_key(stream_key: &str) -> String {
@@ -255,10 +258,10 @@ impl StreamConsumer {
     }
 
     /// Records why an entry's job failed (it stays pending and runs again), for
-    /// `parafed admin jobs`; at most [`super::admin::MAX_ERROR_CHARS`] characters.
+    /// `parafed admin jobs`; at most [`MAX_ERROR_CHARS`] characters.
     pub async fn note_error(&self, id: &str, error: &str) -> RedisResult<()> {
         let mut c = self.conn.clone();
-        let text: String = error.chars().take(super::admin::MAX_ERROR_CHARS).collect();
+        let text: String = error.chars().take(MAX_ERROR_CHARS).collect();
         redis::cmd("HSET")
             .arg(&self.errors_key)
             .arg(id)

@@ -36,7 +36,7 @@ use std::time::{Duration, Instant};
 use chrono::Utc;
 use redis::aio::ConnectionManager;
 
-use crate::config::FederationMode;
+use crate::config::{Config, FederationMode};
 use crate::protocol::ServerName;
 use crate::queue::Keys;
 use crate::store::{PgPool, StoreError};
@@ -66,10 +66,21 @@ pub enum Standing {
 /// version it was read at.
 type Cached = (Instant, u64, Option<Decision>);
 
+/// The automatic quarantine's settings (`[federation] quarantine_*`).
+#[derive(Clone, Copy, Debug)]
+struct QuarantineRule {
+    threshold: u32,
+    window_secs: u64,
+    quarantine_secs: u64,
+}
+
 pub struct Trust {
     pool: PgPool,
     redis: ConnectionManager,
     keys: Keys,
+    /// Our own name: never a peer to judge.
+    server_name: ServerName,
+    rule: QuarantineRule,
     /// The configured mode, used until an operator sets one.
     configured_mode: FederationMode,
     /// The fleet's trust version as last read from Redis.
@@ -79,12 +90,18 @@ pub struct Trust {
 }
 
 impl Trust {
-    pub fn new(pool: PgPool, redis: ConnectionManager, keys: Keys, mode: FederationMode) -> Self {
+    pub fn new(pool: PgPool, redis: ConnectionManager, keys: Keys, cfg: &Config) -> Self {
         Self {
             pool,
             redis,
             keys,
-            configured_mode: mode,
+            server_name: cfg.server_name.clone(),
+            rule: QuarantineRule {
+                threshold: cfg.federation.quarantine_threshold,
+                window_secs: cfg.federation.quarantine_window_secs,
+                quarantine_secs: cfg.federation.quarantine_secs,
+            },
+            configured_mode: cfg.federation.mode,
             version: AtomicU64::new(0),
             cache: Mutex::new(HashMap::new()),
             mode: Mutex::new(None),
@@ -189,10 +206,11 @@ impl Trust {
         }
     }
 
-    /// Keeps this process's view of trust current (spawn it; it runs until dropped).
-    pub async fn watch(app: std::sync::Arc<crate::app::App>) {
+    /// Keeps this process's view of trust current (spawn it with whatever holds the
+    /// `Trust`; it runs until aborted).
+    pub async fn watch<H: AsRef<Trust>>(holder: std::sync::Arc<H>) {
         loop {
-            app.trust.refresh_version().await;
+            (*holder).as_ref().refresh_version().await;
             tokio::time::sleep(WATCH_EVERY).await;
         }
     }

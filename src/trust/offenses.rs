@@ -17,11 +17,11 @@
 
 use chrono::Utc;
 
-use crate::app::App;
 use crate::protocol::ServerName;
 use crate::store::{self, StoreError};
 
 use super::decisions::{self, NewDecision};
+use super::Trust;
 
 /// Counts one offence in a fixed window that starts with the window's first offence.
 const COUNT: &str = r"
@@ -65,14 +65,14 @@ impl Offense {
 
 /// The peer's offence counts in the current windows, by kind.
 pub async fn counts(
-    app: &App,
+    trust: &Trust,
     peer: &str,
 ) -> Result<Vec<(&'static str, u64)>, crate::queue::QueueError> {
     let keys: Vec<String> = Offense::ALL
         .iter()
-        .map(|o| app.keys.offenses(peer, o.as_str()))
+        .map(|o| trust.keys.offenses(peer, o.as_str()))
         .collect();
-    let mut c = app.redis.clone();
+    let mut c = trust.redis.clone();
     let vals: Vec<Option<u64>> = redis::cmd("MGET").arg(keys).query_async(&mut c).await?;
     Ok(Offense::ALL
         .iter()
@@ -83,14 +83,14 @@ pub async fn counts(
 
 /// Counts one offence of `peer`; quarantines it when the count reaches the threshold.
 /// Never fails the caller: a Redis or database error is logged and the offence lost.
-pub async fn record(app: &App, peer: &ServerName, offense: Offense) {
-    let threshold = app.cfg.federation.quarantine_threshold;
-    if threshold == 0 || *peer == app.cfg.server_name {
+pub async fn record(trust: &Trust, peer: &ServerName, offense: Offense) {
+    let threshold = trust.rule.threshold;
+    if threshold == 0 || *peer == trust.server_name {
         return;
     }
-    let key = app.keys.offenses(peer.as_str(), offense.as_str());
-    let window_ms = app.cfg.federation.quarantine_window_secs.max(1) * 1000;
-    let mut c = app.redis.clone();
+    let key = trust.keys.offenses(peer.as_str(), offense.as_str());
+    let window_ms = trust.rule.window_secs.max(1) * 1000;
+    let mut c = trust.redis.clone();
     // One script, so the window's expiry is set with its first count, whatever fails.
     let r: Result<u64, _> = redis::Script::new(COUNT)
         .key(&key)
@@ -106,7 +106,7 @@ pub async fn record(app: &App, peer: &ServerName, offense: Offense) {
     };
     // Exactly once per window, however many processes count at the same time.
     if n == u64::from(threshold) {
-        if let Err(e) = quarantine(app, peer, offense, n).await {
+        if let Err(e) = quarantine(trust, peer, offense, n).await {
             tracing::warn!(peer = %peer, error = %e, "automatic quarantine failed");
         }
     }
@@ -121,12 +121,12 @@ enum QuarantineError {
 }
 
 async fn quarantine(
-    app: &App,
+    trust: &Trust,
     peer: &ServerName,
     offense: Offense,
     n: u64,
 ) -> Result<(), QuarantineError> {
-    let mut conn = app.pool.get().await.map_err(StoreError::from)?;
+    let mut conn = trust.pool.get().await.map_err(StoreError::from)?;
     let now = Utc::now();
     if let Some(d) = decisions::get(&mut conn, peer.as_str()).await? {
         let live = d.until.is_none_or(|u| u > now);
@@ -135,7 +135,7 @@ async fn quarantine(
             return Ok(());
         }
     }
-    let counts = counts(app, peer.as_str()).await?;
+    let counts = counts(trust, peer.as_str()).await?;
     let counts_json = serde_json::to_string(
         &counts
             .iter()
@@ -143,12 +143,12 @@ async fn quarantine(
             .collect::<std::collections::BTreeMap<_, _>>(),
     )
     .unwrap_or_default();
-    let window = app.cfg.federation.quarantine_window_secs;
+    let window = trust.rule.window_secs;
     let reason = format!(
         "automatic: {n} {} within {window} s",
         offense.as_str().replace('_', " ")
     );
-    let until = match app.cfg.federation.quarantine_secs {
+    let until = match trust.rule.quarantine_secs {
         0 => None,
         s => Some(now + chrono::Duration::seconds(i64::try_from(s).unwrap_or(i64::MAX / 1000))),
     };
@@ -177,7 +177,7 @@ async fn quarantine(
     )
     .await?;
     drop(conn);
-    app.trust.changed().await?;
+    trust.changed().await?;
     tracing::warn!(peer = %peer, %reason, "peer quarantined automatically");
     Ok(())
 }
