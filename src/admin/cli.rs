@@ -350,11 +350,11 @@ fn query(pairs: &[(&str, Option<String>)]) -> String {
     }
 }
 
-fn page(p: &PageArgs) -> [(&'static str, Option<String>); 2] {
-    [
-        ("cursor", p.cursor.clone()),
-        ("limit", p.limit.map(|l| l.to_string())),
-    ]
+/// A GET of a list: its filters and the page asked for, as the query string.
+fn list(path: &str, mut filters: Vec<(&'static str, Option<String>)>, p: &PageArgs) -> Call {
+    filters.push(("cursor", p.cursor.clone()));
+    filters.push(("limit", p.limit.map(|l| l.to_string())));
+    get(format!("{path}{}", query(&filters)))
 }
 
 fn get(path: String) -> Call {
@@ -404,15 +404,15 @@ pub fn call_for(cmd: &AdminCommand) -> Result<Call, Usage> {
                 state,
                 older_than,
                 page: p,
-            } => {
-                let mut pairs = vec![
+            } => list(
+                "/jobs",
+                vec![
                     ("queue", queue.clone()),
                     ("state", state.clone()),
                     ("older_than_secs", older_than.map(|s| s.to_string())),
-                ];
-                pairs.extend(page(p));
-                get(format!("/jobs{}", query(&pairs)))
-            }
+                ],
+                p,
+            ),
             JobsCommand::Show { queue, id } => get(format!("/jobs/{}/{}", enc(queue), enc(id))),
             JobsCommand::Retry { queue, id } => {
                 post(format!("/jobs/{}/{}/retry", enc(queue), enc(id)), json!({}))
@@ -448,16 +448,16 @@ pub fn call_for(cmd: &AdminCommand) -> Result<Call, Usage> {
             }
         },
         A::Deliveries(d) => match d {
-            DeliveriesCommand::List { filter, page: p } => {
-                let mut pairs = vec![
+            DeliveriesCommand::List { filter, page: p } => list(
+                "/deliveries",
+                vec![
                     ("destination", filter.destination.clone()),
                     ("state", filter.state.clone()),
                     ("event_id", filter.event.clone()),
                     ("older_than_secs", filter.older_than.map(|s| s.to_string())),
-                ];
-                pairs.extend(page(p));
-                get(format!("/deliveries{}", query(&pairs)))
-            }
+                ],
+                p,
+            ),
             DeliveriesCommand::Show { id } => get(format!("/deliveries/{id}")),
             DeliveriesCommand::Retry(a) => delivery_change("retry", a, false)?,
             DeliveriesCommand::Cancel(a) => delivery_change("cancel", a, true)?,
@@ -465,9 +465,7 @@ pub fn call_for(cmd: &AdminCommand) -> Result<Call, Usage> {
         },
         A::Destinations(d) => match d {
             DestinationsCommand::List { state, page: p } => {
-                let mut pairs = vec![("state", state.clone())];
-                pairs.extend(page(p));
-                get(format!("/destinations{}", query(&pairs)))
+                list("/destinations", vec![("state", state.clone())], p)
             }
             DestinationsCommand::Show { name } => get(format!("/destinations/{}", enc(name))),
             DestinationsCommand::RetryNow { name } => {
@@ -487,22 +485,20 @@ pub fn call_for(cmd: &AdminCommand) -> Result<Call, Usage> {
                 origin,
                 status,
                 page: p,
-            } => {
-                let mut pairs = vec![
+            } => list(
+                "/events",
+                vec![
                     ("room_id", room.clone()),
                     ("origin", origin.clone()),
                     ("status", status.clone()),
-                ];
-                pairs.extend(page(p));
-                get(format!("/events{}", query(&pairs)))
-            }
+                ],
+                p,
+            ),
             EventsCommand::Show { event_id } => get(format!("/events/{}", enc(event_id))),
         },
         A::Peers(p) => match p {
             PeersCommand::List { state, page: pg } => {
-                let mut pairs = vec![("state", state.clone())];
-                pairs.extend(page(pg));
-                get(format!("/peers{}", query(&pairs)))
+                list("/peers", vec![("state", state.clone())], pg)
             }
             PeersCommand::Show { name } => get(format!("/peers/{}", enc(name))),
             PeersCommand::Allow(d) => decision("allow", d),
@@ -539,9 +535,7 @@ pub fn call_for(cmd: &AdminCommand) -> Result<Call, Usage> {
             }
         },
         A::Audit(AuditCommand::List { action, page: p }) => {
-            let mut pairs = vec![("action", action.clone())];
-            pairs.extend(page(p));
-            get(format!("/audit{}", query(&pairs)))
+            list("/audit", vec![("action", action.clone())], p)
         }
     })
 }

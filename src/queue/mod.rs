@@ -241,39 +241,35 @@ impl JobQueue {
             .call(|mut c| {
                 let (key, dead) = (key.clone(), dead.clone());
                 async move {
-                    let mut pipe = redis::pipe();
-                    pipe.cmd("XLEN").arg(&key);
-                    pipe.cmd("XPENDING").arg(&key).arg(consume::GROUP);
-                    pipe.cmd("XLEN").arg(&dead);
-                    pipe.cmd("XRANGE")
-                        .arg(&key)
-                        .arg("-")
-                        .arg("+")
-                        .arg("COUNT")
-                        .arg(1);
-                    match pipe.query_async(&mut c).await {
-                        Ok(v) => Ok(v),
-                        // No group yet (no worker has read the stream since it was
-                        // created): nothing is in flight; ask again without XPENDING.
-                        // (A pipeline wraps the reply's error code in its own error,
-                        // so the code is looked for in the text.)
+                    // The second reply is XPENDING's summary; without a consumer group
+                    // (no worker has read the stream since it was created) nothing is in
+                    // flight, and the pipeline is sent again with a stand-in there.
+                    let pipe = |in_flight: bool| {
+                        let mut pipe = redis::pipe();
+                        pipe.cmd("XLEN").arg(&key);
+                        if in_flight {
+                            pipe.cmd("XPENDING").arg(&key).arg(consume::GROUP);
+                        } else {
+                            pipe.cmd("EXISTS").arg(&key);
+                        }
+                        pipe.cmd("XLEN").arg(&dead);
+                        pipe.cmd("XRANGE")
+                            .arg(&key)
+                            .arg("-")
+                            .arg("+")
+                            .arg("COUNT")
+                            .arg(1);
+                        pipe
+                    };
+                    match pipe(true).query_async(&mut c).await {
+                        // A pipeline wraps the reply's error code in its own error, so
+                        // the code is looked for in the text too.
                         Err(e)
                             if e.code() == Some("NOGROUP") || e.to_string().contains("NOGROUP") =>
                         {
-                            let mut pipe = redis::pipe();
-                            pipe.cmd("XLEN").arg(&key);
-                            pipe.cmd("XLEN").arg(&dead);
-                            pipe.cmd("XRANGE")
-                                .arg(&key)
-                                .arg("-")
-                                .arg("+")
-                                .arg("COUNT")
-                                .arg(1);
-                            let (len, dead, first): (u64, u64, Vec<StreamEntry>) =
-                                pipe.query_async(&mut c).await?;
-                            Ok((len, redis::Value::Nil, dead, first))
+                            pipe(false).query_async(&mut c).await
                         }
-                        Err(e) => Err(e),
+                        r => r,
                     }
                 }
             })
