@@ -194,7 +194,8 @@ pub struct DeliveryConfig {
     /// Outbound rows older than this become dead.
     #[serde(deserialize_with = "flex::u64")]
     pub max_age_secs: u64,
-    /// Requests in flight to one destination at most.
+    /// Requests in flight to one destination at most (1 to 256, the HTTP client's idle
+    /// connections per peer: each request of a window reuses a kept-alive connection).
     #[serde(deserialize_with = "flex::u32")]
     pub window: u32,
     #[serde(deserialize_with = "flex::u64")]
@@ -209,7 +210,7 @@ impl Default for DeliveryConfig {
             backoff_base_ms: 2_000,
             backoff_cap_ms: 3_600_000,
             max_age_secs: 24 * 3600,
-            window: 8,
+            window: 32,
             connect_timeout_ms: 5_000,
             request_timeout_ms: 30_000,
         }
@@ -459,8 +460,9 @@ impl Config {
         if self.federation.max_in_flight_per_peer == 0 {
             return bad("[federation] max_in_flight_per_peer must be at least 1".into());
         }
-        if self.delivery.window == 0 {
-            return bad("[delivery] window must be at least 1".into());
+        let max_window = crate::remote::http::MAX_IDLE_PER_HOST;
+        if self.delivery.window == 0 || self.delivery.window as usize > max_window {
+            return bad(format!("[delivery] window must be 1 to {max_window}"));
         }
         for (name, peer) in &self.peers {
             ServerName::parse(name)

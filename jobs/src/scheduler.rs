@@ -107,19 +107,19 @@ pub async fn reconcile(ctx: &Ctx) -> Result<(usize, usize), crate::context::JobE
         if verify.is_empty() && fanout.is_empty() {
             return Ok((v_total, f_total));
         }
-        let v: Vec<VerifyJob> = verify
-            .into_iter()
-            .map(|event_id| VerifyJob { event_id })
-            .collect();
-        let f: Vec<FanoutJob> = fanout
-            .into_iter()
-            .map(|event_id| FanoutJob { event_id })
-            .collect();
-        ctx.app.queue.push_many(QueueName::Verify, &v).await?;
-        ctx.app.queue.push_many(QueueName::Fanout, &f).await?;
-        metrics::counter!("parafed_reconciled_jobs_total").increment((v.len() + f.len()) as u64);
-        v_total += v.len();
-        f_total += f.len();
+        let (v, f) = (verify.len(), fanout.len());
+        // Claimed in storage order, pushed as batches in that order.
+        ctx.app
+            .queue
+            .push_many(QueueName::Verify, &VerifyJob::batches(verify))
+            .await?;
+        ctx.app
+            .queue
+            .push_many(QueueName::Fanout, &FanoutJob::batches(fanout))
+            .await?;
+        metrics::counter!("parafed_reconciled_jobs_total").increment((v + f) as u64);
+        v_total += v;
+        f_total += f;
     }
 }
 

@@ -1,17 +1,25 @@
-//! verify: decide whether a stored inbound event is accepted, and apply it.
+//! verify: decide whether stored inbound events are accepted, and apply them.
 //!
-//! The envelope signature is checked against the origin's keys (fetched when missing);
-//! the sender must be a user of the origin; in a room hosted here, a member event changes
-//! membership and every other event needs its sender to be a joined member. Accepted
-//! events join the inbound feed, and in a room hosted here are relayed (fanout).
+//! A job carries a batch (the events of one group commit at the ingress), judged in
+//! storage order. Each envelope signature is checked against its origin's keys (fetched
+//! when missing); the sender must be a user of the origin; in a room hosted here, a
+//! member event changes membership and every other event needs its sender to be a
+//! joined member. Accepted events join the inbound feed, and in a room hosted here are
+//! relayed (one fanout job for the batch).
+//!
+//! The statements are per batch, not per event: one read of the events, one of the
+//! rooms and memberships they need, one statement that accepts them and appends them to
+//! the feed, one that rejects the rest. Only member events write on their own (they
+//! change what the events after them are judged against).
 
-use diesel_async::AsyncConnection;
+use std::collections::HashMap;
+
 use parafed::protocol::envelope::SignatureError;
 use parafed::protocol::Envelope;
 use parafed::queue::{FanoutJob, QueueName, VerifyJob};
 use parafed::remote::KeyLookupError;
+use parafed::store::events::{self, Judged, StoredEvent};
 use parafed::store::rooms::{self, Membership};
-use parafed::store::{events, feed};
 
 use crate::context::{Ctx, JobError};
 
@@ -27,8 +35,10 @@ pub const UNREACHABLE_WAIT: chrono::Duration = chrono::Duration::hours(1);
 #[error("{0}; the event is judged again later")]
 struct NotYet(String);
 
-/// Why an event is rejected (kept in `reject_reason`).
-async fn judge(
+/// What the origin says of an event: its envelope signature and its sender. `Ok(Err(reason))`
+/// rejects it (the reason is kept in `reject_reason`); a `NotYet` error leaves it
+/// pending for a later run.
+async fn judge_origin(
     ctx: &Ctx,
     env: &Envelope,
     received_at: chrono::DateTime<chrono::Utc>,
@@ -75,114 +85,181 @@ async fn judge(
             env.sender, env.origin_server
         )));
     }
-    if !env.room_id.domain().eq_ignore_ascii_case(app.cfg.domain()) {
-        // A room hosted elsewhere: its host authorizes; we relay nothing.
-        return Ok(Ok(()));
-    }
-    let mut conn = app.pool.get().await?;
-    if rooms::hosted(&mut conn, env.room_id.as_str())
-        .await?
-        .is_none()
-    {
-        return Ok(Err(format!("room {} does not federate here", env.room_id)));
-    }
-    let membership = match env.event_type.as_str() {
-        "m.member.join" => Some(Membership::Joined),
-        "m.member.leave" => Some(Membership::Left),
-        _ => None,
-    };
-    match membership {
-        Some(m) => {
-            rooms::set_member(
-                &mut conn,
-                env.room_id.as_str(),
-                env.sender.as_str(),
-                env.origin_server.as_str(),
-                m,
-                Some(env.event_id.as_str()),
-            )
-            .await?;
-            rooms::refresh_room_server(&mut conn, env.room_id.as_str(), env.origin_server.as_str())
-                .await?;
-        }
-        None => {
-            let m = rooms::membership(&mut conn, env.room_id.as_str(), env.sender.as_str()).await?;
-            if m.as_deref() != Some("joined") {
-                return Ok(Err(format!(
-                    "{} is not a member of {}",
-                    env.sender, env.room_id
-                )));
-            }
-        }
-    }
     Ok(Ok(()))
 }
 
+/// Judges a batch and settles it; the events not judged yet (their origin unreachable)
+/// stay pending and fail the job, which is then retried — the settled ones are skipped
+/// next time, as any event no longer pending is.
 pub async fn run(ctx: &Ctx, job: &VerifyJob) -> Result<(), JobError> {
     let app = &ctx.app;
+    let ids: Vec<&str> = job.event_ids.iter().map(String::as_str).collect();
     let stored = {
         let mut conn = app.pool.get().await?;
-        events::get(&mut conn, &job.event_id).await?
+        events::get_many(&mut conn, &ids).await?
     };
-    let Some(stored) = stored else {
-        return Ok(()); // purged meanwhile
-    };
-    if stored.status != "pending" {
-        return Ok(()); // already settled (a duplicate job)
+    // Pending ones only (the rest were settled by a duplicate job, or purged), oldest
+    // first: a join must be applied before the messages after it are judged.
+    let mut pending: Vec<StoredEvent> = stored
+        .into_values()
+        .filter(|e| e.status == "pending")
+        .collect();
+    pending.sort_by_key(|e| e.seq);
+    if pending.is_empty() {
+        return Ok(());
     }
-    let seq = stored.seq;
-    let env = stored.envelope;
-    let verdict = judge(ctx, &env, stored.received_at).await?;
-    let mut conn = app.pool.get().await?;
-    match verdict {
-        Ok(()) => {
-            // Accepted and in the feed together, or neither (a crash in between would
-            // leave an accepted event the local app never sees).
-            let (id, room) = (env.event_id.as_str(), env.room_id.as_str());
-            let settled = conn
-                .transaction::<_, parafed::store::StoreError, _>(async |c| {
-                    if !events::settle(c, id, seq, true, None).await? {
-                        return Ok(false);
-                    }
-                    feed::append(c, &[(id, room)]).await?;
-                    Ok(true)
-                })
-                .await?;
-            if !settled {
-                return Ok(());
+    let mut judged: Vec<(StoredEvent, Result<(), String>)> = Vec::with_capacity(pending.len());
+    let mut not_yet: Option<JobError> = None;
+    for e in pending {
+        match judge_origin(ctx, &e.envelope, e.received_at).await {
+            Ok(v) => judged.push((e, v)),
+            Err(err) if err.is::<NotYet>() => {
+                not_yet.get_or_insert(err);
             }
-            metrics::counter!("parafed_events_verified_total", "verdict" => "accepted")
-                .increment(1);
-            if env.room_id.domain().eq_ignore_ascii_case(app.cfg.domain()) {
-                app.queue
-                    .push(
-                        QueueName::Fanout,
-                        &FanoutJob {
-                            event_id: env.event_id.to_string(),
-                        },
-                    )
-                    .await?;
-            } else {
-                events::mark_fanned_out(&mut conn, env.event_id.as_str()).await?;
-            }
+            Err(err) => return Err(err),
         }
-        Err(reason) => {
-            events::settle(&mut conn, env.event_id.as_str(), seq, false, Some(&reason)).await?;
-            // Counts towards the automatic quarantine of the peer that sent it.
-            if let Some(from) = events::received_from(&mut conn, env.event_id.as_str()).await? {
-                if let Ok(peer) = parafed::protocol::ServerName::parse(&from) {
-                    parafed::trust::offenses::record(
-                        &app.trust,
-                        &peer,
-                        parafed::trust::offenses::Offense::RejectedEvent,
-                    )
-                    .await;
+    }
+    room_rules(ctx, &mut judged).await?;
+    settle(ctx, &judged).await?;
+    match not_yet {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
+}
+
+/// The rules of rooms hosted here, applied in storage order to the events their origin
+/// vouched for: the room must federate here; a member event changes membership (written
+/// now: the events after it are judged against it); any other event needs its sender
+/// joined.
+async fn room_rules(
+    ctx: &Ctx,
+    judged: &mut [(StoredEvent, Result<(), String>)],
+) -> Result<(), JobError> {
+    let app = &ctx.app;
+    let ours = |env: &Envelope| env.room_id.domain().eq_ignore_ascii_case(app.cfg.domain());
+    let here: Vec<usize> = (0..judged.len())
+        .filter(|&i| judged[i].1.is_ok() && ours(&judged[i].0.envelope))
+        .collect();
+    if here.is_empty() {
+        return Ok(());
+    }
+    let mut conn = app.pool.get().await?;
+    let mut rooms_here: Vec<&str> = here
+        .iter()
+        .map(|&i| judged[i].0.envelope.room_id.as_str())
+        .collect();
+    rooms_here.sort_unstable();
+    rooms_here.dedup();
+    let hosted = rooms::hosted_among(&mut conn, &rooms_here).await?;
+    let pairs: Vec<(&str, &str)> = here
+        .iter()
+        .map(|&i| {
+            let env = &judged[i].0.envelope;
+            (env.room_id.as_str(), env.sender.as_str())
+        })
+        .collect();
+    let mut members: HashMap<(String, String), String> =
+        rooms::memberships(&mut conn, &pairs).await?;
+    for i in here {
+        let (e, verdict) = &mut judged[i];
+        let env = &e.envelope;
+        if !hosted.contains(env.room_id.as_str()) {
+            *verdict = Err(format!("room {} does not federate here", env.room_id));
+            continue;
+        }
+        let key = (env.room_id.to_string(), env.sender.to_string());
+        let membership = match env.event_type.as_str() {
+            "m.member.join" => Some(Membership::Joined),
+            "m.member.leave" => Some(Membership::Left),
+            _ => None,
+        };
+        match membership {
+            Some(m) => {
+                rooms::set_member(
+                    &mut conn,
+                    env.room_id.as_str(),
+                    env.sender.as_str(),
+                    env.origin_server.as_str(),
+                    m,
+                    Some(env.event_id.as_str()),
+                )
+                .await?;
+                rooms::refresh_room_server(
+                    &mut conn,
+                    env.room_id.as_str(),
+                    env.origin_server.as_str(),
+                )
+                .await?;
+                members.insert(key, m.as_str().to_owned());
+            }
+            None => {
+                if members.get(&key).map(String::as_str) != Some("joined") {
+                    *verdict = Err(format!("{} is not a member of {}", env.sender, env.room_id));
                 }
             }
-            metrics::counter!("parafed_events_verified_total", "verdict" => "rejected")
-                .increment(1);
-            tracing::info!(event_id = %env.event_id, %reason, "event rejected");
         }
     }
+    Ok(())
+}
+
+/// Writes the verdicts: the accepted in one statement (with their feed entries), the
+/// rejected in another; then one fanout job for the accepted events to relay.
+async fn settle(ctx: &Ctx, judged: &[(StoredEvent, Result<(), String>)]) -> Result<(), JobError> {
+    let app = &ctx.app;
+    let accepted: Vec<Judged> = judged
+        .iter()
+        .filter(|(_, v)| v.is_ok())
+        .map(|(e, _)| Judged {
+            event_id: e.envelope.event_id.as_str(),
+            seq: e.seq,
+            relay: e
+                .envelope
+                .room_id
+                .domain()
+                .eq_ignore_ascii_case(app.cfg.domain()),
+        })
+        .collect();
+    let rejected: Vec<(&str, i64, &str)> = judged
+        .iter()
+        .filter_map(|(e, v)| {
+            v.as_ref()
+                .err()
+                .map(|r| (e.envelope.event_id.as_str(), e.seq, r.as_str()))
+        })
+        .collect();
+    let (now_accepted, now_rejected) = {
+        let mut conn = app.pool.get().await?;
+        let a = events::accept(&mut conn, &accepted).await?;
+        let r = events::reject(&mut conn, &rejected).await?;
+        (a, r)
+    };
+    metrics::counter!("parafed_events_verified_total", "verdict" => "accepted")
+        .increment(now_accepted.len() as u64);
+    metrics::counter!("parafed_events_verified_total", "verdict" => "rejected")
+        .increment(now_rejected.len() as u64);
+    for (id, from) in &now_rejected {
+        let reason = rejected.iter().find(|r| r.0 == id).map_or("", |r| r.2);
+        tracing::info!(event_id = %id, %reason, "event rejected");
+        // Counts towards the automatic quarantine of the peer that sent it.
+        if let Some(peer) = from
+            .as_deref()
+            .and_then(|f| parafed::protocol::ServerName::parse(f).ok())
+        {
+            parafed::trust::offenses::record(
+                &app.trust,
+                &peer,
+                parafed::trust::offenses::Offense::RejectedEvent,
+            )
+            .await;
+        }
+    }
+    // Relayed from here: the accepted events of rooms hosted here, in storage order.
+    let relay: Vec<String> = now_accepted
+        .into_iter()
+        .filter(|id| accepted.iter().any(|a| a.relay && a.event_id == id))
+        .collect();
+    app.queue
+        .push_many(QueueName::Fanout, &FanoutJob::batches(relay))
+        .await?;
     Ok(())
 }

@@ -99,7 +99,7 @@ pub async fn act(
         let mut conn = app.pool.get().await.map_err(StoreError::from)?;
         if action == Action::Pause {
             // A destination may be paused before anything was sent to it.
-            destinations::ensure(&mut conn, &[&name.to_owned()]).await?;
+            destinations::ensure(&mut conn, &[name]).await?;
         }
         let saved = destinations::update(&mut conn, name, |h| {
             let d = Destination::from_row(h).map_err(StoreError::Corrupt)?;

@@ -251,15 +251,11 @@ async fn release_held_events(app: &App, name: &ServerName) -> Result<i64, AdminE
         let mut conn = app.pool.get().await.map_err(StoreError::from)?;
         events::release_held(&mut conn, name.as_str()).await?
     };
-    let jobs: Vec<VerifyJob> = released
-        .iter()
-        .map(|id| VerifyJob {
-            event_id: id.clone(),
-        })
-        .collect();
+    let count = released.len() as i64;
+    let jobs = VerifyJob::batches(released);
     app.queue.push_many(QueueName::Verify, &jobs).await?;
     app.queue.schedule_deliveries(&[name.to_string()]).await?;
-    Ok(released.len() as i64)
+    Ok(count)
 }
 
 /// Ends a quarantine: back to the state it interrupted (`previous_state`; `none` when

@@ -11,14 +11,24 @@
 //!
 //! It reports (1) ingest: signed `POST /event` accepted per second at a stated
 //! concurrency, with p50/p99 latency, and the generator's own CPU; (2) delivery: events
-//! per second arriving at the K peers, from the first post to the last arrival; and the
-//! peak RSS of each parafed process. Output: a markdown table on stdout, and with
-//! `--json FILE` the same figures as JSON. `--small` is the CI smoke run: it checks
-//! counts — every event accepted, every sink got every event exactly once, every
-//! signature valid — and exits 1 if not; it never judges speed.
+//! per second arriving at the K peers, from the first post to the last arrival; (3) end
+//! to end latency, posted → received by a sink, p50/p99 (`--rate R` posts at a steady
+//! R events/s); (4) with `--backlog`, the sinks answer 503 until every delivery waits
+//! for them, then come back: the time from their first success to the last delivery;
+//! (5) with `--isolation`, the same load without and with `--dead N` dead peers in the
+//! room (half refusing connections, half never answering): the healthy peers' rate as a
+//! share; (6) the peak RSS of each parafed process. Beside them, where the CPU went
+//! (per process, per delivery) and what Postgres did (`pg_stat_statements`: statements
+//! and commits per delivery, the costliest statements in the JSON).
 //!
-//! Still to come (docs/performance.md): end-to-end latency at a steady rate, the
-//! 100 000-delivery backlog, isolation from dead peers.
+//! Output: a markdown table on stdout, and with `--json FILE` the same figures as JSON.
+//! `--small` is the CI smoke run: it checks counts — every event accepted, every sink
+//! got every event exactly once, every signature valid — and exits 1 if not; it never
+//! judges speed. Settings are parafed's defaults, except no rate limit, a high in-flight
+//! cap (one generator is every request), and `backoff_cap_ms = 10000` (a backlog run
+//! would otherwise wait up to an hour for the sinks' next probe; the figure is timed
+//! from that probe either way). `PARAFED_*` variables reach the two parafed processes,
+//! e.g. `PARAFED_DELIVERY_WINDOW=64`.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -56,9 +66,33 @@ struct Cli {
     /// Sink peers in the room (each gets every event).
     #[arg(long, default_value_t = 1)]
     peers: u32,
+    /// The backlog run: the sinks answer 503 while every event is posted (their
+    /// deliveries pile up and the destinations back off), then come back; reports the
+    /// time from the first successful delivery to the last.
+    #[arg(long)]
+    backlog: bool,
+    /// Dead peers in the room besides the sinks: half refuse connections, half accept
+    /// and never answer.
+    #[arg(long, default_value_t = 0)]
+    dead: u32,
+    /// The isolation run: the same load twice, without dead peers and with `--dead`
+    /// (1 000 if not given) of them; reports the healthy peers' delivery rate with them
+    /// as a share of the rate without.
+    #[arg(long)]
+    isolation: bool,
     /// The CI smoke run: 200 events, 2 peers; checks counts only.
     #[arg(long)]
     small: bool,
+    /// Post at this steady rate (events per second) instead of as fast as the
+    /// concurrency allows: the end-to-end latency measurement.
+    #[arg(long)]
+    rate: Option<u64>,
+    /// An extra Postgres setting (`name=value`, repeatable), for a profile: e.g.
+    /// `--pg-setting shared_preload_libraries=pg_stat_statements,auto_explain
+    /// --pg-setting auto_explain.log_min_duration=5ms`. The Postgres log is then kept in
+    /// `$TMPDIR/parafed-bench-postgres.log`.
+    #[arg(long)]
+    pg_setting: Vec<String>,
     /// Also write the figures as JSON to this file.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -74,6 +108,14 @@ struct Sinks {
     bad_signatures: AtomicU64,
     deliveries: AtomicU64,
     last_arrival: Mutex<Option<Instant>>,
+    /// The backlog run: while set, the sinks answer 503 to every delivery.
+    down: std::sync::atomic::AtomicBool,
+    /// The first delivery a sink accepted (after coming back, in the backlog run).
+    first_accepted: Mutex<Option<Instant>>,
+    /// When the source posted each event (event id → instant).
+    submitted: Mutex<HashMap<String, Instant>>,
+    /// End-to-end latency of every delivery: posted to alpha → received by a sink (ms).
+    end_to_end_ms: Mutex<Vec<f64>>,
 }
 
 /// The keys the sinks check with.
@@ -121,6 +163,9 @@ async fn handle(
     if !prefix.starts_with("sink") || !path.ends_with("/event") {
         return Ok(answer(404, json!({"error": "not found"})));
     }
+    if sinks.down.load(Ordering::Relaxed) {
+        return Ok(answer(503, json!({"error": "down for the backlog run"})));
+    }
     let h = |n: &str| {
         req.headers()
             .get(n)
@@ -162,7 +207,26 @@ async fn handle(
         .entry(id.clone())
         .or_default() += 1;
     sinks.deliveries.fetch_add(1, Ordering::Relaxed);
-    *sinks.last_arrival.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
+    let now = Instant::now();
+    sinks
+        .first_accepted
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .get_or_insert(now);
+    *sinks.last_arrival.lock().unwrap_or_else(|p| p.into_inner()) = Some(now);
+    let posted = sinks
+        .submitted
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .get(&id)
+        .copied();
+    if let Some(t) = posted {
+        sinks
+            .end_to_end_ms
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(now.duration_since(t).as_secs_f64() * 1000.0);
+    }
     Ok(answer(202, json!({"event_id": id, "inserted": true})))
 }
 
@@ -217,6 +281,126 @@ fn peak_rss_kb(pid: u32) -> Option<u64> {
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
 }
 
+/// CPU seconds a process has used (user + system), from `/proc/<pid>/stat`.
+fn process_cpu_secs(pid: u32) -> f64 {
+    let Ok(s) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return 0.0;
+    };
+    // Fields after the command name (which may hold spaces, so split after its ')').
+    let rest = s.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    // SAFETY: sysconf only reads a configuration value.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    // utime and stime are fields 14 and 15 of stat; `rest` starts at field 3.
+    (ticks(11) + ticks(12)) / hz
+}
+
+/// CPU seconds of a process and its live children (Postgres: the postmaster and its
+/// backends).
+fn tree_cpu_secs(root: u32) -> f64 {
+    let mut total = process_cpu_secs(root);
+    if let Ok(dir) = std::fs::read_dir("/proc") {
+        for entry in dir.flatten() {
+            let Some(pid) = entry
+                .file_name()
+                .to_str()
+                .and_then(|n| n.parse::<u32>().ok())
+            else {
+                continue;
+            };
+            let ppid = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .ok()
+                .and_then(|s| {
+                    s.rsplit_once(')')
+                        .and_then(|(_, r)| r.split_whitespace().nth(1)?.parse::<u32>().ok())
+                });
+            if ppid == Some(root) {
+                total += process_cpu_secs(pid);
+            }
+        }
+    }
+    total
+}
+
+/// What Postgres did for alpha's database, from `pg_stat_statements` and
+/// `pg_stat_database`.
+#[derive(Default)]
+struct DbWork {
+    statements: i64,
+    commits: i64,
+    /// The costliest statements: (calls, total ms, mean ms, query text).
+    top: Vec<(i64, f64, f64, String)>,
+}
+
+#[derive(diesel::QueryableByName)]
+struct Counts {
+    #[diesel(sql_type = diesel::sql_types::BigInt)]
+    statements: i64,
+    #[diesel(sql_type = diesel::sql_types::BigInt)]
+    commits: i64,
+}
+
+#[derive(diesel::QueryableByName)]
+struct Statement {
+    #[diesel(sql_type = diesel::sql_types::BigInt)]
+    calls: i64,
+    #[diesel(sql_type = diesel::sql_types::Double)]
+    total_ms: f64,
+    #[diesel(sql_type = diesel::sql_types::Double)]
+    mean_ms: f64,
+    #[diesel(sql_type = diesel::sql_types::Text)]
+    query: String,
+}
+
+/// Resets the statement statistics; returns the commit count so far.
+async fn db_work_start(url: &str) -> anyhow::Result<i64> {
+    use diesel_async::{AsyncConnection, RunQueryDsl};
+    let mut c = diesel_async::AsyncPgConnection::establish(url).await?;
+    diesel::sql_query("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
+        .execute(&mut c)
+        .await?;
+    diesel::sql_query("SELECT pg_stat_statements_reset()")
+        .execute(&mut c)
+        .await?;
+    Ok(db_counts(&mut c).await?.commits)
+}
+
+async fn db_counts(c: &mut diesel_async::AsyncPgConnection) -> anyhow::Result<Counts> {
+    use diesel_async::RunQueryDsl;
+    Ok(diesel::sql_query(
+        "SELECT (SELECT coalesce(sum(calls), 0)::bigint FROM pg_stat_statements s \
+                  JOIN pg_database d ON d.oid = s.dbid WHERE d.datname = current_database()) \
+                  AS statements, \
+                (SELECT xact_commit FROM pg_stat_database \
+                  WHERE datname = current_database()) AS commits",
+    )
+    .get_result(c)
+    .await?)
+}
+
+async fn db_work_end(url: &str, commits_before: i64) -> anyhow::Result<DbWork> {
+    use diesel_async::{AsyncConnection, RunQueryDsl};
+    let mut c = diesel_async::AsyncPgConnection::establish(url).await?;
+    let counts = db_counts(&mut c).await?;
+    let top: Vec<Statement> = diesel::sql_query(
+        "SELECT calls, total_exec_time AS total_ms, mean_exec_time AS mean_ms, \
+                left(regexp_replace(query, '\\s+', ' ', 'g'), 160) AS query \
+           FROM pg_stat_statements s JOIN pg_database d ON d.oid = s.dbid \
+          WHERE d.datname = current_database() ORDER BY total_exec_time DESC LIMIT 12",
+    )
+    .load(&mut c)
+    .await?;
+    Ok(DbWork {
+        statements: counts.statements,
+        commits: counts.commits - commits_before,
+        top: top
+            .into_iter()
+            .map(|s| (s.calls, s.total_ms, s.mean_ms, s.query))
+            .collect(),
+    })
+}
+
 /// CPU seconds this process has used (user + system).
 fn own_cpu_secs() -> f64 {
     // SAFETY: getrusage writes into the struct we pass and reads nothing else.
@@ -262,7 +446,12 @@ async fn main() -> std::process::ExitCode {
         cli.peers = 2;
         cli.concurrency = 8;
     }
-    match run(&cli).await {
+    let outcome = if cli.isolation {
+        isolation(&mut cli).await
+    } else {
+        run(&cli).await.map(|(ok, _)| ok)
+    };
+    match outcome {
         Ok(true) => std::process::ExitCode::SUCCESS,
         Ok(false) => std::process::ExitCode::from(1),
         Err(e) => {
@@ -272,10 +461,62 @@ async fn main() -> std::process::ExitCode {
     }
 }
 
-async fn run(cli: &Cli) -> anyhow::Result<bool> {
+/// (5) isolation: the healthy peers' delivery rate with dead peers in the room, as a
+/// share of the rate without them (two runs, each on a fresh federation).
+async fn isolation(cli: &mut Cli) -> anyhow::Result<bool> {
+    let dead = if cli.dead == 0 { 1000 } else { cli.dead };
+    let json = cli.json.take();
+    cli.dead = 0;
+    println!("### without dead peers\n");
+    let (ok_base, base) = run(cli).await?;
+    cli.dead = dead;
+    println!("\n### with {dead} dead peers (half refusing, half never answering)\n");
+    let (ok_dead, with) = run(cli).await?;
+    let rate = |v: &serde_json::Value| v["delivery"]["deliveries_per_second"].as_f64().unwrap_or(0.0);
+    let share = rate(&with) / rate(&base).max(1e-9);
+    println!(
+        "\n| isolation: healthy delivery rate with {dead} dead peers / without | {:.0} / {:.0} deliveries/s = {:.0} % |",
+        rate(&with),
+        rate(&base),
+        share * 100.0
+    );
+    if let Some(path) = json {
+        let all = json!({"without": base, "with_dead_peers": with, "dead_peers": dead, "share": share});
+        std::fs::write(&path, serde_json::to_string_pretty(&all)?)
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(ok_base && ok_dead)
+}
+
+/// Dead peers' addresses: a port nothing listens on (connections refused), and a
+/// listener that accepts connections and never reads or answers them.
+async fn dead_peers() -> anyhow::Result<(String, String)> {
+    let refused = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0")?;
+        l.local_addr()?
+    };
+    let blackhole = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = blackhole.local_addr()?;
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((stream, _)) = blackhole.accept().await {
+            held.push(stream);
+        }
+    });
+    Ok((format!("http://{refused}"), format!("http://{addr}")))
+}
+
+async fn run(cli: &Cli) -> anyhow::Result<(bool, serde_json::Value)> {
     let serve_bin = sibling("parafed")?;
     let worker_bin = sibling("parafed-worker")?;
-    let pg = Postgres::start().await?;
+    // pg_stat_statements: statements per delivered event, and where the time goes.
+    let extra = &cli.pg_setting;
+    let mut settings = vec![
+        "shared_preload_libraries=pg_stat_statements",
+        "pg_stat_statements.track=all",
+    ];
+    settings.extend(extra.iter().map(String::as_str));
+    let pg = Postgres::start_with(&settings).await?;
     let redis = Redis::start().await?;
     let dir = devservers::server_dir("bench")?;
     let db = pg.create_db("alpha").await?;
@@ -299,6 +540,9 @@ async fn run(cli: &Cli) -> anyhow::Result<bool> {
         for k in 0..cli.peers {
             members.push((format!("@u:sink{k}.test"), format!("sink{k}.test")));
         }
+        for k in 0..cli.dead {
+            members.push((format!("@u:dead{k}.test"), format!("dead{k}.test")));
+        }
         for (user, server) in &members {
             rooms::set_member(
                 &mut conn,
@@ -319,6 +563,8 @@ async fn run(cli: &Cli) -> anyhow::Result<bool> {
         alpha: alpha_key,
         source: source.clone(),
     });
+    sinks.down.store(cli.backlog, Ordering::Relaxed);
+    let (refused_url, blackhole_url) = dead_peers().await?;
     let peers_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let peers_base = format!("http://{}", peers_listener.local_addr()?);
     tokio::spawn(serve_peers(peers_listener, sinks.clone(), keys.clone()));
@@ -333,6 +579,7 @@ async fn run(cli: &Cli) -> anyhow::Result<bool> {
          [redis]\nurl = \"{}\"\nkey_prefix = \"bench\"\n\
          [federation]\ndiscovery = false\nrate_limit_per_minute = 0\nmax_in_flight_per_peer = 100000\n\
          [worker]\nmetrics_listen = \"127.0.0.1:0\"\n\
+         [delivery]\nbackoff_cap_ms = 10000\n\
          [peers.\"source.test\"]\nbase_url = \"{peers_base}/source\"\n",
         redis.url()
     );
@@ -340,6 +587,10 @@ async fn run(cli: &Cli) -> anyhow::Result<bool> {
         cfg.push_str(&format!(
             "[peers.\"sink{k}.test\"]\nbase_url = \"{peers_base}/sink{k}\"\n"
         ));
+    }
+    for k in 0..cli.dead {
+        let url = if k % 2 == 0 { &refused_url } else { &blackhole_url };
+        cfg.push_str(&format!("[peers.\"dead{k}.test\"]\nbase_url = \"{url}\"\n"));
     }
     let cfg_path = dir.join("alpha.toml");
     std::fs::write(&cfg_path, cfg)?;
@@ -362,53 +613,115 @@ async fn run(cli: &Cli) -> anyhow::Result<bool> {
         .await?;
     }
 
-    // (1) ingest, and the start of (2): every event posted at the stated concurrency.
-    let path = "/_paracord/federation/v1/event";
+    // (1) ingest, and the start of (2): every event posted at the stated concurrency
+    // (or at the stated steady rate).
+    let url = format!("{alpha}/_paracord/federation/v1/event");
     let name = ServerName::parse("source.test")?;
+    let commits_before = db_work_start(&db).await?;
+    let pg_pid = pg.pid().unwrap_or(0);
+    let redis_pid = redis.pid().unwrap_or(0);
+    let cpu_at_start = [
+        process_cpu_secs(serve.id()),
+        process_cpu_secs(worker.id()),
+        tree_cpu_secs(pg_pid),
+        process_cpu_secs(redis_pid),
+    ];
     let cpu_before = own_cpu_secs();
     let started = Instant::now();
-    use futures::StreamExt;
-    let results: Vec<(u16, f64)> = futures::stream::iter(0..cli.events)
-        .map(|n| {
-            let (client, source, name, url) = (
-                client.clone(),
-                source.clone(),
-                name.clone(),
-                format!("{alpha}{path}"),
+    let post = |n: u64| {
+        let (client, source, name, url, sinks) = (
+            client.clone(),
+            source.clone(),
+            name.clone(),
+            url.clone(),
+            sinks.clone(),
+        );
+        async move {
+            let Ok(body) = event(&source, n) else {
+                return (0, 0.0);
+            };
+            let path = "/_paracord/federation/v1/event";
+            let t = TransportHeaders::sign(
+                &source,
+                &name,
+                "POST",
+                path,
+                parafed::time::now_ms(),
+                &body,
             );
-            async move {
-                let Ok(body) = event(&source, n) else {
-                    return (0, 0.0);
-                };
-                let t = TransportHeaders::sign(
-                    &source,
-                    &name,
-                    "POST",
-                    path,
-                    parafed::time::now_ms(),
-                    &body,
-                );
-                let mut headers: Vec<(&str, String)> = t.to_header_pairs().into_iter().collect();
-                headers.push(("content-type", "application/json".into()));
-                let sent = Instant::now();
-                let status = client
-                    .send(Method::POST, &url, &headers, Bytes::from(body), 4096)
-                    .await
-                    .map_or(0, |r| r.status.as_u16());
-                (status, sent.elapsed().as_secs_f64() * 1000.0)
+            let mut headers: Vec<(&str, String)> = t.to_header_pairs().into_iter().collect();
+            headers.push(("content-type", "application/json".into()));
+            let sent = Instant::now();
+            sinks
+                .submitted
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(format!("$bench{n}:source.test"), sent);
+            let status = client
+                .send(Method::POST, &url, &headers, Bytes::from(body), 4096)
+                .await
+                .map_or(0, |r| r.status.as_u16());
+            (status, sent.elapsed().as_secs_f64() * 1000.0)
+        }
+    };
+    use futures::StreamExt;
+    let results: Vec<(u16, f64)> = match cli.rate {
+        Some(rate) => {
+            let mut ticker =
+                tokio::time::interval(Duration::from_secs_f64(1.0 / rate.max(1) as f64));
+            let mut posts = Vec::with_capacity(cli.events as usize);
+            for n in 0..cli.events {
+                ticker.tick().await;
+                posts.push(tokio::spawn(post(n)));
             }
-        })
-        .buffer_unordered(cli.concurrency.max(1))
-        .collect()
-        .await;
+            futures::future::join_all(posts)
+                .await
+                .into_iter()
+                .map(|r| r.unwrap_or((0, 0.0)))
+                .collect()
+        }
+        None => {
+            futures::stream::iter(0..cli.events)
+                .map(post)
+                .buffer_unordered(cli.concurrency.max(1))
+                .collect()
+                .await
+        }
+    };
     let ingest_secs = started.elapsed().as_secs_f64();
     let generator_cpu = own_cpu_secs() - cpu_before;
     let accepted = results.iter().filter(|(s, _)| *s == 202).count() as u64;
     let mut latencies: Vec<f64> = results.iter().map(|(_, l)| *l).collect();
     latencies.sort_by(|a, b| a.total_cmp(b));
 
-    // (2) delivery: until every sink has every event (or nothing arrives for a while).
+    // (4) backlog: every delivery is waiting for the sinks (posted, verified, fanned
+    // out); then they come back, and the drain is timed from their first success.
     let want = accepted * u64::from(cli.peers);
+    if cli.backlog {
+        let pool = parafed::store::pool(&db, 1)?;
+        devservers::wait_until(
+            "every delivery to wait for the sinks",
+            Duration::from_secs(3600),
+            || {
+                let pool = pool.clone();
+                async move {
+                    let mut conn = pool.get().await.ok()?;
+                    let mut waiting = 0;
+                    for k in 0..cli.peers {
+                        waiting += parafed::store::outbound::waiting_count(&mut conn, &format!("sink{k}.test"))
+                            .await
+                            .ok()?;
+                    }
+                    (waiting as u64 >= want).then_some(())
+                }
+            },
+        )
+        .await?;
+        sinks.down.store(false, Ordering::Relaxed);
+    }
+    let back_at = Instant::now();
+
+    // (2) delivery: until every sink has every event (or nothing arrives for a while).
     let mut last_count = 0;
     let mut last_progress = Instant::now();
     loop {
@@ -435,13 +748,57 @@ async fn run(cli: &Cli) -> anyhow::Result<bool> {
         .unwrap_or(started);
     let delivery_secs = last.duration_since(started).as_secs_f64().max(1e-9);
     let delivered = sinks.deliveries.load(Ordering::Relaxed);
+    // The backlog run: from the sinks' return to their first success (the destination's
+    // backoff ending), and from then to the last delivery.
+    let backlog = cli.backlog.then(|| {
+        let first = sinks
+            .first_accepted
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .unwrap_or(last);
+        (
+            first.saturating_duration_since(back_at).as_secs_f64(),
+            last.saturating_duration_since(first).as_secs_f64(),
+        )
+    });
     let serve_rss = peak_rss_kb(serve.id());
     let worker_rss = peak_rss_kb(worker.id());
+    let cpu_at_end = [
+        process_cpu_secs(serve.id()),
+        process_cpu_secs(worker.id()),
+        tree_cpu_secs(pg_pid),
+        process_cpu_secs(redis_pid),
+    ];
+    let cpu: Vec<f64> = cpu_at_end
+        .iter()
+        .zip(cpu_at_start)
+        .map(|(e, s)| e - s)
+        .collect();
+    let work = match db_work_end(&db, commits_before).await {
+        Ok(w) => w,
+        Err(e) => {
+            eprintln!("pg_stat_statements unreadable: {e:#}");
+            DbWork::default()
+        }
+    };
+    let mut e2e = std::mem::take(
+        &mut *sinks
+            .end_to_end_ms
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()),
+    );
+    e2e.sort_by(|a, b| a.total_cmp(b));
     for c in [&mut serve, &mut worker] {
         devservers::spawn::signal(c.id(), libc::SIGTERM);
         let _ = c.wait();
     }
     drop(redis);
+    if !extra.is_empty() {
+        let keep = std::env::temp_dir().join("parafed-bench-postgres.log");
+        if std::fs::copy(pg.log_path(), &keep).is_ok() {
+            eprintln!("the Postgres log is kept in {}", keep.display());
+        }
+    }
     drop(pg);
 
     // Every sink got every accepted event exactly once, with valid signatures.
@@ -475,7 +832,33 @@ async fn run(cli: &Cli) -> anyhow::Result<bool> {
             "bad_signatures": bad,
             "every_peer_got_every_event_once": exact,
         },
+        "end_to_end_ms": {
+            "rate_offered": cli.rate,
+            "p50": percentile(&e2e, 0.5),
+            "p99": percentile(&e2e, 0.99),
+            "max": e2e.last().copied().unwrap_or(0.0),
+        },
+        "backlog": backlog.as_ref().map(|(probe, drain)| json!({
+            "deliveries": want,
+            "seconds_to_first_success": probe,
+            "seconds_from_first_success_to_last": drain,
+            "deliveries_per_second": want as f64 / drain.max(1e-9),
+        })),
+        "dead_peers": cli.dead,
         "peak_rss_kb": { "serve": serve_rss, "worker": worker_rss },
+        "cpu_seconds": {
+            "serve": cpu[0], "worker": cpu[1], "postgres": cpu[2], "redis": cpu[3],
+            "generator_and_sinks": own_cpu_secs() - cpu_before,
+        },
+        "postgres": {
+            "statements": work.statements,
+            "commits": work.commits,
+            "statements_per_delivery": work.statements as f64 / delivered.max(1) as f64,
+            "commits_per_delivery": work.commits as f64 / delivered.max(1) as f64,
+            "top": work.top.iter().map(|(calls, total, mean, q)| json!({
+                "calls": calls, "total_ms": total, "mean_ms": mean, "query": q,
+            })).collect::<Vec<_>>(),
+        },
     });
     println!("| measure | value |\n| --- | --- |");
     println!(
@@ -498,6 +881,35 @@ async fn run(cli: &Cli) -> anyhow::Result<bool> {
         delivered as f64 / delivery_secs
     );
     println!("| bad signatures at the sinks | {bad} |");
+    if let Some((probe, drain)) = backlog {
+        println!(
+            "| backlog: {want} deliveries, from the first success to the last | {drain:.2} s = {:.0} deliveries/s (first success {probe:.1} s after the sinks came back) |",
+            want as f64 / drain.max(1e-9)
+        );
+    }
+    if cli.dead > 0 {
+        println!("| dead peers in the room | {} |", cli.dead);
+    }
+    println!(
+        "| end to end p50 / p99{} | {:.1} ms / {:.1} ms |",
+        cli.rate
+            .map_or(String::new(), |r| format!(" at {r} events/s")),
+        percentile(&e2e, 0.5),
+        percentile(&e2e, 0.99)
+    );
+    let per = |s: f64| s * 1000.0 / delivered.max(1) as f64;
+    println!(
+        "| CPU ms per delivery: serve / worker / postgres / redis | {:.2} / {:.2} / {:.2} / {:.2} |",
+        per(cpu[0]),
+        per(cpu[1]),
+        per(cpu[2]),
+        per(cpu[3])
+    );
+    println!(
+        "| Postgres statements / commits per delivery | {:.1} / {:.2} |",
+        work.statements as f64 / delivered.max(1) as f64,
+        work.commits as f64 / delivered.max(1) as f64
+    );
     println!(
         "| peak RSS serve / worker | {} kB / {} kB |",
         serve_rss.map_or("?".into(), |v| v.to_string()),
@@ -513,5 +925,5 @@ async fn run(cli: &Cli) -> anyhow::Result<bool> {
             cli.events
         );
     }
-    Ok(ok)
+    Ok((ok, figures))
 }

@@ -82,11 +82,19 @@ pub struct Postgres {
     bin: PathBuf,
     user: Option<(u32, u32)>,
     child: Option<Child>,
+    /// Extra `name=value` server settings, passed as `-c` on every start.
+    settings: Vec<String>,
 }
 
 impl Postgres {
     /// initdb + start, waiting until it accepts connections.
     pub async fn start() -> Result<Postgres, DevServerError> {
+        Self::start_with(&[]).await
+    }
+
+    /// [`Postgres::start`] with extra server settings (`name=value`, as `postgres -c`),
+    /// e.g. `shared_preload_libraries=pg_stat_statements` for the load tool.
+    pub async fn start_with(settings: &[&str]) -> Result<Postgres, DevServerError> {
         let dir = server_dir("pg")?;
         let bin = bin_dir()?;
         let user = run_as()?;
@@ -120,6 +128,7 @@ impl Postgres {
             bin,
             user,
             child: None,
+            settings: settings.iter().map(|s| (*s).to_owned()).collect(),
         };
         pg.start_again().await?;
         Ok(pg)
@@ -194,7 +203,20 @@ impl Postgres {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log);
+        for s in &self.settings {
+            cmd.args(["-c", s]);
+        }
         spawn_tied(cmd).map_err(io("starting postgres"))
+    }
+
+    /// The server's log (removed with the server).
+    pub fn log_path(&self) -> PathBuf {
+        self.dir.join("postgres.log")
+    }
+
+    /// The postmaster's process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
     }
 
     /// Fast shutdown (SIGINT) and wait.

@@ -37,6 +37,11 @@ impl Redis {
         Ok(r)
     }
 
+    /// The server's process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// Starts (again) on the same port and directory.
     pub async fn start_again(&mut self) -> Result<(), DevServerError> {
         if self.child.is_some() {

@@ -145,19 +145,21 @@ async fn write(pool: &PgPool, queue: &JobQueue, batch: &[Item]) -> Result<Vec<bo
         }
         r => r?,
     };
-    let jobs: Vec<VerifyJob> = batch
+    // One verify job for the batch's new pending events: the worker then judges the
+    // batch with a few statements, as it was stored with one.
+    let new: Vec<String> = batch
         .iter()
         .zip(&inserted)
         .filter(|(i, new)| **new && i.status == EventStatus::Pending)
-        .map(|(i, _)| VerifyJob {
-            event_id: i.envelope.event_id.to_string(),
-        })
+        .map(|(i, _)| i.envelope.event_id.to_string())
         .collect();
+    let count = new.len();
+    let jobs = VerifyJob::batches(new);
     // The rows are stored: if Redis is down now, the reconciler pushes the jobs later.
     if let Err(e) = queue.push_many(QueueName::Verify, &jobs).await {
         metrics::counter!("parafed_enqueue_failures_total", "queue" => "verify")
-            .increment(jobs.len() as u64);
-        tracing::warn!(jobs = jobs.len(), error = %e, "verify jobs not pushed; the reconciler will");
+            .increment(count as u64);
+        tracing::warn!(events = count, error = %e, "verify jobs not pushed; the reconciler will");
     }
     Ok(inserted)
 }

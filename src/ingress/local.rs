@@ -188,7 +188,7 @@ pub async fn submit_event(app: &App, body: Bytes) -> Result<Response<Body>, ApiE
         .push(
             QueueName::Fanout,
             &FanoutJob {
-                event_id: env.event_id.to_string(),
+                event_ids: vec![env.event_id.to_string()],
             },
         )
         .await

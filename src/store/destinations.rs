@@ -40,17 +40,25 @@ pub struct Health {
     pub version: i64,
 }
 
-/// Makes sure each destination has a row (a new one is healthy).
-pub async fn ensure(conn: &mut AsyncPgConnection, names: &[&String]) -> Result<(), StoreError> {
+/// Makes sure each destination has a row (a new one is healthy). Pass names sorted:
+/// concurrent callers then insert in one order.
+///
+/// Rows that exist are filtered out before the insert: an `INSERT … ON CONFLICT DO
+/// NOTHING` on a row every fan-out names was the slowest statement of the pipeline
+/// (it waits on the row's writers); a read by primary key does not.
+pub async fn ensure(conn: &mut AsyncPgConnection, names: &[&str]) -> Result<(), StoreError> {
     if names.is_empty() {
         return Ok(());
     }
-    let rows: Vec<_> = names.iter().map(|d| dh::destination.eq(*d)).collect();
-    diesel::insert_into(dh::table)
-        .values(&rows)
-        .on_conflict_do_nothing()
-        .execute(conn)
-        .await?;
+    diesel::sql_query(
+        "INSERT INTO destination_health (destination) \
+         SELECT d FROM UNNEST($1::text[]) AS d \
+          WHERE NOT EXISTS (SELECT 1 FROM destination_health h WHERE h.destination = d) \
+         ON CONFLICT DO NOTHING",
+    )
+    .bind::<Array<Text>, _>(names)
+    .execute(conn)
+    .await?;
     Ok(())
 }
 

@@ -66,6 +66,7 @@ struct Row {
     fanned_out_at: Option<chrono::DateTime<chrono::Utc>>,
     seq: i64,
     received_at: chrono::DateTime<chrono::Utc>,
+    received_from: Option<String>,
 }
 
 /// A stored event with its status.
@@ -80,6 +81,8 @@ pub struct StoredEvent {
     pub seq: i64,
     /// When it was stored here.
     pub received_at: chrono::DateTime<chrono::Utc>,
+    /// The server that handed it to us (`None` for our own events).
+    pub received_from: Option<String>,
 }
 
 fn corrupt(id: &str, what: &str) -> StoreError {
@@ -113,6 +116,7 @@ fn from_row(r: Row) -> Result<StoredEvent, StoreError> {
         fanned_out: r.fanned_out_at.is_some(),
         seq: r.seq,
         received_at: r.received_at,
+        received_from: r.received_from,
     })
 }
 
@@ -280,43 +284,90 @@ pub async fn room_since(
     rows.into_iter().map(from_row).collect()
 }
 
-/// Settles a pending event: accepted, or rejected with a reason. `seq` names the copy
-/// that was judged: if another copy replaced it meanwhile (a correctly signed one over
-/// an unchecked forgery), nothing changes. Returns false when that copy is not pending
-/// any more (another worker settled it, or it was replaced).
-pub async fn settle(
-    conn: &mut AsyncPgConnection,
-    event_id: &str,
-    seq: i64,
-    accepted: bool,
-    reason: Option<&str>,
-) -> Result<bool, StoreError> {
-    let n = diesel::update(
-        fe::table
-            .filter(fe::event_id.eq(event_id))
-            .filter(fe::seq.eq(seq))
-            .filter(fe::status.eq("pending")),
-    )
-    .set((
-        fe::status.eq(if accepted { "accepted" } else { "rejected" }),
-        fe::reject_reason.eq(reason),
-        fe::verified_at.eq(diesel::dsl::now),
-    ))
-    .execute(conn)
-    .await?;
-    Ok(n == 1)
+/// One judged event of a verify batch: the copy that was judged (`seq`: if another copy
+/// replaced it meanwhile — a correctly signed one over an unchecked forgery — its
+/// verdict is not applied) and whether the event still needs fan-out (`relay`: it is in a room hosted here).
+pub struct Judged<'a> {
+    pub event_id: &'a str,
+    pub seq: i64,
+    pub relay: bool,
 }
 
-/// Records that fan-out wrote this event's outbound rows.
-pub async fn mark_fanned_out(
+/// Accepts judged events and appends them to the inbound feed, in one statement (one
+/// commit, so an event is accepted and in the feed together, or neither). Events not
+/// relayed from here are marked fanned out at once. Copies no longer pending (settled by
+/// another worker, or replaced) are left alone. Returns the ids accepted now, in storage
+/// order — the feed's order.
+pub async fn accept(
     conn: &mut AsyncPgConnection,
-    event_id: &str,
-) -> Result<(), StoreError> {
-    diesel::update(fe::table.filter(fe::event_id.eq(event_id)))
-        .set(fe::fanned_out_at.eq(diesel::dsl::now))
-        .execute(conn)
-        .await?;
-    Ok(())
+    judged: &[Judged<'_>],
+) -> Result<Vec<String>, StoreError> {
+    if judged.is_empty() {
+        return Ok(Vec::new());
+    }
+    let ids: Vec<&str> = judged.iter().map(|j| j.event_id).collect();
+    let seqs: Vec<i64> = judged.iter().map(|j| j.seq).collect();
+    let relay: Vec<bool> = judged.iter().map(|j| j.relay).collect();
+    // The feed entries are written by the same transaction: their position is its id
+    // (`feed`), and they are numbered in storage order.
+    let rows: Vec<IdRow> = diesel::sql_query(
+        "WITH settled AS ( \
+           UPDATE federation_events e SET status = 'accepted', reject_reason = NULL, \
+                  verified_at = now(), \
+                  fanned_out_at = CASE WHEN x.relay THEN NULL ELSE now() END \
+             FROM UNNEST($1::text[], $2::bigint[], $3::bool[]) AS x(id, s, relay) \
+            WHERE e.event_id = x.id AND e.seq = x.s AND e.status = 'pending' \
+           RETURNING e.event_id, e.room_id, e.seq), \
+         fed AS ( \
+           INSERT INTO inbound_feed (event_id, room_id) \
+           SELECT event_id, room_id FROM settled ORDER BY seq \
+           ON CONFLICT (event_id) DO NOTHING) \
+         SELECT event_id FROM settled ORDER BY seq",
+    )
+    .bind::<Array<Text>, _>(&ids)
+    .bind::<Array<BigInt>, _>(&seqs)
+    .bind::<Array<diesel::sql_types::Bool>, _>(&relay)
+    .load(conn)
+    .await?;
+    Ok(rows.into_iter().map(|r| r.event_id).collect())
+}
+
+/// Rejects judged events, each with its reason, in one statement; copies no longer
+/// pending are left alone. Returns, for each event rejected now, the server that handed
+/// it to us (the one an offense is counted against).
+pub async fn reject(
+    conn: &mut AsyncPgConnection,
+    rejected: &[(&str, i64, &str)],
+) -> Result<Vec<(String, Option<String>)>, StoreError> {
+    if rejected.is_empty() {
+        return Ok(Vec::new());
+    }
+    let ids: Vec<&str> = rejected.iter().map(|r| r.0).collect();
+    let seqs: Vec<i64> = rejected.iter().map(|r| r.1).collect();
+    let reasons: Vec<&str> = rejected.iter().map(|r| r.2).collect();
+    #[derive(QueryableByName)]
+    struct Rejected {
+        #[diesel(sql_type = Text)]
+        event_id: String,
+        #[diesel(sql_type = Nullable<Text>)]
+        received_from: Option<String>,
+    }
+    let rows: Vec<Rejected> = diesel::sql_query(
+        "UPDATE federation_events e SET status = 'rejected', reject_reason = x.reason, \
+                verified_at = now() \
+           FROM UNNEST($1::text[], $2::bigint[], $3::text[]) AS x(id, s, reason) \
+          WHERE e.event_id = x.id AND e.seq = x.s AND e.status = 'pending' \
+         RETURNING e.event_id, e.received_from",
+    )
+    .bind::<Array<Text>, _>(&ids)
+    .bind::<Array<BigInt>, _>(&seqs)
+    .bind::<Array<Text>, _>(&reasons)
+    .load(conn)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|r| (r.event_id, r.received_from))
+        .collect())
 }
 
 /// Unfinished work whose job was pushed before its queue's cutoff: pending events
@@ -336,15 +387,18 @@ pub async fn claim_stale(
         #[diesel(sql_type = Text)]
         status: String,
     }
+    // Returned in storage order: they are pushed as batches, judged in that order.
     let rows: Vec<Stale> = diesel::sql_query(
-        "UPDATE federation_events SET enqueued_at = now() \
-         WHERE event_id IN ( \
-           SELECT event_id FROM federation_events \
-            WHERE (status = 'pending' AND (enqueued_at IS NULL OR enqueued_at < $1)) \
-               OR (status = 'accepted' AND fanned_out_at IS NULL \
-                   AND (enqueued_at IS NULL OR enqueued_at < $2)) \
-            LIMIT $3 FOR UPDATE SKIP LOCKED) \
-         RETURNING event_id, status",
+        "WITH claimed AS ( \
+           UPDATE federation_events SET enqueued_at = now() \
+           WHERE event_id IN ( \
+             SELECT event_id FROM federation_events \
+              WHERE (status = 'pending' AND (enqueued_at IS NULL OR enqueued_at < $1)) \
+                 OR (status = 'accepted' AND fanned_out_at IS NULL \
+                     AND (enqueued_at IS NULL OR enqueued_at < $2)) \
+              LIMIT $3 FOR UPDATE SKIP LOCKED) \
+           RETURNING event_id, status, seq) \
+         SELECT event_id, status FROM claimed ORDER BY seq",
     )
     .bind::<diesel::sql_types::Timestamptz, _>(verify_cutoff)
     .bind::<diesel::sql_types::Timestamptz, _>(fanout_cutoff)
@@ -357,20 +411,6 @@ pub async fn claim_stale(
         verify.into_iter().map(|r| r.event_id).collect(),
         fanout.into_iter().map(|r| r.event_id).collect(),
     ))
-}
-
-/// The server that handed us an event (`None` for our own).
-pub async fn received_from(
-    conn: &mut AsyncPgConnection,
-    event_id: &str,
-) -> Result<Option<String>, StoreError> {
-    Ok(fe::table
-        .filter(fe::event_id.eq(event_id))
-        .select(fe::received_from)
-        .first::<Option<String>>(conn)
-        .await
-        .optional()?
-        .flatten())
 }
 
 /// The envelopes of several events in one query, by id (missing ids are left out).

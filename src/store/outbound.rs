@@ -54,40 +54,103 @@ pub struct Waiting {
     pub earlier_unsettled: bool,
 }
 
-/// Writes the outbound rows of one event (idempotent) and makes sure each destination has
-/// a state row. Returns the destinations that got a new row.
+/// Most outbound rows written by one statement: a batch of events to a room of many
+/// servers is written in several (a statement's arrays stay a few megabytes).
+pub const MAX_ROWS_PER_STATEMENT: usize = 10_000;
+
+/// Writes the outbound rows of a batch of events (idempotent: a row that exists is left
+/// alone), makes sure each destination has a state row, and marks `fanned_out` (the
+/// events whose fan-out this completes) fanned out — with the last rows, in the same
+/// statement, so a crash in between leaves them to the reconciler, which writes the
+/// same rows again. Returns the rows written now and the destinations that got one.
+///
+/// A few statements per batch, whatever its size (up to [`MAX_ROWS_PER_STATEMENT`]
+/// rows each): the fan-out of one event no longer costs a commit per statement.
 pub async fn enqueue(
     conn: &mut AsyncPgConnection,
-    event: &NewOutbound<'_>,
-    destinations: &[String],
-) -> Result<Vec<String>, StoreError> {
-    if destinations.is_empty() {
-        return Ok(Vec::new());
-    }
-    // Sorted, so concurrent fan-outs that add the same new destinations take their locks
-    // in one order and cannot deadlock (see `events::insert`).
-    let mut destinations: Vec<&String> = destinations.iter().collect();
-    destinations.sort_unstable();
-    destinations.dedup();
-    super::destinations::ensure(conn, &destinations).await?;
-    let rows: Vec<_> = destinations
+    batch: &[(NewOutbound<'_>, Vec<String>)],
+    fanned_out: &[&str],
+) -> Result<Enqueued, StoreError> {
+    // Sorted by destination, then event: concurrent fan-outs that add rows for the same
+    // destinations take their locks in one order and cannot deadlock (see
+    // `events::insert`).
+    let mut rows: Vec<(&str, &NewOutbound)> = batch
         .iter()
-        .map(|d| {
-            (
-                oq::destination.eq(*d),
-                oq::event_id.eq(event.event_id),
-                oq::event_seq.eq(event.event_seq),
-                oq::order_provides.eq(event.provides),
-                oq::order_waits.eq(event.waits),
-            )
-        })
+        .flat_map(|(e, ds)| ds.iter().map(move |d| (d.as_str(), e)))
         .collect();
-    Ok(diesel::insert_into(oq::table)
-        .values(&rows)
-        .on_conflict_do_nothing()
-        .returning(oq::destination)
-        .get_results(conn)
-        .await?)
+    rows.sort_unstable_by(|a, b| (a.0, a.1.event_seq).cmp(&(b.0, b.1.event_seq)));
+    rows.dedup_by(|a, b| a.0 == b.0 && a.1.event_id == b.1.event_id);
+    let mut names: Vec<&str> = rows.iter().map(|r| r.0).collect();
+    names.dedup();
+    super::destinations::ensure(conn, &names).await?;
+    #[derive(QueryableByName)]
+    struct Dest {
+        #[diesel(sql_type = Text)]
+        destination: String,
+        #[diesel(sql_type = BigInt)]
+        rows: i64,
+    }
+    let array = |v: &[i64]| {
+        let items: Vec<String> = v.iter().map(i64::to_string).collect();
+        format!("{{{}}}", items.join(","))
+    };
+    let mut fresh = Vec::new();
+    let mut written = 0;
+    let chunks: Vec<&[(&str, &NewOutbound)]> = if rows.is_empty() {
+        vec![&[]]
+    } else {
+        rows.chunks(MAX_ROWS_PER_STATEMENT).collect()
+    };
+    let last = chunks.len() - 1;
+    for (i, chunk) in chunks.into_iter().enumerate() {
+        let marked: &[&str] = if i == last { fanned_out } else { &[] };
+        let dests: Vec<&str> = chunk.iter().map(|r| r.0).collect();
+        let ids: Vec<&str> = chunk.iter().map(|r| r.1.event_id).collect();
+        let seqs: Vec<i64> = chunk.iter().map(|r| r.1.event_seq).collect();
+        // Ordering keys travel as array literals: one array per column keeps this a
+        // single prepared statement, and Postgres cannot unnest arrays of arrays.
+        let provides: Vec<String> = chunk.iter().map(|r| array(r.1.provides)).collect();
+        let waits: Vec<String> = chunk.iter().map(|r| array(r.1.waits)).collect();
+        let got: Vec<Dest> = diesel::sql_query(
+            "WITH ins AS ( \
+               INSERT INTO outbound_queue \
+                 (destination, event_id, event_seq, order_provides, order_waits) \
+               SELECT d, e, s, p::bigint[], w::bigint[] \
+                 FROM UNNEST($1::text[], $2::text[], $3::bigint[], $4::text[], $5::text[]) \
+                      AS x(d, e, s, p, w) \
+               ON CONFLICT DO NOTHING \
+               RETURNING destination), \
+             marked AS ( \
+               UPDATE federation_events SET fanned_out_at = now() \
+                WHERE event_id = ANY($6) AND fanned_out_at IS NULL) \
+             SELECT destination, count(*) AS rows FROM ins GROUP BY destination",
+        )
+        .bind::<Array<Text>, _>(&dests)
+        .bind::<Array<Text>, _>(&ids)
+        .bind::<Array<BigInt>, _>(&seqs)
+        .bind::<Array<Text>, _>(&provides)
+        .bind::<Array<Text>, _>(&waits)
+        .bind::<Array<Text>, _>(marked)
+        .load(conn)
+        .await?;
+        written += got.iter().map(|d| d.rows as usize).sum::<usize>();
+        fresh.extend(got.into_iter().map(|d| d.destination));
+    }
+    fresh.sort_unstable();
+    fresh.dedup();
+    Ok(Enqueued {
+        rows: written,
+        destinations: fresh,
+    })
+}
+
+/// What [`enqueue`] wrote.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Enqueued {
+    /// Rows written now (rows that existed are not counted).
+    pub rows: usize,
+    /// The destinations that got a new row, sorted.
+    pub destinations: Vec<String>,
 }
 
 // The hot queries below are written as SQL with the status as a literal: bound as a

@@ -171,3 +171,44 @@ pub async fn membership(
         .await
         .optional()?)
 }
+
+/// Which of `rooms` are hosted here, in one query.
+pub async fn hosted_among(
+    conn: &mut AsyncPgConnection,
+    rooms: &[&str],
+) -> Result<std::collections::HashSet<String>, StoreError> {
+    if rooms.is_empty() {
+        return Ok(Default::default());
+    }
+    let found: Vec<String> = hr::table
+        .filter(hr::room_id.eq_any(rooms))
+        .select(hr::room_id)
+        .load(conn)
+        .await?;
+    Ok(found.into_iter().collect())
+}
+
+/// The memberships of (room, user) pairs, in one query; pairs without one are absent.
+/// Keyed by `(room_id, user_id)`; values as [`Membership::as_str`].
+pub async fn memberships(
+    conn: &mut AsyncPgConnection,
+    pairs: &[(&str, &str)],
+) -> Result<std::collections::HashMap<(String, String), String>, StoreError> {
+    if pairs.is_empty() {
+        return Ok(Default::default());
+    }
+    let (rooms, users): (Vec<&str>, Vec<&str>) = pairs.iter().copied().unzip();
+    // Rooms × users may hold more than the pairs asked for; the rest are dropped.
+    let rows: Vec<(String, String, String)> = rm::table
+        .filter(rm::room_id.eq_any(&rooms))
+        .filter(rm::user_id.eq_any(&users))
+        .select((rm::room_id, rm::user_id, rm::membership))
+        .load(conn)
+        .await?;
+    let wanted: std::collections::HashSet<(&str, &str)> = pairs.iter().copied().collect();
+    Ok(rows
+        .into_iter()
+        .filter(|(r, u, _)| wanted.contains(&(r.as_str(), u.as_str())))
+        .map(|(r, u, m)| ((r, u), m))
+        .collect())
+}

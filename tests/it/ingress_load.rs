@@ -69,9 +69,9 @@ async fn same_event_fifty_times_at_once() {
     assert_eq!(inserted, 1, "exactly one answer says inserted:true");
     assert_eq!(s.event_count().await, 1, "one row");
     assert_eq!(
-        s.app.queue.len(QueueName::Verify).await.unwrap(),
-        1,
-        "one verify job"
+        s.queued_events(QueueName::Verify).await,
+        vec!["$once:peer.test".to_owned()],
+        "one verify job, for the one event"
     );
     assert_eq!(
         fakes.key_fetches("peer"),
@@ -120,7 +120,17 @@ async fn five_hundred_events_at_once_each_get_their_own_answer() {
         "each event is inserted:true exactly once"
     );
     assert_eq!(s.event_count().await, 400);
-    assert_eq!(s.app.queue.len(QueueName::Verify).await.unwrap(), 400);
+    // Every event is in exactly one verify job; a job carries a group commit's events.
+    let mut queued = s.queued_events(QueueName::Verify).await;
+    let jobs = s.app.queue.len(QueueName::Verify).await.unwrap();
+    assert!(
+        (1..=400).contains(&jobs),
+        "{jobs} verify jobs for 400 events"
+    );
+    queued.sort();
+    let mut want: Vec<String> = ids[..400].to_vec();
+    want.sort();
+    assert_eq!(queued, want, "each event queued once");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -590,8 +590,9 @@ async fn reconciler_repushes_lost_jobs_and_leaves_a_backlog_alone() {
     );
     // No worker runs: the fanout jobs of these events wait in the stream.
     let alpha = alpha_with_member_cfg("beta.test", "http://127.0.0.1:9", &cfg).await;
+    let mut submitted = Vec::new();
     for i in 0..50 {
-        submit(
+        let id = submit(
             &alpha,
             &format!("r{i}"),
             "m.message",
@@ -599,6 +600,7 @@ async fn reconciler_repushes_lost_jobs_and_leaves_a_backlog_alone() {
             json!({"n": i}),
         )
         .await;
+        submitted.push(id);
     }
     let ctx = parafed_jobs::context::Ctx {
         policy: parafed::delivery::Policy::from_config(&alpha.app.cfg),
@@ -648,7 +650,14 @@ async fn reconciler_repushes_lost_jobs_and_leaves_a_backlog_alone() {
         parafed_jobs::scheduler::reconcile(&ctx).await.unwrap(),
         (0, 0)
     );
-    assert_eq!(alpha.app.queue.len(q).await.unwrap(), 50);
+    // Re-pushed as one batch, in storage order: every event once.
+    assert_eq!(alpha.app.queue.len(q).await.unwrap(), 1);
+    let queued = alpha.queued_events(q).await;
+    assert_eq!(queued.len(), 50);
+    assert_eq!(
+        queued.iter().collect::<std::collections::HashSet<_>>(),
+        submitted.iter().collect::<std::collections::HashSet<_>>()
+    );
 
     // A worker then fans every event out: one outbound row each.
     let mut worker = TestWorker::start(&alpha);

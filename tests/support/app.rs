@@ -162,6 +162,30 @@ impl TestServer {
             .await
             .unwrap()
     }
+
+    /// The event ids carried by the jobs in a queue's stream, in stream order (a verify
+    /// or fanout job carries a batch of them).
+    pub async fn queued_events(&self, q: parafed::queue::QueueName) -> Vec<String> {
+        let mut c = self.app.queue.connection();
+        type Entry = (String, Vec<(String, Vec<u8>)>);
+        let entries: Vec<Entry> = redis::cmd("XRANGE")
+            .arg(self.app.queue.keys().queue(q))
+            .arg("-")
+            .arg("+")
+            .query_async(&mut c)
+            .await
+            .unwrap();
+        entries
+            .into_iter()
+            .flat_map(|(_, fields)| fields)
+            .filter(|(f, _)| f == parafed::queue::JOB_FIELD)
+            .flat_map(|(_, payload)| {
+                serde_json::from_slice::<parafed::queue::VerifyJob>(&payload)
+                    .unwrap()
+                    .event_ids
+            })
+            .collect()
+    }
 }
 
 /// A worker fleet process, in-process, for one test server.
