@@ -224,9 +224,16 @@ pub struct WorkerConfig {
     pub metrics_listen: SocketAddr,
     /// Queues this process runs; empty means all.
     pub queues: Vec<String>,
-    /// Jobs one process runs at once, per queue.
+    /// Jobs one process runs at once, per queue (verify and fanout).
     #[serde(deserialize_with = "flex::u32")]
     pub concurrency: u32,
+    /// Deliver jobs (destination drains) one process runs at once. A drain spends its
+    /// time waiting on a peer, holding no database connection meanwhile, and a peer that
+    /// never answers holds its drain for `delivery.request_timeout_ms`: with fewer
+    /// drains than such peers, the healthy ones would wait behind them (measured:
+    /// docs/performance.md, isolation).
+    #[serde(deserialize_with = "flex::u32")]
+    pub deliver_concurrency: u32,
     /// How often each worker looks for destinations whose backoff ended.
     #[serde(deserialize_with = "flex::u64")]
     pub scheduler_interval_ms: u64,
@@ -255,6 +262,7 @@ impl Default for WorkerConfig {
             metrics_listen: SocketAddr::from(([127, 0, 0, 1], 9449)),
             queues: Vec::new(),
             concurrency: 16,
+            deliver_concurrency: 256,
             scheduler_interval_ms: 1_000,
             reconcile_interval_ms: 10_000,
             stale_after_ms: 30_000,
@@ -443,6 +451,9 @@ impl Config {
                     "[worker] queues: unknown queue {q:?} (verify, fanout, deliver)"
                 ));
             }
+        }
+        if self.worker.deliver_concurrency == 0 || self.worker.deliver_concurrency > 100_000 {
+            return bad("[worker] deliver_concurrency must be 1 to 100000".into());
         }
         if self.worker.concurrency == 0 {
             return bad("[worker] concurrency must be at least 1".into());

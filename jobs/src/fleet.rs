@@ -111,16 +111,24 @@ pub async fn run(
             app.keys.dead(q),
             format!("{worker_id}-{}", q.as_str()),
         );
-        consumer.batch = concurrency.max(1);
+        // Drains wait on peers, not on this machine: many run at once (see
+        // `worker.deliver_concurrency`); verify and fanout use the CPU and the database.
+        let n = match q {
+            QueueName::Deliver => app.cfg.worker.deliver_concurrency as usize,
+            QueueName::Verify | QueueName::Fanout => concurrency,
+        };
+        // Entries read ahead are this worker's until it starts them: read a bounded
+        // number, so a busy worker does not hoard what an idle one could run.
+        consumer.batch = n.clamp(1, 64);
         consumer.min_idle = Duration::from_millis(app.cfg.worker.job_timeout_ms.max(1000));
         if let Err(e) = consumer.ensure_group().await {
             tracing::warn!(queue = q.as_str(), error = %e, "cannot create the consumer group yet; will retry");
         }
         let (ctx, id) = (ctx.clone(), worker_id.as_str());
         monitor = match q {
-            QueueName::Verify => register::<VerifyJob>(monitor, id, consumer, ctx, concurrency),
-            QueueName::Fanout => register::<FanoutJob>(monitor, id, consumer, ctx, concurrency),
-            QueueName::Deliver => register::<DeliverJob>(monitor, id, consumer, ctx, concurrency),
+            QueueName::Verify => register::<VerifyJob>(monitor, id, consumer, ctx, n),
+            QueueName::Fanout => register::<FanoutJob>(monitor, id, consumer, ctx, n),
+            QueueName::Deliver => register::<DeliverJob>(monitor, id, consumer, ctx, n),
         };
     }
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);

@@ -230,9 +230,17 @@ impl Destination {
         });
     }
 
-    /// What may be sent at `now`.
+    /// What may be sent at `now`. A destination that has never answered (no success,
+    /// no error on record: a peer new to us) gets one request first, as after a
+    /// backoff: a room full of peers that never answer must not cost a window of
+    /// hanging connections each.
     pub fn sending(&self, now: DateTime<Utc>) -> Sending {
         match &self.state {
+            DestinationState::Healthy
+                if self.last_success_at.is_none() && self.last_error.is_none() =>
+            {
+                Sending::Probe
+            }
             DestinationState::Healthy => Sending::Window,
             DestinationState::BackingOff { until, .. } if *until <= now => Sending::Probe,
             DestinationState::Held { until, .. } if *until <= now => Sending::Recheck,
@@ -523,8 +531,25 @@ mod tests {
             ),
         ];
         for (state, want) in table {
-            assert_eq!(with(state.clone()).sending(t(5)), want, "{state:?}");
+            let mut d = with(state.clone());
+            d.last_success_at = Some(t(0));
+            assert_eq!(d.sending(t(5)), want, "{state:?}");
         }
+        // A peer that never answered gets one request before a window; any answer
+        // on record (a success, or an error) opens the window.
+        let new = with(DestinationState::Healthy);
+        assert_eq!(new.sending(t(5)), Sending::Probe);
+        let delivered = new
+            .clone()
+            .apply(DestinationEvent::Delivered { at: t(1) }, &policy());
+        assert_eq!(delivered.sending(t(5)), Sending::Window);
+        let mut refused = new;
+        refused.last_error = Some(LastError {
+            at: t(1),
+            message: "HTTP 400".into(),
+            status: Some(400),
+        });
+        assert_eq!(refused.sending(t(5)), Sending::Window);
     }
 
     #[test]

@@ -93,7 +93,7 @@ pub const FAMILIES: &[Family] = &[
     Family { name: "parafed_deliveries_total", kind: Kind::Counter, help: "Deliveries finished, one per event and destination, by outcome (delivered, dead, cancelled).", labels: &["outcome"], roles: W },
     Family { name: "parafed_delivery_latency_seconds", kind: Kind::Histogram, help: "End to end: from the event stored here to delivered at the destination.", labels: &[], roles: W },
     Family { name: "parafed_destination_backoffs_total", kind: Kind::Counter, help: "Times a destination started or continued backing off.", labels: &[], roles: W },
-    Family { name: "parafed_reconciled_jobs_total", kind: Kind::Counter, help: "Jobs pushed again because Redis lost them.", labels: &[], roles: W },
+    Family { name: "parafed_reconciled_jobs_total", kind: Kind::Counter, help: "Events whose verify or fanout job was pushed again because Redis lost it.", labels: &[], roles: W },
     Family { name: "parafed_queue_read_errors_total", kind: Kind::Counter, help: "Failed reads of a job stream (Redis errors; retried).", labels: &[], roles: W },
     Family { name: "parafed_queue_jobs", kind: Kind::Gauge, help: "Jobs in a queue, by queue and state (ready, in_flight, dead); fleet-wide, reported by every worker.", labels: &["queue", "state"], roles: W },
     Family { name: "parafed_queue_oldest_job_age_seconds", kind: Kind::Gauge, help: "Age of the oldest job still in a queue (ready or in flight), by queue; 0 when empty.", labels: &["queue"], roles: W },
