@@ -262,7 +262,7 @@ impl Default for WorkerConfig {
             metrics_listen: SocketAddr::from(([127, 0, 0, 1], 9449)),
             queues: Vec::new(),
             concurrency: 16,
-            deliver_concurrency: 256,
+            deliver_concurrency: 64,
             scheduler_interval_ms: 1_000,
             reconcile_interval_ms: 10_000,
             stale_after_ms: 30_000,
