@@ -313,18 +313,7 @@ async fn choose(
     };
     let earlier_keys: Vec<(i64, OrderKeys)> = earlier
         .iter()
-        .map(|e| {
-            let env = &e.envelope;
-            (
-                e.seq,
-                order::keys_for(
-                    env.room_id.as_str(),
-                    env.event_type.as_str(),
-                    env.sender.as_str(),
-                    &env.content,
-                ),
-            )
-        })
+        .map(|e| (e.seq, order::keys_of(&e.envelope)))
         .collect();
     let candidates: Vec<Unsettled> = rows
         .iter()

@@ -115,18 +115,7 @@ pub async fn run(ctx: &Ctx, job: &FanoutJob) -> Result<(), JobError> {
         targets.push(allowed);
     }
     // What each event depends on at its destinations (delivery order).
-    let keys: Vec<order::OrderKeys> = batch
-        .iter()
-        .map(|e| {
-            let env = &e.envelope;
-            order::keys_for(
-                env.room_id.as_str(),
-                env.event_type.as_str(),
-                env.sender.as_str(),
-                &env.content,
-            )
-        })
-        .collect();
+    let keys: Vec<order::OrderKeys> = batch.iter().map(|e| order::keys_of(&e.envelope)).collect();
     let rows: Vec<(NewOutbound, Vec<String>)> = batch
         .iter()
         .zip(&keys)

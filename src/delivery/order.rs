@@ -55,6 +55,16 @@ fn message_id(content: &serde_json::Value) -> Option<String> {
     }
 }
 
+/// The ordering keys of an envelope: [`keys_for`] its room, type, sender and content.
+pub fn keys_of(env: &crate::protocol::Envelope) -> OrderKeys {
+    keys_for(
+        env.room_id.as_str(),
+        env.event_type.as_str(),
+        env.sender.as_str(),
+        &env.content,
+    )
+}
+
 /// The ordering keys of an event (see the module rules).
 pub fn keys_for(
     room_id: &str,
