@@ -471,9 +471,8 @@ impl Config {
         if self.federation.max_in_flight_per_peer == 0 {
             return bad("[federation] max_in_flight_per_peer must be at least 1".into());
         }
-        let max_window = crate::remote::http::MAX_IDLE_PER_HOST;
-        if self.delivery.window == 0 || self.delivery.window as usize > max_window {
-            return bad(format!("[delivery] window must be 1 to {max_window}"));
+        if self.delivery.window == 0 || self.delivery.window > MAX_WINDOW {
+            return bad(format!("[delivery] window must be 1 to {MAX_WINDOW}"));
         }
         for (name, peer) in &self.peers {
             ServerName::parse(name)
@@ -627,6 +626,10 @@ fn check_database_url(url: &str) -> Result<(), ConfigError> {
     }
     Ok(())
 }
+
+/// The largest `delivery.window`: the HTTP client keeps as many idle keep-alive
+/// connections per peer (`remote::http`), so every request of a window can reuse one.
+pub const MAX_WINDOW: u32 = 256;
 
 /// One setting, for `docs/configuration.md` (which a test checks against this list).
 #[derive(Clone, Debug, PartialEq, Eq)]

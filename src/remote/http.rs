@@ -58,9 +58,6 @@ pub struct HttpClient {
     timeout: Duration,
 }
 
-/// Idle keep-alive connections kept per peer; the delivery window is bounded by it.
-pub const MAX_IDLE_PER_HOST: usize = 256;
-
 impl HttpClient {
     pub fn new(connect_timeout: Duration, timeout: Duration) -> Self {
         let mut http = HttpConnector::new();
@@ -77,7 +74,7 @@ impl HttpClient {
             // At least the delivery window (`[delivery] window`, at most this): a drain
             // keeps that many requests in flight to one peer, and every connection it
             // cannot park would be closed and opened again for the next batch.
-            .pool_max_idle_per_host(MAX_IDLE_PER_HOST)
+            .pool_max_idle_per_host(crate::config::MAX_WINDOW as usize)
             .build(https);
         Self { inner, timeout }
     }
