@@ -31,7 +31,7 @@ use parafed::queue::DeliverJob;
 use parafed::remote::send::send_signed;
 use parafed::store::attempts::{self, Finished};
 use parafed::store::destinations::{self, Health};
-use parafed::store::outbound::{self, Waiting};
+use parafed::store::outbound::{self, Settled, Waiting};
 use parafed::store::{events, retention, StoreError};
 use parafed::trust::Standing;
 
@@ -251,12 +251,12 @@ async fn drain(
         let ids: Vec<&str> = chosen.iter().map(|r| r.event_id.as_str()).collect();
         let mut bodies = events::envelopes(&mut conn, &ids).await?;
         // Attempts open only for rows that will be sent.
-        let row_ids: Vec<i64> = chosen
+        let first_attempts: Vec<(i64, i32)> = chosen
             .iter()
             .filter(|r| bodies.contains_key(&r.event_id))
-            .map(|r| r.id)
+            .map(|r| (r.id, r.attempts + 1))
             .collect();
-        let begun = attempts::begin(&mut conn, dest.as_str(), &row_ids).await?;
+        let begun = attempts::begin(&mut conn, dest.as_str(), &first_attempts).await?;
         drop(conn);
         let mut attempt_of: HashMap<i64, i64> =
             begun.into_iter().map(|s| (s.outbound_id, s.id)).collect();
@@ -336,8 +336,8 @@ async fn choose(
     Ok(picked.into_iter().filter_map(|i| rows[i].take()).collect())
 }
 
-/// Records the results: attempts completed, rows settled, the destination's state moved
-/// (one save). True when the destination backed off.
+/// Records the results: attempts completed and rows settled (one statement), the
+/// destination's state moved (one save). True when the destination backed off.
 async fn settle(
     ctx: &Ctx,
     dest: &ServerName,
@@ -358,29 +358,29 @@ async fn settle(
             })
         })
         .collect();
-    let mut delivered = Vec::new();
-    let mut dead = Vec::new();
-    let mut waiting = Vec::new();
+    let mut rows = Vec::with_capacity(results.len());
+    let mut delivered = 0u64;
     let mut changes = Vec::new();
     let mut failure = None;
     for s in &results {
         let forbidden = s.status == Some(403);
-        match &s.outcome {
+        let settled = match &s.outcome {
             Outcome::Delivered => {
-                delivered.push(s.row.id);
+                delivered += 1;
                 let latency = (now - s.row.received_at).to_std().unwrap_or_default();
                 metrics::histogram!("parafed_delivery_latency_seconds")
                     .record(latency.as_secs_f64());
                 changes.push(DestinationEvent::Delivered { at: now });
+                Settled::Delivered
             }
             Outcome::Permanent { reason } => {
-                dead.push((s.row.id, reason.clone()));
                 changes.push(DestinationEvent::EventRefused {
                     at: now,
                     reason: reason.clone(),
                     status: s.status,
                     forbidden,
                 });
+                Settled::Dead(reason.clone())
             }
             Outcome::Transient {
                 reason,
@@ -390,7 +390,6 @@ async fn settle(
                 reason,
                 retry_after,
             } => {
-                waiting.push((s.row.id, reason.clone()));
                 // One backoff step per batch, however many of its requests failed.
                 failure.get_or_insert(DestinationEvent::Failed {
                     at: now,
@@ -400,10 +399,12 @@ async fn settle(
                     forbidden,
                     jitter: random_jitter(),
                 });
+                Settled::Waiting(reason.clone())
             }
             // `send_row` resends after a 409; it never returns this.
-            Outcome::Resign => waiting.push((s.row.id, "HTTP 409".to_owned())),
-        }
+            Outcome::Resign => Settled::Waiting("HTTP 409".to_owned()),
+        };
+        rows.push((s.row.id, settled, s.attempts.len() as i32));
     }
     let backs_off = failure.is_some();
     changes.extend(failure);
@@ -418,18 +419,14 @@ async fn settle(
     let unchanged =
         only_deliveries && recent && loaded.state == "healthy" && loaded.consecutive_forbidden == 0;
     let mut conn = app.pool.get().await.map_err(StoreError::from)?;
-    attempts::finish(&mut conn, &finished).await?;
-    outbound::delivered(&mut conn, &delivered).await?;
-    let n_dead = outbound::dead(&mut conn, &dead).await?;
-    outbound::note_errors(&mut conn, &waiting).await?;
+    let n_dead = outbound::settle(&mut conn, &finished, &rows).await?;
     drop(conn);
     let saved = if unchanged {
         None
     } else {
         transition(ctx, dest, Some(loaded), changes).await?
     };
-    metrics::counter!("parafed_deliveries_total", "outcome" => "delivered")
-        .increment(delivered.len() as u64);
+    metrics::counter!("parafed_deliveries_total", "outcome" => "delivered").increment(delivered);
     metrics::counter!("parafed_deliveries_total", "outcome" => "dead").increment(n_dead as u64);
     if backs_off {
         metrics::counter!("parafed_destination_backoffs_total").increment(1);
@@ -503,9 +500,14 @@ async fn send_row(
             // a new attempt with its own number.
             previous.resent = true;
             let begun = match app.pool.get().await {
-                Ok(mut conn) => attempts::begin(&mut conn, dest.as_str(), &[row.id])
-                    .await
-                    .map(|v| v.first().map(|s| s.id)),
+                Ok(mut conn) => {
+                    // Requests already sent for the row: those finished before this
+                    // round, and this round's.
+                    let number = row.attempts + attempts.len() as i32 + 1;
+                    attempts::begin(&mut conn, dest.as_str(), &[(row.id, number)])
+                        .await
+                        .map(|v| v.first().map(|s| s.id))
+                }
                 Err(e) => Err(StoreError::from(e)),
             };
             match begun {

@@ -5,19 +5,22 @@
 //! elsewhere, the host. Blocked peers get nothing. Deliver jobs are pushed only for
 //! destinations that are healthy now; the others are drained when their backoff ends.
 //!
-//! A job carries a batch (what one verify job accepted, or one local event). Its cost is
-//! per batch: one read of the events, one of each room's servers, the rows of every
-//! event written (and the events marked fanned out) by one statement, one look at which
-//! destinations are healthy, one Redis round trip to schedule them.
+//! A job carries a batch (one local event, or what the reconciler found unfanned). Its
+//! cost is per batch: one read of the events, one of each room's servers, the rows of
+//! every event written (and the events marked fanned out) by one statement, one look at
+//! which destinations are healthy, one Redis round trip to schedule them.
+//!
+//! Events accepted by `verify` are fanned out by verify itself, with [`targets`],
+//! [`rows_of`] and [`schedule`], in the transaction that accepts them: no second job,
+//! and one row version of the event fewer. This job is for the rest.
 
 use std::collections::HashMap;
 
 use parafed::delivery::order;
 use parafed::protocol::ServerName;
 use parafed::queue::FanoutJob;
-use parafed::store::destinations;
 use parafed::store::events::{self, StoredEvent};
-use parafed::store::outbound::{self, NewOutbound};
+use parafed::store::outbound::{self, Enqueued, NewOutbound};
 use parafed::store::rooms::{self, Membership};
 use parafed::trust::Standing;
 
@@ -66,18 +69,61 @@ pub async fn run(ctx: &Ctx, job: &FanoutJob) -> Result<(), JobError> {
             .await?;
         }
     }
+    drop(conn);
+    let batch: Vec<&StoredEvent> = batch.iter().collect();
+    let targets = targets(ctx, &batch).await?;
+    let keys: Vec<order::OrderKeys> = batch.iter().map(|e| order::keys_of(&e.envelope)).collect();
+    let rows = rows_of(&batch, &keys, targets);
+    let done: Vec<&str> = batch.iter().map(|e| e.envelope.event_id.as_str()).collect();
+    let written = {
+        let mut conn = app.pool.get().await?;
+        outbound::enqueue(&mut conn, &rows, &done).await?
+    };
+    schedule(ctx, &written).await
+}
+
+/// After rows were written: a drain queued for each destination that got some and is
+/// healthy now (the others are drained when their backoff ends), one Redis round trip,
+/// no database read (the statement that wrote them said which are healthy).
+pub(crate) async fn schedule(ctx: &Ctx, written: &Enqueued) -> Result<(), JobError> {
+    metrics::counter!("parafed_outbound_rows_total").increment(written.rows as u64);
+    if !written.healthy.is_empty() {
+        ctx.app.queue.schedule_deliveries(&written.healthy).await?;
+    }
+    Ok(())
+}
+
+/// The destinations of each event of `batch` (in storage order), in the same order: in
+/// a room hosted here, its joined servers (read once per room), but never us, the
+/// event's origin or the server that handed it to us; for our own event in a room
+/// hosted elsewhere, the host. Peers the operator refused are left out (their standing
+/// looked up once per batch).
+pub(crate) async fn targets(
+    ctx: &Ctx,
+    batch: &[&StoredEvent],
+) -> Result<Vec<Vec<String>>, JobError> {
+    let app = &ctx.app;
+    let me = app.cfg.server_name.as_str();
+    let hosted = |e: &StoredEvent| {
+        e.envelope
+            .room_id
+            .domain()
+            .eq_ignore_ascii_case(app.cfg.domain())
+    };
     let mut servers: HashMap<&str, Vec<String>> = HashMap::new();
-    for e in batch.iter().filter(|e| hosted(e)) {
-        let room = e.envelope.room_id.as_str();
-        if !servers.contains_key(room) {
-            servers.insert(room, rooms::joined_servers(&mut conn, room).await?);
+    {
+        let mut conn = app.pool.get().await?;
+        for e in batch.iter().filter(|e| hosted(e)) {
+            let room = e.envelope.room_id.as_str();
+            if !servers.contains_key(room) {
+                servers.insert(room, rooms::joined_servers(&mut conn, room).await?);
+            }
         }
     }
-    // Trust lookups may need a connection of their own: never hold one while asking.
-    drop(conn);
+    // Trust lookups may need a connection of their own: none is held while asking.
     let mut standing: HashMap<String, bool> = HashMap::new();
     let mut targets: Vec<Vec<String>> = Vec::with_capacity(batch.len());
-    for e in &batch {
+    for e in batch {
         let env = &e.envelope;
         let ours = env.origin_server.as_str() == me;
         let candidates: Vec<&str> = if hosted(e) {
@@ -114,11 +160,19 @@ pub async fn run(ctx: &Ctx, job: &FanoutJob) -> Result<(), JobError> {
         }
         targets.push(allowed);
     }
-    // What each event depends on at its destinations (delivery order).
-    let keys: Vec<order::OrderKeys> = batch.iter().map(|e| order::keys_of(&e.envelope)).collect();
-    let rows: Vec<(NewOutbound, Vec<String>)> = batch
+    Ok(targets)
+}
+
+/// The outbound rows of `batch`: each event (with its ordering keys, `keys`) and its
+/// destinations.
+pub(crate) fn rows_of<'a>(
+    batch: &[&'a StoredEvent],
+    keys: &'a [order::OrderKeys],
+    targets: Vec<Vec<String>>,
+) -> Vec<(NewOutbound<'a>, Vec<String>)> {
+    batch
         .iter()
-        .zip(&keys)
+        .zip(keys)
         .zip(targets)
         .map(|((e, k), to)| {
             (
@@ -131,13 +185,5 @@ pub async fn run(ctx: &Ctx, job: &FanoutJob) -> Result<(), JobError> {
                 to,
             )
         })
-        .collect();
-    let done: Vec<&str> = batch.iter().map(|e| e.envelope.event_id.as_str()).collect();
-    let mut conn = app.pool.get().await?;
-    let written = outbound::enqueue(&mut conn, &rows, &done).await?;
-    let healthy = destinations::healthy_among(&mut conn, &written.destinations).await?;
-    drop(conn);
-    app.queue.schedule_deliveries(&healthy).await?;
-    metrics::counter!("parafed_outbound_rows_total").increment(written.rows as u64);
-    Ok(())
+        .collect()
 }

@@ -5,15 +5,21 @@
 //! when missing); the sender must be a user of the origin; in a room hosted here, a
 //! member event changes membership and every other event needs its sender to be a
 //! joined member. Accepted events join the inbound feed, and in a room hosted here are
-//! relayed (one fanout job for the batch).
+//! relayed: their outbound rows are written in the transaction that accepts them.
 //!
 //! The statements are per batch, not per event: one read of the events, one of the
-//! rooms and memberships they need, one statement that accepts them and appends them to
-//! the feed, one that rejects the rest. Only member events write on their own (they
-//! change what the events after them are judged against).
+//! rooms and memberships they need, one of each relayed room's servers, one transaction
+//! that accepts the events, appends them to the feed and writes their outbound rows, one
+//! statement that rejects the rest. Only member events write on their own (they change
+//! what the events after them are judged against).
+//!
+//! Fan-out here rather than in a job of its own: that job read the batch again and
+//! wrote each event a second time (to mark it fanned out), a third of the Postgres work
+//! of a relayed event.
 
 use std::collections::HashMap;
 
+use parafed::delivery::order::{self, OrderKeys};
 use parafed::protocol::envelope::SignatureError;
 use parafed::protocol::Envelope;
 use parafed::queue::{FanoutJob, QueueName, VerifyJob};
@@ -22,6 +28,7 @@ use parafed::store::events::{self, Judged, StoredEvent};
 use parafed::store::rooms::{self, Membership};
 
 use crate::context::{Ctx, JobError};
+use crate::fanout;
 
 /// How long an event whose origin cannot be reached (its keys, its `/.well-known`) waits
 /// to be judged. A relayed event is stored before its origin's keys are known (a dead
@@ -202,23 +209,45 @@ async fn room_rules(
     Ok(())
 }
 
-/// Writes the verdicts: the accepted in one statement (with their feed entries), the
-/// rejected in another; then one fanout job for the accepted events to relay.
+/// Writes the verdicts: the accepted in one transaction with their feed entries and,
+/// for the events relayed from here, their outbound rows (`fanout::targets`); the
+/// rejected in one statement. Our own events relayed back to us in a room hosted here
+/// (rare) go to a fanout job, which also applies our own member events.
 async fn settle(ctx: &Ctx, judged: &[(StoredEvent, Result<(), String>)]) -> Result<(), JobError> {
     let app = &ctx.app;
-    let accepted: Vec<Judged> = judged
+    let me = app.cfg.server_name.as_str();
+    let hosted = |e: &StoredEvent| {
+        e.envelope
+            .room_id
+            .domain()
+            .eq_ignore_ascii_case(app.cfg.domain())
+    };
+    let ok: Vec<&StoredEvent> = judged
         .iter()
         .filter(|(_, v)| v.is_ok())
-        .map(|(e, _)| Judged {
+        .map(|(e, _)| e)
+        .collect();
+    let later = |e: &StoredEvent| hosted(e) && e.envelope.origin_server.as_str() == me;
+    let accepted: Vec<Judged> = ok
+        .iter()
+        .map(|e| Judged {
             event_id: e.envelope.event_id.as_str(),
             seq: e.seq,
-            relay: e
-                .envelope
-                .room_id
-                .domain()
-                .eq_ignore_ascii_case(app.cfg.domain()),
+            fan_out_later: later(e),
         })
         .collect();
+    // Relayed from here now: the accepted events of rooms hosted here, in storage order.
+    let relayed: Vec<&StoredEvent> = ok
+        .iter()
+        .copied()
+        .filter(|e| hosted(e) && !later(e))
+        .collect();
+    let targets = fanout::targets(ctx, &relayed).await?;
+    let keys: Vec<OrderKeys> = relayed
+        .iter()
+        .map(|e| order::keys_of(&e.envelope))
+        .collect();
+    let rows = fanout::rows_of(&relayed, &keys, targets);
     let rejected: Vec<(&str, i64, &str)> = judged
         .iter()
         .filter_map(|(e, v)| {
@@ -227,9 +256,9 @@ async fn settle(ctx: &Ctx, judged: &[(StoredEvent, Result<(), String>)]) -> Resu
                 .map(|r| (e.envelope.event_id.as_str(), e.seq, r.as_str()))
         })
         .collect();
-    let (now_accepted, now_rejected) = {
+    let ((now_accepted, written), now_rejected) = {
         let mut conn = app.pool.get().await?;
-        let a = events::accept(&mut conn, &accepted).await?;
+        let a = events::accept(&mut conn, &accepted, &rows).await?;
         let r = events::reject(&mut conn, &rejected).await?;
         (a, r)
     };
@@ -253,13 +282,13 @@ async fn settle(ctx: &Ctx, judged: &[(StoredEvent, Result<(), String>)]) -> Resu
             .await;
         }
     }
-    // Relayed from here: the accepted events of rooms hosted here, in storage order.
-    let relay: Vec<String> = now_accepted
+    fanout::schedule(ctx, &written).await?;
+    let later: Vec<String> = now_accepted
         .into_iter()
-        .filter(|id| accepted.iter().any(|a| a.relay && a.event_id == id))
+        .filter(|id| accepted.iter().any(|a| a.fan_out_later && a.event_id == id))
         .collect();
     app.queue
-        .push_many(QueueName::Fanout, &FanoutJob::batches(relay))
+        .push_many(QueueName::Fanout, &FanoutJob::batches(later))
         .await?;
     Ok(())
 }

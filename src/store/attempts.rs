@@ -29,27 +29,35 @@ pub struct Started {
     pub attempt: i32,
 }
 
-/// Starts one attempt for each outbound row in `ids` (to `destination`), in one
-/// statement: each row's attempt count goes up by one and an open attempt row is
-/// written with that number.
+/// Starts one attempt for each `(outbound row id, attempt number)` in `rows` (to
+/// `destination`), in one statement: an open attempt row is written with that number.
+/// Rows that no longer exist (purged meanwhile) get none and are missing from the
+/// result.
+///
+/// The outbound row itself is not written here: its `attempts` count goes up when the
+/// attempt is settled, in the same statement (`outbound::settle`), or when an attempt
+/// left open is closed ([`close_open`]). So the count is always the number of finished
+/// attempts, the next number is `attempts + 1`, and a delivered row is written twice in
+/// its life (inserted, settled) rather than three times.
 pub async fn begin(
     conn: &mut AsyncPgConnection,
     destination: &str,
-    ids: &[i64],
+    rows: &[(i64, i32)],
 ) -> Result<Vec<Started>, StoreError> {
-    if ids.is_empty() {
+    if rows.is_empty() {
         return Ok(Vec::new());
     }
+    let (ids, numbers): (Vec<i64>, Vec<i32>) = rows.iter().copied().unzip();
     Ok(diesel::sql_query(
-        "WITH bumped AS ( \
-           UPDATE outbound_queue SET attempts = attempts + 1, updated_at = now() \
-           WHERE id = ANY($1) RETURNING id, event_id, attempts) \
-         INSERT INTO delivery_attempts (outbound_id, destination, event_id, request_kind, attempt) \
-         SELECT id, $2, event_id, 'event', attempts FROM bumped \
+        "INSERT INTO delivery_attempts (outbound_id, destination, event_id, request_kind, attempt) \
+         SELECT o.id, $2, o.event_id, 'event', x.n \
+           FROM UNNEST($1::bigint[], $3::int[]) AS x(id, n) \
+           JOIN outbound_queue o ON o.id = x.id \
          RETURNING id, outbound_id, attempt",
     )
     .bind::<Array<BigInt>, _>(ids)
     .bind::<Text, _>(destination)
+    .bind::<Array<Integer>, _>(numbers)
     .load(conn)
     .await?)
 }
@@ -113,25 +121,35 @@ pub async fn finish(
     Ok(())
 }
 
-/// Closes every open attempt to `destination` as [`INTERRUPTED`]. Called by a drain
-/// that has just taken the destination's lease: nobody else sends to it, so an open
-/// attempt belongs to a sender that stopped mid-request. Returns how many.
+/// Closes every open attempt to `destination` as [`INTERRUPTED`], and counts each on
+/// its outbound row (see [`begin`]), in one statement. Called by a drain that has just
+/// taken the destination's lease: nobody else sends to it, so an open attempt belongs to
+/// a sender that stopped mid-request. Returns how many.
 pub async fn close_open(
     conn: &mut AsyncPgConnection,
     destination: &str,
 ) -> Result<usize, StoreError> {
-    Ok(diesel::update(
-        da::table
-            .filter(da::destination.eq(destination))
-            .filter(da::request_kind.eq("event"))
-            .filter(da::finished_at.is_null()),
+    #[derive(QueryableByName)]
+    struct Closed {
+        #[diesel(sql_type = BigInt)]
+        closed: i64,
+    }
+    let r: Closed = diesel::sql_query(
+        "WITH closed AS ( \
+           UPDATE delivery_attempts SET finished_at = now(), error_class = $2, \
+             response_excerpt = 'no answer recorded: the sending worker stopped mid-request; the peer may have it' \
+           WHERE destination = $1 AND request_kind = 'event' AND finished_at IS NULL \
+           RETURNING outbound_id), \
+         counted AS ( \
+           UPDATE outbound_queue o SET attempts = o.attempts + c.n \
+             FROM (SELECT outbound_id, count(*)::int AS n FROM closed \
+                   WHERE outbound_id IS NOT NULL GROUP BY outbound_id) c \
+            WHERE o.id = c.outbound_id) \
+         SELECT count(*) AS closed FROM closed",
     )
-    .set((
-        da::finished_at.eq(diesel::dsl::now),
-        da::error_class.eq(INTERRUPTED),
-        da::response_excerpt
-            .eq("no answer recorded: the sending worker stopped mid-request; the peer may have it"),
-    ))
-    .execute(conn)
-    .await?)
+    .bind::<Text, _>(destination)
+    .bind::<Text, _>(INTERRUPTED)
+    .get_result(conn)
+    .await?;
+    Ok(r.closed as usize)
 }

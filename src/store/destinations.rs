@@ -214,18 +214,3 @@ pub async fn due(conn: &mut AsyncPgConnection, limit: i64) -> Result<Vec<String>
     .await?;
     Ok(rows.into_iter().map(|r| r.destination).collect())
 }
-
-/// Destinations among `names` that are healthy now.
-pub async fn healthy_among(
-    conn: &mut AsyncPgConnection,
-    names: &[String],
-) -> Result<Vec<String>, StoreError> {
-    let rows: Vec<DestRow> = diesel::sql_query(
-        "SELECT destination FROM destination_health \
-         WHERE destination = ANY($1) AND state = 'healthy'",
-    )
-    .bind::<Array<Text>, _>(names)
-    .load(conn)
-    .await?;
-    Ok(rows.into_iter().map(|r| r.destination).collect())
-}

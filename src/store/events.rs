@@ -8,7 +8,7 @@
 
 use diesel::prelude::*;
 use diesel::sql_types::{Array, BigInt, Nullable, Text};
-use diesel_async::{AsyncPgConnection, RunQueryDsl};
+use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
 use serde_json::Value;
 
 use super::schema::federation_events as fe;
@@ -286,50 +286,133 @@ pub async fn room_since(
 
 /// One judged event of a verify batch: the copy that was judged (`seq`: if another copy
 /// replaced it meanwhile — a correctly signed one over an unchecked forgery — its
-/// verdict is not applied) and whether the event still needs fan-out (`relay`: it is in a room hosted here).
+/// verdict is not applied) and whether a fanout job still has to fan it out
+/// (`fan_out_later`: it is left unmarked, for that job and the reconciler).
 pub struct Judged<'a> {
     pub event_id: &'a str,
     pub seq: i64,
-    pub relay: bool,
+    pub fan_out_later: bool,
 }
 
-/// Accepts judged events and appends them to the inbound feed, in one statement (one
-/// commit, so an event is accepted and in the feed together, or neither). Events not
-/// relayed from here are marked fanned out at once. Copies no longer pending (settled by
-/// another worker, or replaced) are left alone. Returns the ids accepted now, in storage
-/// order — the feed's order.
+/// Accepts judged events, appends them to the inbound feed and writes the outbound rows
+/// of those `fan_out` names (each event with its destinations), atomically: an event is
+/// accepted, in the feed and fanned out together, or none of it. Events not
+/// `fan_out_later` are marked fanned out by the update that accepts them (one row
+/// version, not two). Copies no longer pending (settled by another worker, or replaced)
+/// are left alone, and get no outbound rows. Returns the ids accepted now, in storage
+/// order — the feed's order — and what was written to the outbound queue.
+///
+/// One statement when the rows fit in one (`outbound::MAX_ROWS_PER_STATEMENT`, the
+/// usual case); else a transaction of the accept and `outbound::enqueue`.
 pub async fn accept(
     conn: &mut AsyncPgConnection,
     judged: &[Judged<'_>],
-) -> Result<Vec<String>, StoreError> {
+    fan_out: &[(super::outbound::NewOutbound<'_>, Vec<String>)],
+) -> Result<(Vec<String>, super::outbound::Enqueued), StoreError> {
+    use super::outbound::{self, Columns, Enqueued, Written};
     if judged.is_empty() {
-        return Ok(Vec::new());
+        return Ok(Default::default());
     }
-    let ids: Vec<&str> = judged.iter().map(|j| j.event_id).collect();
-    let seqs: Vec<i64> = judged.iter().map(|j| j.seq).collect();
-    let relay: Vec<bool> = judged.iter().map(|j| j.relay).collect();
-    // The feed entries are written by the same transaction: their position is its id
-    // (`feed`), and they are numbered in storage order.
-    let rows: Vec<IdRow> = diesel::sql_query(
-        "WITH settled AS ( \
-           UPDATE federation_events e SET status = 'accepted', reject_reason = NULL, \
-                  verified_at = now(), \
-                  fanned_out_at = CASE WHEN x.relay THEN NULL ELSE now() END \
-             FROM UNNEST($1::text[], $2::bigint[], $3::bool[]) AS x(id, s, relay) \
-            WHERE e.event_id = x.id AND e.seq = x.s AND e.status = 'pending' \
-           RETURNING e.event_id, e.room_id, e.seq), \
-         fed AS ( \
-           INSERT INTO inbound_feed (event_id, room_id) \
-           SELECT event_id, room_id FROM settled ORDER BY seq \
-           ON CONFLICT (event_id) DO NOTHING) \
-         SELECT event_id FROM settled ORDER BY seq",
-    )
-    .bind::<Array<Text>, _>(&ids)
-    .bind::<Array<BigInt>, _>(&seqs)
-    .bind::<Array<diesel::sql_types::Bool>, _>(&relay)
-    .load(conn)
-    .await?;
-    Ok(rows.into_iter().map(|r| r.event_id).collect())
+    let rows = outbound::sorted_rows(fan_out);
+    if rows.len() > outbound::MAX_ROWS_PER_STATEMENT {
+        return conn
+            .transaction::<_, StoreError, _>(async |conn| {
+                let (accepted, _) = accept_with(conn, judged, &[]).await?;
+                let now: std::collections::HashSet<&str> =
+                    accepted.iter().map(String::as_str).collect();
+                let rows: Vec<(outbound::NewOutbound, Vec<String>)> = fan_out
+                    .iter()
+                    .filter(|(e, _)| now.contains(e.event_id))
+                    .cloned()
+                    .collect();
+                let written = outbound::enqueue(conn, &rows, &[]).await?;
+                Ok((accepted, written))
+            })
+            .await;
+    }
+    return accept_with(conn, judged, &rows).await;
+
+    /// The one statement: accept, feed, and the rows of the events accepted now.
+    async fn accept_with(
+        conn: &mut AsyncPgConnection,
+        judged: &[Judged<'_>],
+        rows: &[(&str, &outbound::NewOutbound<'_>)],
+    ) -> Result<(Vec<String>, Enqueued), StoreError> {
+        #[derive(QueryableByName)]
+        struct Out {
+            #[diesel(sql_type = Nullable<Text>)]
+            event_id: Option<String>,
+            #[diesel(sql_type = BigInt)]
+            seq: i64,
+            #[diesel(sql_type = Nullable<Text>)]
+            destination: Option<String>,
+            #[diesel(sql_type = BigInt)]
+            rows: i64,
+            #[diesel(sql_type = diesel::sql_types::Bool)]
+            healthy: bool,
+        }
+        let ids: Vec<&str> = judged.iter().map(|j| j.event_id).collect();
+        let seqs: Vec<i64> = judged.iter().map(|j| j.seq).collect();
+        let later: Vec<bool> = judged.iter().map(|j| j.fan_out_later).collect();
+        let c = Columns::of(rows);
+        // The feed entries are written by the same statement: their position is its
+        // transaction's id (`feed`), and they are numbered in storage order.
+        let out: Vec<Out> = diesel::sql_query(format!(
+            "WITH settled AS ( \
+               UPDATE federation_events e SET status = 'accepted', reject_reason = NULL, \
+                      verified_at = now(), \
+                      fanned_out_at = CASE WHEN x.later THEN NULL ELSE now() END \
+                 FROM UNNEST($1::text[], $2::bigint[], $3::bool[]) AS x(id, s, later) \
+                WHERE e.event_id = x.id AND e.seq = x.s AND e.status = 'pending' \
+               RETURNING e.event_id, e.room_id, e.seq), \
+             fed AS ( \
+               INSERT INTO inbound_feed (event_id, room_id) \
+               SELECT event_id, room_id FROM settled ORDER BY seq \
+               ON CONFLICT (event_id) DO NOTHING), \
+             rows AS ( \
+               SELECT x.* FROM UNNEST($4::text[], $5::text[], $6::bigint[], $7::text[], $8::text[]) \
+                 AS x(d, e, s, p, w) \
+                WHERE x.e IN (SELECT event_id FROM settled)), \
+             {ctes}, \
+             written AS ({written}) \
+             SELECT event_id, seq, NULL::text AS destination, 0::bigint AS rows, false AS healthy \
+               FROM settled \
+             UNION ALL \
+             SELECT NULL, 0, destination, rows, healthy FROM written",
+            ctes = outbound::WRITE_CTES,
+            written = outbound::WRITTEN,
+        ))
+        .bind::<Array<Text>, _>(&ids)
+        .bind::<Array<BigInt>, _>(&seqs)
+        .bind::<Array<diesel::sql_types::Bool>, _>(&later)
+        .bind::<Array<Text>, _>(&c.destinations)
+        .bind::<Array<Text>, _>(&c.event_ids)
+        .bind::<Array<BigInt>, _>(&c.seqs)
+        .bind::<Array<Text>, _>(&c.provides)
+        .bind::<Array<Text>, _>(&c.waits)
+        .load(conn)
+        .await?;
+        let mut accepted: Vec<(i64, String)> = Vec::new();
+        let mut written = Vec::new();
+        for o in out {
+            match (o.event_id, o.destination) {
+                (Some(id), _) => accepted.push((o.seq, id)),
+                (None, Some(destination)) => written.push(Written {
+                    destination,
+                    rows: o.rows,
+                    healthy: o.healthy,
+                }),
+                (None, None) => {}
+            }
+        }
+        accepted.sort_unstable();
+        let mut enqueued = Enqueued::default();
+        enqueued.add(written);
+        Ok((
+            accepted.into_iter().map(|(_, id)| id).collect(),
+            enqueued.sorted(),
+        ))
+    }
 }
 
 /// Rejects judged events, each with its reason, in one statement; copies no longer
