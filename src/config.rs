@@ -234,6 +234,14 @@ pub struct WorkerConfig {
     /// docs/performance.md, isolation).
     #[serde(deserialize_with = "flex::u32")]
     pub deliver_concurrency: u32,
+    /// Drains of destinations that have not answered yet (new to us, or whose backoff
+    /// just ended) that may run at once, besides `deliver_concurrency`: such a drain
+    /// runs in the background with a probe permit rather than a job slot, since a peer
+    /// that never answers holds its drain for `delivery.request_timeout_ms`, and a room
+    /// with hundreds of those must not leave the peers that answer without a slot
+    /// (docs/performance.md, isolation). Each holds a connection (a file descriptor).
+    #[serde(deserialize_with = "flex::u32")]
+    pub probe_concurrency: u32,
     /// How often each worker looks for destinations whose backoff ended.
     #[serde(deserialize_with = "flex::u64")]
     pub scheduler_interval_ms: u64,
@@ -263,6 +271,7 @@ impl Default for WorkerConfig {
             queues: Vec::new(),
             concurrency: 16,
             deliver_concurrency: 64,
+            probe_concurrency: 256,
             scheduler_interval_ms: 1_000,
             reconcile_interval_ms: 10_000,
             stale_after_ms: 30_000,
@@ -454,6 +463,9 @@ impl Config {
         }
         if self.worker.deliver_concurrency == 0 || self.worker.deliver_concurrency > 100_000 {
             return bad("[worker] deliver_concurrency must be 1 to 100000".into());
+        }
+        if self.worker.probe_concurrency == 0 || self.worker.probe_concurrency > 100_000 {
+            return bad("[worker] probe_concurrency must be 1 to 100000".into());
         }
         if self.worker.concurrency == 0 {
             return bad("[worker] concurrency must be at least 1".into());

@@ -18,6 +18,24 @@ pub struct Ctx {
     pub policy: parafed::delivery::Policy,
     /// The operator's queue pauses, as last read.
     pub control: crate::control::Control,
+    /// Drains that may probe at once (`worker.probe_concurrency`): see `deliver`.
+    pub probes: Arc<tokio::sync::Semaphore>,
+}
+
+impl Ctx {
+    /// The context of a worker process named `worker_id`, its numbers from `app`'s
+    /// configuration.
+    pub fn new(app: Arc<App>, worker_id: String) -> Ctx {
+        Ctx {
+            policy: parafed::delivery::Policy::from_config(&app.cfg),
+            probes: Arc::new(tokio::sync::Semaphore::new(
+                app.cfg.worker.probe_concurrency as usize,
+            )),
+            app,
+            worker_id,
+            control: crate::control::Control::default(),
+        }
+    }
 }
 
 /// The error type handlers return; an unacknowledged job is retried after the idle

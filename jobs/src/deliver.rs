@@ -15,6 +15,7 @@
 //! worker that died mid-request is closed as interrupted by the next drain.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
 use bytes::Bytes;
@@ -55,7 +56,7 @@ struct Sent {
     status: Option<i32>,
 }
 
-pub async fn run(ctx: &Ctx, job: &DeliverJob) -> Result<(), JobError> {
+pub async fn run(ctx: &Arc<Ctx>, job: &DeliverJob) -> Result<(), JobError> {
     let app = &ctx.app;
     // From here on, new rows for this destination queue a new job.
     if let Err(e) = app.queue.clear_scheduled(&job.destination).await {
@@ -64,9 +65,37 @@ pub async fn run(ctx: &Ctx, job: &DeliverJob) -> Result<(), JobError> {
     let Ok(dest) = ServerName::parse(&job.destination) else {
         return Ok(());
     };
-    if !may_send(ctx, &dest).await? {
+    let Some(health) = may_send(ctx, &dest).await? else {
         return Ok(());
+    };
+    let destination = Destination::from_row(health).map_err(StoreError::Corrupt)?;
+    if destination.sending(Utc::now()) != Sending::Probe {
+        return drain_destination(ctx, &dest).await;
     }
+    // A destination that has not answered yet (new to us, or whose backoff just ended)
+    // is drained in the background, holding a probe permit instead of this job's slot:
+    // most such peers answer quickly or refuse at once, but one that never answers
+    // would hold the slot for the request timeout, and a room with hundreds of those
+    // would leave no slot to the peers that answer. Without a permit, the destination
+    // waits for the scheduler's next tick. A worker that stops meanwhile leaves the
+    // rows waiting and the attempt open, as any drain cut short does.
+    let Ok(permit) = ctx.probes.clone().try_acquire_owned() else {
+        tracing::debug!(destination = %dest, "every probe permit is taken; the scheduler brings it back");
+        return Ok(());
+    };
+    let ctx = ctx.clone();
+    tokio::spawn(async move {
+        let _permit = permit;
+        if let Err(e) = drain_destination(&ctx, &dest).await {
+            tracing::warn!(destination = %dest, error = %e, "probing drain failed; the scheduler retries it");
+        }
+    });
+    Ok(())
+}
+
+/// Takes the destination's lease and drains it (see the module doc).
+async fn drain_destination(ctx: &Ctx, dest: &ServerName) -> Result<(), JobError> {
+    let app = &ctx.app;
     let started = Instant::now();
     // The lease names this job run, not just the process: two deliver jobs of one worker
     // process must not both hold a destination.
@@ -96,7 +125,7 @@ pub async fn run(ctx: &Ctx, job: &DeliverJob) -> Result<(), JobError> {
                 first = false;
             }
         }
-        let outcome = drain(ctx, &dest, &owner, lease_ttl, started).await;
+        let outcome = drain(ctx, dest, &owner, lease_ttl, started).await;
         let mut conn = app.pool.get().await.map_err(StoreError::from)?;
         destinations::release_lease(&mut conn, dest.as_str(), &owner).await?;
         match outcome? {
@@ -140,20 +169,21 @@ async fn transition(
 /// The trust decision about the destination: a blocked peer's waiting rows are
 /// cancelled, a quarantined peer's wait (the destination is held and looked at again
 /// after `hold_recheck`), an allowed peer's destination is released if it was held.
-async fn may_send(ctx: &Ctx, dest: &ServerName) -> Result<bool, JobError> {
+/// Returns the destination's row when it may be sent to (and has one).
+async fn may_send(ctx: &Ctx, dest: &ServerName) -> Result<Option<Health>, JobError> {
     let app = &ctx.app;
     match app.trust.standing(dest).await? {
         Standing::Allowed { .. } => {
-            let held = {
+            let health = {
                 let mut conn = app.pool.get().await.map_err(StoreError::from)?;
-                destinations::get(&mut conn, dest.as_str())
-                    .await?
-                    .is_some_and(|h| h.state == "held")
+                destinations::get(&mut conn, dest.as_str()).await?
             };
-            if held {
-                transition(ctx, dest, None, vec![DestinationEvent::Release]).await?;
+            match health {
+                Some(h) if h.state == "held" => {
+                    transition(ctx, dest, Some(h), vec![DestinationEvent::Release]).await
+                }
+                other => Ok(other),
             }
-            Ok(true)
         }
         Standing::Quarantined { .. } => {
             let until = Utc::now()
@@ -167,7 +197,7 @@ async fn may_send(ctx: &Ctx, dest: &ServerName) -> Result<bool, JobError> {
                 vec![DestinationEvent::Hold { reason, until }],
             )
             .await?;
-            Ok(false)
+            Ok(None)
         }
         Standing::Refused { reason } => {
             let mut conn = app.pool.get().await.map_err(StoreError::from)?;
@@ -177,7 +207,7 @@ async fn may_send(ctx: &Ctx, dest: &ServerName) -> Result<bool, JobError> {
                     .increment(n as u64);
                 tracing::info!(destination = %dest, rows = n, %reason, "waiting rows cancelled");
             }
-            Ok(false)
+            Ok(None)
         }
     }
 }
@@ -199,6 +229,9 @@ async fn drain(
         {
             return Ok(Drain::Budget);
         }
+        // Before taking a connection: reading the key may take one of its own, and
+        // drains that each hold one while waiting for another can empty the pool.
+        let key = app.signing_key().await?;
         let mut conn = app.pool.get().await.map_err(StoreError::from)?;
         if !destinations::acquire_lease(&mut conn, dest.as_str(), owner, lease_ttl).await? {
             return Ok(Drain::Stopped); // our lease lapsed and another worker took over
@@ -247,7 +280,6 @@ async fn drain(
             // brings the destination back within a tick.
             return Ok(Drain::Stopped);
         }
-        let key = app.signing_key().await?;
         let ids: Vec<&str> = chosen.iter().map(|r| r.event_id.as_str()).collect();
         let mut bodies = events::envelopes(&mut conn, &ids).await?;
         // Attempts open only for rows that will be sent.

@@ -18,26 +18,26 @@ use parafed::queue::consume::StreamConsumer;
 /// A job type and the handler that runs it.
 trait Handler: serde::de::DeserializeOwned + Send + Sync + Unpin + 'static {
     const QUEUE: QueueName;
-    fn run(ctx: &Ctx, job: &Self) -> impl Future<Output = Result<(), JobError>> + Send;
+    fn run(ctx: &Arc<Ctx>, job: &Self) -> impl Future<Output = Result<(), JobError>> + Send;
 }
 
 impl Handler for VerifyJob {
     const QUEUE: QueueName = QueueName::Verify;
-    fn run(ctx: &Ctx, job: &Self) -> impl Future<Output = Result<(), JobError>> + Send {
+    fn run(ctx: &Arc<Ctx>, job: &Self) -> impl Future<Output = Result<(), JobError>> + Send {
         verify::run(ctx, job)
     }
 }
 
 impl Handler for FanoutJob {
     const QUEUE: QueueName = QueueName::Fanout;
-    fn run(ctx: &Ctx, job: &Self) -> impl Future<Output = Result<(), JobError>> + Send {
+    fn run(ctx: &Arc<Ctx>, job: &Self) -> impl Future<Output = Result<(), JobError>> + Send {
         fanout::run(ctx, job)
     }
 }
 
 impl Handler for DeliverJob {
     const QUEUE: QueueName = QueueName::Deliver;
-    fn run(ctx: &Ctx, job: &Self) -> impl Future<Output = Result<(), JobError>> + Send {
+    fn run(ctx: &Arc<Ctx>, job: &Self) -> impl Future<Output = Result<(), JobError>> + Send {
         deliver::run(ctx, job)
     }
 }
@@ -89,12 +89,7 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     let worker_id = worker_identity();
-    let ctx = Arc::new(Ctx {
-        policy: parafed::delivery::Policy::from_config(&app.cfg),
-        app: app.clone(),
-        worker_id: worker_id.clone(),
-        control: crate::control::Control::default(),
-    });
+    let ctx = Arc::new(Ctx::new(app.clone(), worker_id.clone()));
     // Know the pauses before taking the first job.
     ctx.control.refresh(&app.queue).await;
     let concurrency = app.cfg.worker.concurrency as usize;

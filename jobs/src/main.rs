@@ -60,6 +60,16 @@ fn main() -> ExitCode {
     if queues.is_empty() {
         queues = QueueName::ALL.to_vec();
     }
+    // Every drain and probe in flight holds a connection: up to the hard limit on open
+    // files, not the (often 1 024) soft one.
+    match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(n) if n < u64::from(cfg.worker.probe_concurrency) + 1024 => {
+            tracing::warn!(open_files = n, probe_concurrency = cfg.worker.probe_concurrency,
+                "the open-file limit is low for worker.probe_concurrency; raise it (LimitNOFILE) or lower the setting");
+        }
+        Ok(_) => {}
+        Err(e) => tracing::warn!(error = %e, "could not raise the open-file limit"),
+    }
     parafed::process::run_main(async move {
         let handle = parafed::telemetry::metrics::recorder();
         parafed::telemetry::metrics::describe(parafed::telemetry::metrics::Role::Worker);

@@ -602,12 +602,7 @@ async fn reconciler_repushes_lost_jobs_and_leaves_a_backlog_alone() {
         .await;
         submitted.push(id);
     }
-    let ctx = parafed_jobs::context::Ctx {
-        policy: parafed::delivery::Policy::from_config(&alpha.app.cfg),
-        app: alpha.app.clone(),
-        worker_id: "reconcile-test".into(),
-        control: Default::default(),
-    };
+    let ctx = parafed_jobs::context::Ctx::new(alpha.app.clone(), "reconcile-test".into());
     let q = parafed::queue::QueueName::Fanout;
     assert_eq!(alpha.app.queue.len(q).await.unwrap(), 50);
     // Every job is now older than stale_after, but all of them are still queued.
