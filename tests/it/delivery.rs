@@ -410,3 +410,38 @@ async fn after_an_empty_redis_restart_events_go_out_without_the_reconciler() {
     )
     .await;
 }
+
+/// A worker process whose database pool has a single connection still delivers: no
+/// step of a drain holds a connection while it waits for a second one. (A drain read the
+/// signing key — which takes a connection when the worker has not cached it yet — while
+/// holding one: with every connection held that way, as under load with many drains,
+/// the pool was empty until its 10 s wait timeout, the jobs failed and were retried
+/// only after `job_timeout_ms`.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_with_one_database_connection_delivers() {
+    let (lp, up) = reserve_listener();
+    let _peer = FnPeer::start(lp, |r: FakeRequest| async move { accepted(&r) }).await;
+    let alpha = alpha_with_member_cfg("beta.test", &up, FAST_WORKER_TOML).await;
+    let _w = WorkerProcess::start_with(&alpha, |cfg| cfg.database.pool_size = 1);
+    let mut ids = Vec::new();
+    for i in 0..3 {
+        let id = submit(
+            &alpha,
+            &format!("one{i}"),
+            "m.message",
+            "@alice:alpha.test",
+            json!({"body": i}),
+        )
+        .await;
+        ids.push(id);
+    }
+    for id in &ids {
+        delivered(&alpha, id, "delivery by a one-connection worker", 60).await;
+        let a = attempts(&alpha, id).await;
+        assert_eq!(
+            a.iter().map(|x| (x.0, x.1)).collect::<Vec<_>>(),
+            vec![(1, Some(202))],
+            "one attempt each, answered"
+        );
+    }
+}

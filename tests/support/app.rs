@@ -446,7 +446,13 @@ pub struct WorkerProcess {
 
 impl WorkerProcess {
     pub fn start(server: &TestServer) -> WorkerProcess {
+        Self::start_with(server, |_| {})
+    }
+
+    /// As [`WorkerProcess::start`], with the server's configuration changed by `edit`.
+    pub fn start_with(server: &TestServer, edit: impl FnOnce(&mut Config)) -> WorkerProcess {
         let mut cfg = server.app.cfg.clone();
+        edit(&mut cfg);
         cfg.local.token = None;
         cfg.admin.token = None;
         cfg.worker.metrics_listen = SocketAddr::from(([127, 0, 0, 1], 0));
