@@ -42,12 +42,7 @@ pub async fn run(ctx: &Ctx, job: &FanoutJob) -> Result<(), JobError> {
         return Ok(());
     }
     batch.sort_by_key(|e| e.seq);
-    let hosted = |e: &StoredEvent| {
-        e.envelope
-            .room_id
-            .domain()
-            .eq_ignore_ascii_case(app.cfg.domain())
-    };
+    let hosted = |e: &StoredEvent| hosted_here(app, e);
     // Our own member events change membership in our rooms here, in order, before the
     // room's servers are read.
     for e in batch.iter().filter(|e| hosted(e)) {
@@ -104,12 +99,7 @@ pub(crate) async fn targets(
 ) -> Result<Vec<Vec<String>>, JobError> {
     let app = &ctx.app;
     let me = app.cfg.server_name.as_str();
-    let hosted = |e: &StoredEvent| {
-        e.envelope
-            .room_id
-            .domain()
-            .eq_ignore_ascii_case(app.cfg.domain())
-    };
+    let hosted = |e: &StoredEvent| hosted_here(app, e);
     let mut servers: HashMap<&str, Vec<String>> = HashMap::new();
     {
         let mut conn = app.pool.get().await?;
@@ -186,4 +176,13 @@ pub(crate) fn rows_of<'a>(
             )
         })
         .collect()
+}
+
+/// Whether `e` is in a room hosted here (its room id's domain is ours): such events are
+/// relayed to the room's servers.
+pub(crate) fn hosted_here(app: &parafed::app::App, e: &StoredEvent) -> bool {
+    e.envelope
+        .room_id
+        .domain()
+        .eq_ignore_ascii_case(app.cfg.domain())
 }

@@ -216,12 +216,7 @@ async fn room_rules(
 async fn settle(ctx: &Ctx, judged: &[(StoredEvent, Result<(), String>)]) -> Result<(), JobError> {
     let app = &ctx.app;
     let me = app.cfg.server_name.as_str();
-    let hosted = |e: &StoredEvent| {
-        e.envelope
-            .room_id
-            .domain()
-            .eq_ignore_ascii_case(app.cfg.domain())
-    };
+    let hosted = |e: &StoredEvent| fanout::hosted_here(app, e);
     let ok: Vec<&StoredEvent> = judged
         .iter()
         .filter(|(_, v)| v.is_ok())
