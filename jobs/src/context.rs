@@ -20,6 +20,12 @@ pub struct Ctx {
     pub control: crate::control::Control,
     /// Drains that may probe at once (`worker.probe_concurrency`): see `deliver`.
     pub probes: Arc<tokio::sync::Semaphore>,
+    /// Those probing drains, which run outside any job: the fleet waits for them when
+    /// it stops.
+    pub background: tokio_util::task::TaskTracker,
+    /// Set when the fleet starts stopping: drains end their round and hand the
+    /// destination back (released lease, scheduled again).
+    pub stopping: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Ctx {
@@ -34,6 +40,8 @@ impl Ctx {
             app,
             worker_id,
             control: crate::control::Control::default(),
+            background: tokio_util::task::TaskTracker::new(),
+            stopping: Arc::default(),
         }
     }
 }
@@ -78,4 +86,11 @@ pub fn worker_identity() -> String {
         .unwrap_or_else(|_| "host".into());
     let r: u32 = rand::random();
     format!("{host}-{}-{r:08x}", std::process::id())
+}
+
+impl Ctx {
+    /// True once the fleet is stopping.
+    pub fn is_stopping(&self) -> bool {
+        self.stopping.load(std::sync::atomic::Ordering::Relaxed)
+    }
 }

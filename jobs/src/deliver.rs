@@ -70,7 +70,7 @@ pub async fn run(ctx: &Arc<Ctx>, job: &DeliverJob) -> Result<(), JobError> {
     };
     let destination = Destination::from_row(health).map_err(StoreError::Corrupt)?;
     if destination.sending(Utc::now()) != Sending::Probe {
-        return drain_destination(ctx, &dest).await;
+        return drain_destination(ctx, &dest, false).await;
     }
     // A destination that has not answered yet (new to us, or whose backoff just ended)
     // is drained in the background, holding a probe permit instead of this job's slot:
@@ -84,17 +84,20 @@ pub async fn run(ctx: &Arc<Ctx>, job: &DeliverJob) -> Result<(), JobError> {
         return Ok(());
     };
     let ctx = ctx.clone();
-    tokio::spawn(async move {
+    ctx.background.clone().spawn(async move {
         let _permit = permit;
-        if let Err(e) = drain_destination(&ctx, &dest).await {
+        if let Err(e) = drain_destination(&ctx, &dest, true).await {
             tracing::warn!(destination = %dest, error = %e, "probing drain failed; the scheduler retries it");
         }
     });
     Ok(())
 }
 
-/// Takes the destination's lease and drains it (see the module doc).
-async fn drain_destination(ctx: &Ctx, dest: &ServerName) -> Result<(), JobError> {
+/// Takes the destination's lease and drains it (see the module doc). A `probing` drain
+/// (in the background) stops once the peer answered, and the destination goes back to
+/// the queue: the rest of its backlog is drained in a job slot, and the permit is free
+/// for the next peer that has not answered yet.
+async fn drain_destination(ctx: &Ctx, dest: &ServerName, probing: bool) -> Result<(), JobError> {
     let app = &ctx.app;
     let started = Instant::now();
     // The lease names this job run, not just the process: two deliver jobs of one worker
@@ -125,7 +128,7 @@ async fn drain_destination(ctx: &Ctx, dest: &ServerName) -> Result<(), JobError>
                 first = false;
             }
         }
-        let outcome = drain(ctx, dest, &owner, lease_ttl, started).await;
+        let outcome = drain(ctx, dest, &owner, lease_ttl, started, probing).await;
         let mut conn = app.pool.get().await.map_err(StoreError::from)?;
         destinations::release_lease(&mut conn, dest.as_str(), &owner).await?;
         match outcome? {
@@ -218,6 +221,7 @@ async fn drain(
     owner: &str,
     lease_ttl: chrono::Duration,
     started: Instant,
+    probing: bool,
 ) -> Result<Drain, JobError> {
     let app = &ctx.app;
     let policy = &ctx.policy;
@@ -226,6 +230,7 @@ async fn drain(
         // job re-queues itself and waits in the paused queue.
         if started.elapsed() > policy.drain_budget
             || ctx.control.is_paused(parafed::queue::QueueName::Deliver)
+            || ctx.is_stopping()
         {
             return Ok(Drain::Budget);
         }
@@ -241,6 +246,8 @@ async fn drain(
         };
         let destination = Destination::from_row(health.clone()).map_err(StoreError::Corrupt)?;
         let limit = match destination.sending(Utc::now()) {
+            // The probe was answered: the backlog is for a job slot.
+            Sending::Window if probing => return Ok(Drain::Budget),
             Sending::Window => policy.window,
             Sending::Probe => 1,
             Sending::Wait | Sending::Recheck => return Ok(Drain::Stopped),
@@ -436,7 +443,7 @@ async fn settle(
             // `send_row` resends after a 409; it never returns this.
             Outcome::Resign => Settled::Waiting("HTTP 409".to_owned()),
         };
-        rows.push((s.row.id, settled, s.attempts.len() as i32));
+        rows.push((s.row.id, settled));
     }
     let backs_off = failure.is_some();
     changes.extend(failure);
@@ -450,14 +457,16 @@ async fn settle(
         .is_some_and(|t| now - t < chrono::Duration::seconds(5));
     let unchanged =
         only_deliveries && recent && loaded.state == "healthy" && loaded.consecutive_forbidden == 0;
-    let mut conn = app.pool.get().await.map_err(StoreError::from)?;
-    let n_dead = outbound::settle(&mut conn, &finished, &rows).await?;
-    drop(conn);
+    // The destination's state first: whoever sees a row settled sees the state its
+    // answer led to (a backoff, a run of 403s) already saved.
     let saved = if unchanged {
         None
     } else {
         transition(ctx, dest, Some(loaded), changes).await?
     };
+    let mut conn = app.pool.get().await.map_err(StoreError::from)?;
+    let n_dead = outbound::settle(&mut conn, &finished, &rows).await?;
+    drop(conn);
     metrics::counter!("parafed_deliveries_total", "outcome" => "delivered").increment(delivered);
     metrics::counter!("parafed_deliveries_total", "outcome" => "dead").increment(n_dead as u64);
     if backs_off {

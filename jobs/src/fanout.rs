@@ -100,6 +100,9 @@ pub(crate) async fn targets(
     let app = &ctx.app;
     let me = app.cfg.server_name.as_str();
     let hosted = |e: &StoredEvent| hosted_here(app, e);
+    if batch.is_empty() {
+        return Ok(Vec::new());
+    }
     let mut servers: HashMap<&str, Vec<String>> = HashMap::new();
     {
         let mut conn = app.pool.get().await?;

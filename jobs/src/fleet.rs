@@ -144,12 +144,27 @@ pub async fn run(
     // Trust changes made anywhere in the fleet reach this process within a tick.
     let trust_watch = tokio::spawn(parafed::trust::Trust::watch(app.clone()));
     tracing::info!(worker = %worker_id, queues = ?queues, concurrency, "parafed-worker running");
+    let stopping = ctx.stopping.clone();
     let signal = async move {
         shutdown.await;
+        stopping.store(true, std::sync::atomic::Ordering::Relaxed);
         let _ = stop_tx.send(true);
         Ok(())
     };
     monitor.run_with_signal(signal).await?;
+    // Probing drains end their round and hand their destination back; one still waiting
+    // for a peer after this is cut off (its attempt is closed as interrupted by the next
+    // drain, as after a crash).
+    ctx.background.close();
+    if tokio::time::timeout(Duration::from_secs(30), ctx.background.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            drains = ctx.background.len(),
+            "probing drains still waiting for their peers; stopping without them"
+        );
+    }
     crate::backend::finish_hand_backs(Duration::from_secs(5)).await;
     let _ = scheduler.await;
     let _ = control.await;

@@ -305,11 +305,13 @@ impl Settled {
 }
 
 /// Records a drain round in one statement (one commit): the attempts completed with
-/// their results, and each row `(id, what happened, requests sent for it)` settled —
-/// delivered, dead with its reason, or still waiting with its last error — its attempt
-/// count raised by the requests sent (see `attempts::begin`). Rows no longer pending
-/// (settled by an operator meanwhile) are left as they are. Returns how many rows turned
-/// dead.
+/// their results, and each row `(id, what happened)` settled — delivered, dead with its
+/// reason, or still waiting with its last error — its attempt count raised by the
+/// attempts completed now (see `attempts::begin`). An attempt already closed (by a drain
+/// that took the destination over while this one's lease had lapsed:
+/// `attempts::close_open`) keeps that record and is not counted twice. Rows no longer
+/// pending (settled by an operator meanwhile) are left as they are. Returns how many rows
+/// turned dead.
 ///
 /// One statement rather than one per kind: each would be its own commit, and a row
 /// written once per round (not bumped, then settled) keeps its indexes from growing
@@ -317,7 +319,7 @@ impl Settled {
 pub async fn settle(
     conn: &mut AsyncPgConnection,
     finished: &[super::attempts::Finished<'_>],
-    rows: &[(i64, Settled, i32)],
+    rows: &[(i64, Settled)],
 ) -> Result<usize, StoreError> {
     if finished.is_empty() && rows.is_empty() {
         return Ok(0);
@@ -335,21 +337,21 @@ pub async fn settle(
     let ids: Vec<i64> = rows.iter().map(|r| r.0).collect();
     let status: Vec<&str> = rows.iter().map(|r| r.1.status()).collect();
     let reasons: Vec<Option<&str>> = rows.iter().map(|r| r.1.reason()).collect();
-    let tries: Vec<i32> = rows.iter().map(|r| r.2).collect();
     let r: Dead = diesel::sql_query(
         "WITH finished AS ( \
            UPDATE delivery_attempts a SET status_code = r.status, error_class = r.class, \
              latency_ms = r.latency, response_excerpt = r.excerpt, finished_at = now() \
            FROM UNNEST($1::bigint[], $2::int[], $3::text[], $4::int[], $5::text[]) \
              AS r(id, status, class, latency, excerpt) \
-           WHERE a.id = r.id), \
+           WHERE a.id = r.id AND a.finished_at IS NULL \
+           RETURNING a.outbound_id), \
          settled AS ( \
-           UPDATE outbound_queue o SET status = r.status, attempts = o.attempts + r.tries, \
+           UPDATE outbound_queue o SET status = r.status, \
+             attempts = o.attempts + (SELECT count(*) FROM finished f WHERE f.outbound_id = o.id), \
              delivered_at = CASE WHEN r.status = 'delivered' THEN now() ELSE o.delivered_at END, \
              dead_reason = CASE WHEN r.status = 'dead' THEN r.reason ELSE o.dead_reason END, \
              last_error = COALESCE(r.reason, o.last_error), updated_at = now() \
-           FROM UNNEST($6::bigint[], $7::text[], $8::text[], $9::int[]) \
-             AS r(id, status, reason, tries) \
+           FROM UNNEST($6::bigint[], $7::text[], $8::text[]) AS r(id, status, reason) \
            WHERE o.id = r.id AND o.status = 'pending' \
            RETURNING o.status) \
          SELECT count(*) FILTER (WHERE status = 'dead') AS dead FROM settled",
@@ -362,7 +364,6 @@ pub async fn settle(
     .bind::<Array<BigInt>, _>(ids)
     .bind::<Array<Text>, _>(status)
     .bind::<Array<Nullable<Text>>, _>(reasons)
-    .bind::<Array<Integer>, _>(tries)
     .get_result(conn)
     .await?;
     Ok(r.dead as usize)
