@@ -115,7 +115,9 @@ async fn drain_destination(ctx: &Ctx, dest: &ServerName, probing: bool) -> Resul
     loop {
         {
             let mut conn = app.pool.get().await.map_err(StoreError::from)?;
-            if !destinations::acquire_lease(&mut conn, dest.as_str(), &owner, lease_ttl).await? {
+            let held =
+                destinations::acquire_lease(&mut conn, dest.as_str(), &owner, lease_ttl).await?;
+            if held.is_none() {
                 return Ok(()); // another worker is draining it
             }
             if first {
@@ -238,11 +240,10 @@ async fn drain(
         // drains that each hold one while waiting for another can empty the pool.
         let key = app.signing_key().await?;
         let mut conn = app.pool.get().await.map_err(StoreError::from)?;
-        if !destinations::acquire_lease(&mut conn, dest.as_str(), owner, lease_ttl).await? {
+        let Some(health) =
+            destinations::acquire_lease(&mut conn, dest.as_str(), owner, lease_ttl).await?
+        else {
             return Ok(Drain::Stopped); // our lease lapsed and another worker took over
-        }
-        let Some(health) = destinations::get(&mut conn, dest.as_str()).await? else {
-            return Ok(Drain::Empty);
         };
         let destination = Destination::from_row(health.clone()).map_err(StoreError::Corrupt)?;
         let limit = match destination.sending(Utc::now()) {
