@@ -146,7 +146,9 @@ async fn world() -> World {
     let pg = Postgres::start().await.unwrap();
     let redis = Redis::start().await.unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let ports: Vec<u16> = (0..3).map(|_| spare_port()).collect();
+    let ports: Vec<u16> = (0..3)
+        .map(|_| parafed::devservers::free_port().unwrap())
+        .collect();
     let names = ["alpha.test", "beta.test", "gamma.test"];
     let mut deployments = Vec::new();
     for (i, name) in names.iter().enumerate() {
@@ -168,7 +170,7 @@ async fn world() -> World {
                 )
             })
             .collect();
-        let metrics = spare_port();
+        let metrics = parafed::devservers::free_port().unwrap();
         let cfg = format!(
             "server_name = \"{name}\"\n\
              [http]\nlisten = \"127.0.0.1:{port}\"\nmetrics_listen = \"127.0.0.1:{metrics}\"\n\
@@ -468,22 +470,4 @@ async fn worker_sigterm_mid_run_loses_nothing() {
         .await
         .unwrap();
     assert_eq!(pending, 0);
-}
-
-/// A free loopback port for a server process to bind later, taken below the ephemeral
-/// range (Linux: 32768 and up): a port the kernel handed out for `127.0.0.1:0` and took
-/// back could be handed to another test's listener before the process binds it, and the
-/// process would fail to start. Ports here are only ever chosen this way, by these
-/// tests, which run one at a time (`SERIAL` under `cargo test`, the `chaos` test group
-/// under nextest); none is chosen twice by one test process.
-fn spare_port() -> u16 {
-    static CHOSEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
-    let mut chosen = CHOSEN.lock().unwrap_or_else(|p| p.into_inner());
-    loop {
-        let port = rand::random_range(20_000..32_000);
-        if !chosen.contains(&port) && std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
-            chosen.push(port);
-            return port;
-        }
-    }
 }

@@ -36,12 +36,29 @@ pub(crate) fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> DevS
     move |source| DevServerError::Io { what, source }
 }
 
-/// A free TCP port on 127.0.0.1 (bound and released; the server binds it next).
+/// A free TCP port on 127.0.0.1 for a server process to bind next, never the same
+/// twice in one process.
+///
+/// Chosen below the ephemeral range (Linux: 32 768 and up) and checked by binding it: a
+/// port the kernel hands out for `127.0.0.1:0` and takes back can be handed out again —
+/// to another listener, or as the local port of an outgoing connection — before the
+/// server binds it, and the server would fail to start.
+///
+/// Errors: none free after 1 000 tries.
 pub fn free_port() -> Result<u16, DevServerError> {
-    let l = TcpListener::bind("127.0.0.1:0").map_err(io("binding an ephemeral port"))?;
-    Ok(l.local_addr()
-        .map_err(io("reading the ephemeral port"))?
-        .port())
+    static CHOSEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    let mut chosen = CHOSEN.lock().unwrap_or_else(|p| p.into_inner());
+    for _ in 0..1000 {
+        let port = rand::random_range(20_000..32_000);
+        if !chosen.contains(&port) && TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            chosen.push(port);
+            return Ok(port);
+        }
+    }
+    Err(DevServerError::Io {
+        what: "finding a free port in 20000-31999 on 127.0.0.1".into(),
+        source: std::io::Error::from(std::io::ErrorKind::AddrInUse),
+    })
 }
 
 /// A fresh directory for one server, `parafed-dev-<pid>-<tag>-<n>` under the temp dir.

@@ -51,12 +51,9 @@ fn tool(name: &str) -> PathBuf {
         })
 }
 
+/// A free loopback port for a process to bind (see `devservers::free_port`).
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    parafed::devservers::free_port().expect("a free port")
 }
 
 /// A child process killed when the test ends.
