@@ -261,8 +261,9 @@ async fn settle(ctx: &Ctx, judged: &[(StoredEvent, Result<(), String>)]) -> Resu
         .increment(now_accepted.len() as u64);
     metrics::counter!("parafed_events_verified_total", "verdict" => "rejected")
         .increment(now_rejected.len() as u64);
+    let reasons: HashMap<&str, &str> = rejected.iter().map(|r| (r.0, r.2)).collect();
     for (id, from) in &now_rejected {
-        let reason = rejected.iter().find(|r| r.0 == id).map_or("", |r| r.2);
+        let reason = reasons.get(id.as_str()).copied().unwrap_or("");
         tracing::info!(event_id = %id, %reason, "event rejected");
         // Counts towards the automatic quarantine of the peer that sent it.
         if let Some(peer) = from
@@ -278,9 +279,14 @@ async fn settle(ctx: &Ctx, judged: &[(StoredEvent, Result<(), String>)]) -> Resu
         }
     }
     fanout::schedule(ctx, &written).await?;
+    let fan_out_later: std::collections::HashSet<&str> = accepted
+        .iter()
+        .filter(|a| a.fan_out_later)
+        .map(|a| a.event_id)
+        .collect();
     let later: Vec<String> = now_accepted
         .into_iter()
-        .filter(|id| accepted.iter().any(|a| a.fan_out_later && a.event_id == id))
+        .filter(|id| fan_out_later.contains(id.as_str()))
         .collect();
     app.queue
         .push_many(QueueName::Fanout, &FanoutJob::batches(later))

@@ -146,18 +146,15 @@ impl Enqueued {
         for w in written {
             self.rows += w.rows as usize;
             if w.healthy {
-                self.healthy.push(w.destination.clone());
+                self.healthy.push(w.destination);
             }
-            self.destinations.push(w.destination);
         }
     }
 
     /// Sorted and deduplicated, once every statement was added.
     pub(crate) fn sorted(mut self) -> Self {
-        for v in [&mut self.destinations, &mut self.healthy] {
-            v.sort_unstable();
-            v.dedup();
-        }
+        self.healthy.sort_unstable();
+        self.healthy.dedup();
         self
     }
 }
@@ -166,8 +163,8 @@ impl Enqueued {
 /// alone), makes sure each destination has a state row, and marks `fanned_out` (the
 /// events whose fan-out this completes) fanned out — with the last rows, in the same
 /// statement, so a crash in between leaves them to the reconciler, which writes the
-/// same rows again. Returns the rows written now, the destinations that got one and
-/// which of those are healthy.
+/// same rows again. Returns the rows written now and the healthy destinations that got
+/// one.
 ///
 /// One statement per [`MAX_ROWS_PER_STATEMENT`] rows, whatever the batch's size: the
 /// fan-out of one event no longer costs a commit per statement.
@@ -214,9 +211,8 @@ pub async fn enqueue(
 pub struct Enqueued {
     /// Rows written now (rows that existed are not counted).
     pub rows: usize,
-    /// The destinations that got a new row, sorted.
-    pub destinations: Vec<String>,
-    /// Those of them that are healthy now (a drain may start at once), sorted.
+    /// The destinations that got a new row and are healthy now (a drain may start at
+    /// once), sorted; the others are drained when their backoff ends.
     pub healthy: Vec<String>,
 }
 
