@@ -10,6 +10,7 @@ use diesel::prelude::*;
 use diesel::sql_types::{Array, BigInt, Integer, Nullable, Text};
 use diesel_async::{AsyncPgConnection, RunQueryDsl};
 
+use super::prepared::prepared;
 use super::schema::delivery_attempts as da;
 use super::StoreError;
 
@@ -48,7 +49,7 @@ pub async fn begin(
         return Ok(Vec::new());
     }
     let (ids, numbers): (Vec<i64>, Vec<i32>) = rows.iter().copied().unzip();
-    Ok(diesel::sql_query(
+    Ok(prepared(diesel::sql_query(
         "INSERT INTO delivery_attempts (outbound_id, destination, event_id, request_kind, attempt) \
          SELECT o.id, $2, o.event_id, 'event', x.n \
            FROM UNNEST($1::bigint[], $3::int[]) AS x(id, n) \
@@ -58,7 +59,7 @@ pub async fn begin(
     .bind::<Array<BigInt>, _>(ids)
     .bind::<Text, _>(destination)
     .bind::<Array<Integer>, _>(numbers)
-    .load(conn)
+    ).load(conn)
     .await?)
 }
 
@@ -104,18 +105,20 @@ pub async fn finish(
     let class: Vec<Option<&str>> = results.iter().map(|r| r.error_class).collect();
     let latency: Vec<i32> = results.iter().map(|r| r.latency_ms).collect();
     let excerpt: Vec<Option<&str>> = results.iter().map(|r| r.response_excerpt).collect();
-    diesel::sql_query(
-        "UPDATE delivery_attempts a SET status_code = r.status, error_class = r.class, \
+    prepared(
+        diesel::sql_query(
+            "UPDATE delivery_attempts a SET status_code = r.status, error_class = r.class, \
            latency_ms = r.latency, response_excerpt = r.excerpt, finished_at = now() \
          FROM UNNEST($1::bigint[], $2::int[], $3::text[], $4::int[], $5::text[]) \
            AS r(id, status, class, latency, excerpt) \
          WHERE a.id = r.id",
+        )
+        .bind::<Array<BigInt>, _>(ids)
+        .bind::<Array<Nullable<Integer>>, _>(status)
+        .bind::<Array<Nullable<Text>>, _>(class)
+        .bind::<Array<Integer>, _>(latency)
+        .bind::<Array<Nullable<Text>>, _>(excerpt),
     )
-    .bind::<Array<BigInt>, _>(ids)
-    .bind::<Array<Nullable<Integer>>, _>(status)
-    .bind::<Array<Nullable<Text>>, _>(class)
-    .bind::<Array<Integer>, _>(latency)
-    .bind::<Array<Nullable<Text>>, _>(excerpt)
     .execute(conn)
     .await?;
     Ok(())
@@ -134,7 +137,7 @@ pub async fn close_open(
         #[diesel(sql_type = BigInt)]
         closed: i64,
     }
-    let r: Closed = diesel::sql_query(
+    let r: Closed = prepared(diesel::sql_query(
         "WITH closed AS ( \
            UPDATE delivery_attempts SET finished_at = now(), error_class = $2, \
              response_excerpt = 'no answer recorded: the sending worker stopped mid-request; the peer may have it' \
@@ -149,7 +152,7 @@ pub async fn close_open(
     )
     .bind::<Text, _>(destination)
     .bind::<Text, _>(INTERRUPTED)
-    .get_result(conn)
+    ).get_result(conn)
     .await?;
     Ok(r.closed as usize)
 }

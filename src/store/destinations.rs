@@ -12,6 +12,7 @@ use diesel::prelude::*;
 use diesel::sql_types::{Array, BigInt, Text};
 use diesel_async::{AsyncPgConnection, RunQueryDsl};
 
+use super::prepared::prepared;
 use super::schema::destination_health as dh;
 use super::StoreError;
 
@@ -50,13 +51,15 @@ pub async fn ensure(conn: &mut AsyncPgConnection, names: &[&str]) -> Result<(), 
     if names.is_empty() {
         return Ok(());
     }
-    diesel::sql_query(
-        "INSERT INTO destination_health (destination) \
+    prepared(
+        diesel::sql_query(
+            "INSERT INTO destination_health (destination) \
          SELECT d FROM UNNEST($1::text[]) AS d \
           WHERE NOT EXISTS (SELECT 1 FROM destination_health h WHERE h.destination = d) \
          ON CONFLICT DO NOTHING",
+        )
+        .bind::<Array<Text>, _>(names),
     )
-    .bind::<Array<Text>, _>(names)
     .execute(conn)
     .await?;
     Ok(())
@@ -202,16 +205,18 @@ struct DestRow {
 /// Destinations with waiting rows that nobody is draining and that are healthy, or whose
 /// backoff or hold has ended: what the scheduler pushes deliver jobs for.
 pub async fn due(conn: &mut AsyncPgConnection, limit: i64) -> Result<Vec<String>, StoreError> {
-    let rows: Vec<DestRow> = diesel::sql_query(
-        "SELECT h.destination FROM destination_health h \
+    let rows: Vec<DestRow> = prepared(
+        diesel::sql_query(
+            "SELECT h.destination FROM destination_health h \
          WHERE (h.state = 'healthy' \
                 OR (h.state IN ('backing_off', 'held') AND h.backoff_until <= now())) \
            AND (h.lease_until IS NULL OR h.lease_until < now()) \
            AND EXISTS (SELECT 1 FROM outbound_queue o \
                        WHERE o.destination = h.destination AND o.status = 'pending') \
          ORDER BY h.backoff_until NULLS FIRST LIMIT $1",
+        )
+        .bind::<BigInt, _>(limit),
     )
-    .bind::<BigInt, _>(limit)
     .load(conn)
     .await?;
     Ok(rows.into_iter().map(|r| r.destination).collect())

@@ -11,6 +11,7 @@ use diesel::sql_types::{Array, BigInt, Nullable, Text};
 use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
 use serde_json::Value;
 
+use super::prepared::prepared;
 use super::schema::federation_events as fe;
 use super::StoreError;
 use crate::protocol::envelope::Signatures;
@@ -171,8 +172,9 @@ pub async fn insert(
         #[diesel(sql_type = Text)]
         event_id: String,
     }
-    let stored: Vec<Stored> = diesel::sql_query(
-        "INSERT INTO federation_events (event_id, room_id, event_type, sender, origin_server, \
+    let stored: Vec<Stored> = prepared(
+        diesel::sql_query(
+            "INSERT INTO federation_events (event_id, room_id, event_type, sender, origin_server, \
            origin_ts, content, depth, state_key, signatures, received_from, status, \
            received_at, enqueued_at, signature_checked) \
          SELECT e, r, t, s, o, ts, c, d, sk, sig, rf, st, now(), now(), ck \
@@ -195,20 +197,21 @@ pub async fn insert(
             OR (EXCLUDED.signature_checked AND NOT federation_events.signature_checked \
                 AND federation_events.status IN ('pending', 'held')) \
          RETURNING event_id",
+        )
+        .bind::<Array<Text>, _>(&event_ids)
+        .bind::<Array<Text>, _>(&room_ids)
+        .bind::<Array<Text>, _>(&types)
+        .bind::<Array<Text>, _>(&senders)
+        .bind::<Array<Text>, _>(&origins)
+        .bind::<Array<BigInt>, _>(&origin_ts)
+        .bind::<Array<Text>, _>(&contents)
+        .bind::<Array<BigInt>, _>(&depths)
+        .bind::<Array<Nullable<Text>>, _>(&state_keys)
+        .bind::<Array<Text>, _>(&signatures)
+        .bind::<Array<Nullable<Text>>, _>(&from)
+        .bind::<Array<Text>, _>(&statuses)
+        .bind::<Array<diesel::sql_types::Bool>, _>(&checked),
     )
-    .bind::<Array<Text>, _>(&event_ids)
-    .bind::<Array<Text>, _>(&room_ids)
-    .bind::<Array<Text>, _>(&types)
-    .bind::<Array<Text>, _>(&senders)
-    .bind::<Array<Text>, _>(&origins)
-    .bind::<Array<BigInt>, _>(&origin_ts)
-    .bind::<Array<Text>, _>(&contents)
-    .bind::<Array<BigInt>, _>(&depths)
-    .bind::<Array<Nullable<Text>>, _>(&state_keys)
-    .bind::<Array<Text>, _>(&signatures)
-    .bind::<Array<Nullable<Text>>, _>(&from)
-    .bind::<Array<Text>, _>(&statuses)
-    .bind::<Array<diesel::sql_types::Bool>, _>(&checked)
     .load(conn)
     .await?;
     let stored: Vec<String> = stored.into_iter().map(|s| s.event_id).collect();
@@ -357,7 +360,7 @@ pub async fn accept(
         let c = Columns::of(rows);
         // The feed entries are written by the same statement: their position is its
         // transaction's id (`feed`), and they are numbered in storage order.
-        let out: Vec<Out> = diesel::sql_query(format!(
+        let out: Vec<Out> = prepared(diesel::sql_query(format!(
             "WITH settled AS ( \
                UPDATE federation_events e SET status = 'accepted', reject_reason = NULL, \
                       verified_at = now(), \
@@ -390,7 +393,7 @@ pub async fn accept(
         .bind::<Array<BigInt>, _>(&c.seqs)
         .bind::<Array<Text>, _>(&c.provides)
         .bind::<Array<Text>, _>(&c.waits)
-        .load(conn)
+        ).load(conn)
         .await?;
         let mut accepted: Vec<(i64, String)> = Vec::new();
         let mut written = Vec::new();
@@ -435,16 +438,18 @@ pub async fn reject(
         #[diesel(sql_type = Nullable<Text>)]
         received_from: Option<String>,
     }
-    let rows: Vec<Rejected> = diesel::sql_query(
-        "UPDATE federation_events e SET status = 'rejected', reject_reason = x.reason, \
+    let rows: Vec<Rejected> = prepared(
+        diesel::sql_query(
+            "UPDATE federation_events e SET status = 'rejected', reject_reason = x.reason, \
                 verified_at = now() \
            FROM UNNEST($1::text[], $2::bigint[], $3::text[]) AS x(id, s, reason) \
           WHERE e.event_id = x.id AND e.seq = x.s AND e.status = 'pending' \
          RETURNING e.event_id, e.received_from",
+        )
+        .bind::<Array<Text>, _>(&ids)
+        .bind::<Array<BigInt>, _>(&seqs)
+        .bind::<Array<Text>, _>(&reasons),
     )
-    .bind::<Array<Text>, _>(&ids)
-    .bind::<Array<BigInt>, _>(&seqs)
-    .bind::<Array<Text>, _>(&reasons)
     .load(conn)
     .await?;
     Ok(rows
@@ -471,8 +476,9 @@ pub async fn claim_stale(
         status: String,
     }
     // Returned in storage order: they are pushed as batches, judged in that order.
-    let rows: Vec<Stale> = diesel::sql_query(
-        "WITH claimed AS ( \
+    let rows: Vec<Stale> = prepared(
+        diesel::sql_query(
+            "WITH claimed AS ( \
            UPDATE federation_events SET enqueued_at = now() \
            WHERE event_id IN ( \
              SELECT event_id FROM federation_events \
@@ -482,10 +488,11 @@ pub async fn claim_stale(
               LIMIT $3 FOR UPDATE SKIP LOCKED) \
            RETURNING event_id, status, seq) \
          SELECT event_id, status FROM claimed ORDER BY seq",
+        )
+        .bind::<diesel::sql_types::Timestamptz, _>(verify_cutoff)
+        .bind::<diesel::sql_types::Timestamptz, _>(fanout_cutoff)
+        .bind::<BigInt, _>(limit),
     )
-    .bind::<diesel::sql_types::Timestamptz, _>(verify_cutoff)
-    .bind::<diesel::sql_types::Timestamptz, _>(fanout_cutoff)
-    .bind::<BigInt, _>(limit)
     .load(conn)
     .await?;
     let (verify, fanout): (Vec<Stale>, Vec<Stale>) =
@@ -534,17 +541,19 @@ pub async fn unsettled_before(
     }
     // Literal statuses: the partial index `federation_events_unsettled_room` must stay
     // usable in a cached generic plan.
-    let ids: Vec<String> = diesel::sql_query(
-        "SELECT event_id FROM federation_events \
+    let ids: Vec<String> = prepared(
+        diesel::sql_query(
+            "SELECT event_id FROM federation_events \
          WHERE room_id = ANY($1) AND seq < $2 AND received_at > $3 \
            AND (status IN ('pending', 'held') \
                 OR (status = 'accepted' AND fanned_out_at IS NULL)) \
          ORDER BY seq LIMIT $4",
+        )
+        .bind::<Array<Text>, _>(rooms)
+        .bind::<BigInt, _>(before_seq)
+        .bind::<diesel::sql_types::Timestamptz, _>(since)
+        .bind::<BigInt, _>(limit),
     )
-    .bind::<Array<Text>, _>(rooms)
-    .bind::<BigInt, _>(before_seq)
-    .bind::<diesel::sql_types::Timestamptz, _>(since)
-    .bind::<BigInt, _>(limit)
     .load::<IdRow>(conn)
     .await?
     .into_iter()
@@ -579,16 +588,18 @@ pub async fn release_held(
     }
     // An event held for another party too (its origin, or the peer that relayed it,
     // still quarantined) stays held.
-    let mut rows: Vec<Row> = diesel::sql_query(
-        "UPDATE federation_events e SET status = 'pending', enqueued_at = now() \
+    let mut rows: Vec<Row> = prepared(
+        diesel::sql_query(
+            "UPDATE federation_events e SET status = 'pending', enqueued_at = now() \
          WHERE e.status = 'held' AND (e.received_from = $1 OR e.origin_server = $1) \
            AND NOT EXISTS (SELECT 1 FROM peer_trust t \
              WHERE t.state = 'quarantine' AND (t.until IS NULL OR t.until > now()) \
                AND t.server_name <> $1 \
                AND (t.server_name = e.received_from OR t.server_name = e.origin_server)) \
          RETURNING e.event_id, e.seq",
+        )
+        .bind::<diesel::sql_types::Text, _>(peer),
     )
-    .bind::<diesel::sql_types::Text, _>(peer)
     .load(conn)
     .await?;
     rows.sort_by_key(|r| r.seq);
@@ -598,11 +609,13 @@ pub async fn release_held(
 /// Deletes the held events from `peer` (sent by it, or originated by it); returns how
 /// many.
 pub async fn purge_held(conn: &mut AsyncPgConnection, peer: &str) -> Result<usize, StoreError> {
-    Ok(diesel::sql_query(
-        "DELETE FROM federation_events \
+    Ok(prepared(
+        diesel::sql_query(
+            "DELETE FROM federation_events \
          WHERE status = 'held' AND (received_from = $1 OR origin_server = $1)",
+        )
+        .bind::<diesel::sql_types::Text, _>(peer),
     )
-    .bind::<diesel::sql_types::Text, _>(peer)
     .execute(conn)
     .await?)
 }

@@ -16,6 +16,7 @@ use diesel::sql_types::BigInt;
 use diesel_async::{AsyncPgConnection, RunQueryDsl};
 
 use super::events::{self, StoredEvent};
+use super::prepared::prepared;
 use super::schema::inbound_feed as f;
 use super::StoreError;
 
@@ -95,15 +96,17 @@ pub async fn page(
         #[diesel(sql_type = diesel::sql_types::Text)]
         event_id: String,
     }
-    let entries: Vec<Entry> = diesel::sql_query(
-        "SELECT txid, seq, event_id FROM inbound_feed \
+    let entries: Vec<Entry> = prepared(
+        diesel::sql_query(
+            "SELECT txid, seq, event_id FROM inbound_feed \
           WHERE (txid, seq) > ($1, $2) \
             AND txid < pg_snapshot_xmin(pg_current_snapshot())::text::bigint \
           ORDER BY txid, seq LIMIT $3",
+        )
+        .bind::<BigInt, _>(since.txid)
+        .bind::<BigInt, _>(since.seq)
+        .bind::<BigInt, _>(limit),
     )
-    .bind::<BigInt, _>(since.txid)
-    .bind::<BigInt, _>(since.seq)
-    .bind::<BigInt, _>(limit)
     .load(conn)
     .await?;
     let ids: Vec<&str> = entries.iter().map(|e| e.event_id.as_str()).collect();

@@ -16,6 +16,7 @@ pub mod keys;
 pub mod local;
 pub mod migrate;
 pub mod outbound;
+pub mod prepared;
 pub mod retention;
 pub mod rooms;
 pub mod schema;

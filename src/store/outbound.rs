@@ -11,6 +11,7 @@ use diesel::prelude::*;
 use diesel::sql_types::{Array, BigInt, Integer, Nullable, Text, Timestamptz};
 use diesel_async::{AsyncPgConnection, RunQueryDsl};
 
+use super::prepared::prepared;
 use super::schema::outbound_queue as oq;
 use super::StoreError;
 
@@ -184,21 +185,23 @@ pub async fn enqueue(
     for (i, chunk) in chunks.into_iter().enumerate() {
         let marked: &[&str] = if i == last { fanned_out } else { &[] };
         let c = Columns::of(chunk);
-        let got: Vec<Written> = diesel::sql_query(format!(
-            "WITH rows AS ( \
+        let got: Vec<Written> = prepared(
+            diesel::sql_query(format!(
+                "WITH rows AS ( \
                SELECT * FROM UNNEST($1::text[], $2::text[], $3::bigint[], $4::text[], $5::text[]) \
                  AS x(d, e, s, p, w)), \
              marked AS ( \
                UPDATE federation_events SET fanned_out_at = now() \
                 WHERE event_id = ANY($6) AND fanned_out_at IS NULL), \
              {WRITE_CTES} {WRITTEN}"
-        ))
-        .bind::<Array<Text>, _>(&c.destinations)
-        .bind::<Array<Text>, _>(&c.event_ids)
-        .bind::<Array<BigInt>, _>(&c.seqs)
-        .bind::<Array<Text>, _>(&c.provides)
-        .bind::<Array<Text>, _>(&c.waits)
-        .bind::<Array<Text>, _>(marked)
+            ))
+            .bind::<Array<Text>, _>(&c.destinations)
+            .bind::<Array<Text>, _>(&c.event_ids)
+            .bind::<Array<BigInt>, _>(&c.seqs)
+            .bind::<Array<Text>, _>(&c.provides)
+            .bind::<Array<Text>, _>(&c.waits)
+            .bind::<Array<Text>, _>(marked),
+        )
         .load(conn)
         .await?;
         written.add(got);
@@ -229,8 +232,9 @@ pub async fn waiting(
     // The limit is written into the statement: as a parameter, a cached generic plan
     // does not know the batch is small and hashes all of federation_events instead of
     // looking the few rows up by key (measured: 17 ms against 0.8 ms with 100 000 events).
-    Ok(diesel::sql_query(format!(
-        "SELECT o.id, o.event_id, o.attempts, o.created_at, o.event_seq, o.order_provides, \
+    Ok(prepared(
+        diesel::sql_query(format!(
+            "SELECT o.id, o.event_id, o.attempts, o.created_at, o.event_seq, o.order_provides, \
                 o.order_waits, e.room_id, e.received_at, \
                 EXISTS (SELECT 1 FROM federation_events p \
                         WHERE p.room_id = e.room_id AND p.seq < o.event_seq \
@@ -243,10 +247,11 @@ pub async fn waiting(
                ORDER BY event_seq, id LIMIT {limit}) o \
          JOIN federation_events e ON e.event_id = o.event_id \
          ORDER BY o.event_seq, o.id",
-        limit = limit.clamp(1, 10_000)
-    ))
-    .bind::<Text, _>(destination)
-    .bind::<Timestamptz, _>(unsettled_since)
+            limit = limit.clamp(1, 10_000)
+        ))
+        .bind::<Text, _>(destination)
+        .bind::<Timestamptz, _>(unsettled_since),
+    )
     .load(conn)
     .await?)
 }
@@ -262,11 +267,13 @@ pub async fn has_waiting(
     conn: &mut AsyncPgConnection,
     destination: &str,
 ) -> Result<bool, StoreError> {
-    let r: Exists = diesel::sql_query(
-        "SELECT EXISTS (SELECT 1 FROM outbound_queue \
+    let r: Exists = prepared(
+        diesel::sql_query(
+            "SELECT EXISTS (SELECT 1 FROM outbound_queue \
                         WHERE destination = $1 AND status = 'pending') AS exists",
+        )
+        .bind::<Text, _>(destination),
     )
-    .bind::<Text, _>(destination)
     .get_result(conn)
     .await?;
     Ok(r.exists)
@@ -333,8 +340,9 @@ pub async fn settle(
     let ids: Vec<i64> = rows.iter().map(|r| r.0).collect();
     let status: Vec<&str> = rows.iter().map(|r| r.1.status()).collect();
     let reasons: Vec<Option<&str>> = rows.iter().map(|r| r.1.reason()).collect();
-    let r: Dead = diesel::sql_query(
-        "WITH finished AS ( \
+    let r: Dead = prepared(
+        diesel::sql_query(
+            "WITH finished AS ( \
            UPDATE delivery_attempts a SET status_code = r.status, error_class = r.class, \
              latency_ms = r.latency, response_excerpt = r.excerpt, finished_at = now() \
            FROM UNNEST($1::bigint[], $2::int[], $3::text[], $4::int[], $5::text[]) \
@@ -351,15 +359,16 @@ pub async fn settle(
            WHERE o.id = r.id AND o.status = 'pending' \
            RETURNING o.status) \
          SELECT count(*) FILTER (WHERE status = 'dead') AS dead FROM settled",
+        )
+        .bind::<Array<BigInt>, _>(a_ids)
+        .bind::<Array<Nullable<Integer>>, _>(a_status)
+        .bind::<Array<Nullable<Text>>, _>(a_class)
+        .bind::<Array<Integer>, _>(a_latency)
+        .bind::<Array<Nullable<Text>>, _>(a_excerpt)
+        .bind::<Array<BigInt>, _>(ids)
+        .bind::<Array<Text>, _>(status)
+        .bind::<Array<Nullable<Text>>, _>(reasons),
     )
-    .bind::<Array<BigInt>, _>(a_ids)
-    .bind::<Array<Nullable<Integer>>, _>(a_status)
-    .bind::<Array<Nullable<Text>>, _>(a_class)
-    .bind::<Array<Integer>, _>(a_latency)
-    .bind::<Array<Nullable<Text>>, _>(a_excerpt)
-    .bind::<Array<BigInt>, _>(ids)
-    .bind::<Array<Text>, _>(status)
-    .bind::<Array<Nullable<Text>>, _>(reasons)
     .get_result(conn)
     .await?;
     Ok(r.dead as usize)
@@ -374,14 +383,16 @@ pub async fn dead(
         return Ok(0);
     }
     let (ids, reasons): (Vec<i64>, Vec<String>) = rows.iter().cloned().unzip();
-    Ok(diesel::sql_query(
-        "UPDATE outbound_queue o SET status = 'dead', dead_reason = r.reason, \
+    Ok(prepared(
+        diesel::sql_query(
+            "UPDATE outbound_queue o SET status = 'dead', dead_reason = r.reason, \
            last_error = r.reason, updated_at = now() \
          FROM UNNEST($1::bigint[], $2::text[]) AS r(id, reason) \
          WHERE o.id = r.id AND o.status = 'pending'",
+        )
+        .bind::<Array<BigInt>, _>(ids)
+        .bind::<Array<Text>, _>(reasons),
     )
-    .bind::<Array<BigInt>, _>(ids)
-    .bind::<Array<Text>, _>(reasons)
     .execute(conn)
     .await?)
 }
