@@ -9,9 +9,15 @@
 //!
 //! While an operator has paused the queue (`crate::control`) the stream takes nothing.
 //!
-//! A task carries its stream entry id; the handler acknowledges the entry when it has
+//! A task carries its stream entry ids; the handler acknowledges them when it has
 //! finished (see [`crate::context::finish`]). Retry timing is parafed's own: a failed
 //! job is simply not acknowledged, and is claimed again after the idle timeout.
+//!
+//! Jobs read together are joined into one task where their type allows
+//! ([`Coalesce`]): under load the verify queue fills with small batches (one per group
+//! commit at the ingress), and one run over their union costs the statements of one.
+//! Entries claimed after a failure run alone, so a job that keeps failing holds back
+//! nobody else's.
 
 use std::collections::VecDeque;
 use std::pin::Pin;
@@ -23,17 +29,18 @@ use futures::{Sink, SinkExt, StreamExt};
 use serde::de::DeserializeOwned;
 
 use parafed::queue::consume::StreamConsumer;
-use parafed::queue::QueueName;
+use parafed::queue::{Coalesce, QueueName};
 
 use crate::control::Control;
 
 /// How often a consumer looks for entries abandoned by dead workers.
 const CLAIM_EVERY: Duration = Duration::from_secs(5);
 
-/// A job as a handler receives it: the stream entry it came from and the job itself.
+/// A job as a handler receives it: the stream entries it came from (several when jobs
+/// read together were joined) and the job itself.
 #[derive(Clone, Debug)]
 pub struct Queued<J> {
-    pub entry_id: String,
+    pub entry_ids: Vec<String>,
     pub job: J,
 }
 
@@ -47,7 +54,9 @@ struct State {
     consumer: StreamConsumer,
     control: Control,
     queue: QueueName,
-    buffer: VecDeque<parafed::queue::consume::Entry>,
+    /// Entries read and not started yet; the flag says read fresh (may be joined with
+    /// the next ones) rather than claimed after a failure.
+    buffer: VecDeque<(parafed::queue::consume::Entry, bool)>,
     last_claim: Instant,
     failures: u32,
 }
@@ -63,7 +72,7 @@ impl Drop for State {
         if self.buffer.is_empty() {
             return;
         }
-        let ids: Vec<String> = self.buffer.drain(..).map(|e| e.id).collect();
+        let ids: Vec<String> = self.buffer.drain(..).map(|(e, _)| e.id).collect();
         let consumer = self.consumer.clone();
         let Ok(rt) = tokio::runtime::Handle::try_current() else {
             return; // no runtime left: the entries are claimed after the idle timeout
@@ -91,7 +100,7 @@ pub async fn finish_hand_backs(limit: Duration) {
     let _ = tokio::time::timeout(limit, futures::future::join_all(tasks)).await;
 }
 
-fn fetch<J: DeserializeOwned + Send + 'static>(
+fn fetch<J: DeserializeOwned + Coalesce + Send + 'static>(
     consumer: StreamConsumer,
     control: Control,
     queue: QueueName,
@@ -112,10 +121,14 @@ fn fetch<J: DeserializeOwned + Send + 'static>(
                 tokio::time::sleep(crate::control::REFRESH).await;
                 continue;
             }
-            if let Some(e) = st.buffer.pop_front() {
+            if let Some((e, fresh)) = st.buffer.pop_front() {
                 match serde_json::from_slice::<J>(&e.payload) {
-                    Ok(job) => {
-                        let task = Task::new(Queued { entry_id: e.id, job });
+                    Ok(mut job) => {
+                        let mut entry_ids = vec![e.id];
+                        if fresh {
+                            join_following(&mut st.buffer, &mut job, &mut entry_ids);
+                        }
+                        let task = Task::new(Queued { entry_ids, job });
                         return Some((Ok(Some(task)), st));
                     }
                     Err(err) => {
@@ -135,7 +148,7 @@ fn fetch<J: DeserializeOwned + Send + 'static>(
                         }
                         if !v.is_empty() {
                             tracing::info!(count = v.len(), "claimed abandoned jobs");
-                            st.buffer.extend(v);
+                            st.buffer.extend(v.into_iter().map(|e| (e, false)));
                             continue;
                         }
                     }
@@ -145,7 +158,7 @@ fn fetch<J: DeserializeOwned + Send + 'static>(
             match st.consumer.read().await {
                 Ok(v) => {
                     st.failures = 0;
-                    st.buffer.extend(v);
+                    st.buffer.extend(v.into_iter().map(|e| (e, true)));
                 }
                 Err(e) => {
                     st.failures = st.failures.saturating_add(1);
@@ -160,8 +173,28 @@ fn fetch<J: DeserializeOwned + Send + 'static>(
     .boxed()
 }
 
+/// Joins the fresh entries at the front of `buffer` into `job` while they decode and
+/// fit ([`Coalesce::absorb`]); the first that does not stays where it is.
+fn join_following<J: DeserializeOwned + Coalesce>(
+    buffer: &mut VecDeque<(parafed::queue::consume::Entry, bool)>,
+    job: &mut J,
+    entry_ids: &mut Vec<String>,
+) {
+    while let Some((next, true)) = buffer.front() {
+        let Ok(other) = serde_json::from_slice::<J>(&next.payload) else {
+            return; // dropped (and acknowledged) when its turn comes
+        };
+        if job.absorb(other).is_some() {
+            return;
+        }
+        if let Some((e, _)) = buffer.pop_front() {
+            entry_ids.push(e.id);
+        }
+    }
+}
+
 /// Builds the backend for one queue consumer.
-pub fn backend<J: DeserializeOwned + Send + 'static>(
+pub fn backend<J: DeserializeOwned + Coalesce + Send + 'static>(
     consumer: StreamConsumer,
     control: Control,
     queue: QueueName,

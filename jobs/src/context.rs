@@ -50,29 +50,34 @@ impl Ctx {
 /// timeout.
 pub type JobError = Box<dyn std::error::Error + Send + Sync>;
 
-/// Acknowledges a job whose handler succeeded; leaves it pending otherwise.
+/// Acknowledges a job whose handler succeeded (every entry it was joined from); leaves
+/// it pending otherwise, its error noted on each entry.
 pub async fn finish<J>(
     consumer: &StreamConsumer,
     q: &Queued<J>,
     result: Result<(), JobError>,
     queue: &'static str,
 ) -> Result<(), JobError> {
+    let ids: Vec<&str> = q.entry_ids.iter().map(String::as_str).collect();
+    let entries = ids.join(",");
     match result {
         Ok(()) => {
             metrics::counter!("parafed_jobs_total", "queue" => queue, "outcome" => "ok")
-                .increment(1);
-            if let Err(e) = consumer.ack(&q.entry_id).await {
+                .increment(ids.len() as u64);
+            if let Err(e) = consumer.ack_all(&ids).await {
                 // The job is done; an unacked entry only means it may run once more.
-                tracing::warn!(entry = %q.entry_id, error = %e, "ack failed");
+                tracing::warn!(entries, error = %e, "ack failed");
             }
             Ok(())
         }
         Err(e) => {
             metrics::counter!("parafed_jobs_total", "queue" => queue, "outcome" => "error")
-                .increment(1);
-            tracing::warn!(queue, entry = %q.entry_id, error = %e, "job failed; it will be retried");
-            if let Err(re) = consumer.note_error(&q.entry_id, &e.to_string()).await {
-                tracing::debug!(entry = %q.entry_id, error = %re, "recording the job's error failed");
+                .increment(ids.len() as u64);
+            tracing::warn!(queue, entries, error = %e, "job failed; it will be retried");
+            for id in &ids {
+                if let Err(re) = consumer.note_error(id, &e.to_string()).await {
+                    tracing::debug!(entry = %id, error = %re, "recording the job's error failed");
+                }
             }
             Err(e)
         }

@@ -16,7 +16,7 @@ use crate::{deliver, fanout, verify};
 use parafed::queue::consume::StreamConsumer;
 
 /// A job type and the handler that runs it.
-trait Handler: serde::de::DeserializeOwned + Send + Sync + Unpin + 'static {
+trait Handler: serde::de::DeserializeOwned + queue::Coalesce + Send + Sync + Unpin + 'static {
     const QUEUE: QueueName;
     fn run(ctx: &Arc<Ctx>, job: &Self) -> impl Future<Output = Result<(), JobError>> + Send;
 }
@@ -113,8 +113,13 @@ pub async fn run(
             QueueName::Verify | QueueName::Fanout => concurrency,
         };
         // Entries read ahead are this worker's until it starts them: read a bounded
-        // number, so a busy worker does not hoard what an idle one could run.
-        consumer.batch = n.clamp(1, 64);
+        // number, so a busy worker does not hoard what an idle one could run. Verify
+        // and fanout jobs read together run as one (`backend`), so those queues read as
+        // many as one run takes: the read is the batch.
+        consumer.batch = match q {
+            QueueName::Deliver => n.clamp(1, 64),
+            QueueName::Verify | QueueName::Fanout => 64,
+        };
         consumer.min_idle = Duration::from_millis(app.cfg.worker.job_timeout_ms.max(1000));
         if let Err(e) = consumer.ensure_group().await {
             tracing::warn!(queue = q.as_str(), error = %e, "cannot create the consumer group yet; will retry");

@@ -238,20 +238,29 @@ impl StreamConsumer {
 
     /// Acknowledges and deletes a finished entry (and forgets its last error).
     pub async fn ack(&self, id: &str) -> RedisResult<()> {
+        self.ack_all(&[id]).await
+    }
+
+    /// Acknowledges and deletes finished entries (and forgets their last errors), in one
+    /// round trip: the entries of one coalesced job.
+    pub async fn ack_all(&self, ids: &[&str]) -> RedisResult<()> {
+        if ids.is_empty() {
+            return Ok(());
+        }
         let mut c = self.conn.clone();
         redis::pipe()
             .cmd("XACK")
             .arg(&self.key)
             .arg(GROUP)
-            .arg(id)
+            .arg(ids)
             .ignore()
             .cmd("XDEL")
             .arg(&self.key)
-            .arg(id)
+            .arg(ids)
             .ignore()
             .cmd("HDEL")
             .arg(&self.errors_key)
-            .arg(id)
+            .arg(ids)
             .ignore()
             .query_async::<()>(&mut c)
             .await

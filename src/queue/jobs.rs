@@ -110,6 +110,46 @@ pub struct DeliverJob {
     pub destination: String,
 }
 
+/// Jobs a worker read from a queue together may run as one: a job's cost is mostly per
+/// batch (statements, round trips), and at a steady rate the ingress's group commits
+/// are small, so when jobs queue up faster than they run, the worker joins them. Only
+/// jobs read together, never ones retried after a failure (see the worker's backend),
+/// so one job that keeps failing cannot hold back others.
+pub trait Coalesce: Sized {
+    /// Takes `other` into `self` (`None`), or gives it back when the two do not make
+    /// one job: batches whose events together exceed [`MAX_EVENTS_PER_JOB`], drains of
+    /// different destinations.
+    fn absorb(&mut self, other: Self) -> Option<Self>;
+}
+
+fn absorb_events(mine: &mut Vec<String>, theirs: Vec<String>) -> Option<Vec<String>> {
+    if mine.len() + theirs.len() > MAX_EVENTS_PER_JOB {
+        return Some(theirs);
+    }
+    mine.extend(theirs);
+    None
+}
+
+impl Coalesce for VerifyJob {
+    fn absorb(&mut self, other: Self) -> Option<Self> {
+        absorb_events(&mut self.event_ids, other.event_ids).map(|event_ids| VerifyJob { event_ids })
+    }
+}
+
+impl Coalesce for FanoutJob {
+    fn absorb(&mut self, other: Self) -> Option<Self> {
+        absorb_events(&mut self.event_ids, other.event_ids).map(|event_ids| FanoutJob { event_ids })
+    }
+}
+
+/// Two drains of one destination are one drain (the second would find the lease taken
+/// or the backlog empty).
+impl Coalesce for DeliverJob {
+    fn absorb(&mut self, other: Self) -> Option<Self> {
+        (other.destination != self.destination).then_some(other)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -143,5 +183,48 @@ mod tests {
         let flat: Vec<String> = jobs.into_iter().flat_map(|j| j.event_ids).collect();
         assert_eq!(flat, ids);
         assert!(FanoutJob::batches(Vec::new()).is_empty());
+    }
+
+    #[test]
+    fn jobs_read_together_join_up_to_the_batch_bound() {
+        let ids =
+            |r: std::ops::Range<usize>| -> Vec<String> { r.map(|i| format!("${i}:x")).collect() };
+        let mut j = VerifyJob {
+            event_ids: ids(0..2),
+        };
+        assert_eq!(
+            j.absorb(VerifyJob {
+                event_ids: ids(2..3)
+            }),
+            None
+        );
+        assert_eq!(j.event_ids, ids(0..3), "in the order read");
+        // Exactly full is taken; one more is given back whole.
+        let mut full = FanoutJob {
+            event_ids: ids(0..MAX_EVENTS_PER_JOB - 1),
+        };
+        assert_eq!(
+            full.absorb(FanoutJob {
+                event_ids: ids(1000..1001)
+            }),
+            None
+        );
+        assert_eq!(full.event_ids.len(), MAX_EVENTS_PER_JOB);
+        let back = full.absorb(FanoutJob {
+            event_ids: ids(2000..2001),
+        });
+        assert_eq!(
+            back,
+            Some(FanoutJob {
+                event_ids: ids(2000..2001)
+            })
+        );
+        assert_eq!(full.event_ids.len(), MAX_EVENTS_PER_JOB);
+        let d = |n: &str| DeliverJob {
+            destination: n.into(),
+        };
+        let mut a = d("beta.test");
+        assert_eq!(a.absorb(d("beta.test")), None);
+        assert_eq!(a.absorb(d("gamma.test")), Some(d("gamma.test")));
     }
 }

@@ -19,7 +19,7 @@ use std::time::Duration;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use serde::Serialize;
 
-pub use jobs::{DeliverJob, FanoutJob, QueueName, VerifyJob};
+pub use jobs::{Coalesce, DeliverJob, FanoutJob, QueueName, VerifyJob};
 
 /// Redis failures (unreachable, timed out, or an error reply).
 #[derive(Debug, thiserror::Error)]
