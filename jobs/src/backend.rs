@@ -214,3 +214,90 @@ pub fn backend<J: DeserializeOwned + Coalesce + Send + 'static>(
         .build()
         .unwrap_or_else(|e| unreachable!("every part of the backend is set: {e}"))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use parafed::queue::consume::Entry;
+    use parafed::queue::VerifyJob;
+
+    fn entry(id: &str, payload: &str, fresh: bool) -> (Entry, bool) {
+        (
+            Entry {
+                id: id.into(),
+                payload: payload.as_bytes().to_vec(),
+            },
+            fresh,
+        )
+    }
+
+    fn job(ids: &[&str]) -> String {
+        serde_json::to_string(&VerifyJob {
+            event_ids: ids.iter().map(|s| s.to_string()).collect(),
+        })
+        .unwrap()
+    }
+
+    /// Joins what follows the first job in `buffer` into it; returns the entry ids
+    /// taken, the job, and the ids left in the buffer.
+    fn join(mut buffer: VecDeque<(Entry, bool)>) -> (Vec<String>, VerifyJob, Vec<String>) {
+        let (first, _) = buffer.pop_front().unwrap();
+        let mut j: VerifyJob = serde_json::from_slice(&first.payload).unwrap();
+        let mut ids = vec![first.id];
+        join_following(&mut buffer, &mut j, &mut ids);
+        let left = buffer.into_iter().map(|(e, _)| e.id).collect();
+        (ids, j, left)
+    }
+
+    #[test]
+    fn fresh_jobs_read_together_are_joined_in_order() {
+        let buffer = VecDeque::from(vec![
+            entry("1-0", &job(&["$a:x"]), true),
+            entry("2-0", &job(&["$b:x", "$c:x"]), true),
+            entry("3-0", &job(&["$d:x"]), true),
+        ]);
+        let (ids, j, left) = join(buffer);
+        assert_eq!(ids, ["1-0", "2-0", "3-0"]);
+        assert_eq!(j.event_ids, ["$a:x", "$b:x", "$c:x", "$d:x"]);
+        assert!(left.is_empty());
+    }
+
+    #[test]
+    fn a_claimed_entry_an_undecodable_one_or_a_full_batch_ends_the_join() {
+        // A claimed entry (retried after a failure) runs alone.
+        let (ids, _, left) = join(VecDeque::from(vec![
+            entry("1-0", &job(&["$a:x"]), true),
+            entry("2-0", &job(&["$b:x"]), false),
+            entry("3-0", &job(&["$c:x"]), true),
+        ]));
+        assert_eq!(
+            (ids, left),
+            (
+                vec!["1-0".to_owned()],
+                vec!["2-0".to_owned(), "3-0".to_owned()]
+            )
+        );
+        // An undecodable entry stays for its own turn (acknowledged and dropped there).
+        let (ids, _, left) = join(VecDeque::from(vec![
+            entry("1-0", &job(&["$a:x"]), true),
+            entry("2-0", "{not json", true),
+        ]));
+        assert_eq!(
+            (ids, left),
+            (vec!["1-0".to_owned()], vec!["2-0".to_owned()])
+        );
+        // A job that would pass the batch bound stays whole for the next run.
+        let many: Vec<String> = (0..parafed::queue::jobs::MAX_EVENTS_PER_JOB)
+            .map(|i| format!("${i}:x"))
+            .collect();
+        let many: Vec<&str> = many.iter().map(String::as_str).collect();
+        let (ids, j, left) = join(VecDeque::from(vec![
+            entry("1-0", &job(&many[..200]), true),
+            entry("2-0", &job(&many[200..]), true),
+            entry("3-0", &job(&["$z:x"]), true),
+        ]));
+        assert_eq!(ids, ["1-0", "2-0"]);
+        assert_eq!(j.event_ids.len(), parafed::queue::jobs::MAX_EVENTS_PER_JOB);
+        assert_eq!(left, ["3-0"]);
+    }
+}
