@@ -199,6 +199,10 @@ impl Postgres {
                 "max_connections=300",
                 "-c",
                 "shared_buffers=64MB",
+                // As docs/operations.md recommends for parafed's database: a backlog
+                // that forms in seconds is planned with fresh statistics.
+                "-c",
+                "autovacuum_naptime=10s",
             ])
             .stdin(Stdio::null())
             .stdout(Stdio::null())
