@@ -52,6 +52,12 @@ pub type JobError = Box<dyn std::error::Error + Send + Sync>;
 
 /// Acknowledges a job whose handler succeeded (every entry it was joined from); leaves
 /// it pending otherwise, its error noted on each entry.
+///
+/// A joined job that failed does not say which of its jobs failed (verify settles every
+/// event it could judge and fails for the rest): its entries are handed back at once,
+/// marked idle, so the next claim round (seconds, not `job_timeout_ms`) runs each alone
+/// — those already settled finish at once, and only the one that fails again waits for
+/// its retry.
 pub async fn finish<J>(
     consumer: &StreamConsumer,
     q: &Queued<J>,
@@ -74,9 +80,12 @@ pub async fn finish<J>(
             metrics::counter!("parafed_jobs_total", "queue" => queue, "outcome" => "error")
                 .increment(ids.len() as u64);
             tracing::warn!(queue, entries, error = %e, "job failed; it will be retried");
-            for id in &ids {
-                if let Err(re) = consumer.note_error(id, &e.to_string()).await {
-                    tracing::debug!(entry = %id, error = %re, "recording the job's error failed");
+            if let Err(re) = consumer.note_errors(&ids, &e.to_string()).await {
+                tracing::debug!(entries, error = %re, "recording the job's error failed");
+            }
+            if q.entry_ids.len() > 1 {
+                if let Err(re) = consumer.hand_back(&q.entry_ids).await {
+                    tracing::debug!(entries, error = %re, "handing a joined job back failed; its entries are claimed after the idle timeout");
                 }
             }
             Err(e)

@@ -19,6 +19,8 @@
 
 use std::collections::HashMap;
 
+use futures::StreamExt;
+
 use parafed::delivery::order::{self, OrderKeys};
 use parafed::protocol::envelope::SignatureError;
 use parafed::protocol::Envelope;
@@ -115,6 +117,7 @@ pub async fn run(ctx: &Ctx, job: &VerifyJob) -> Result<(), JobError> {
     if pending.is_empty() {
         return Ok(());
     }
+    look_up_origins(ctx, &pending).await;
     let mut judged: Vec<(StoredEvent, Result<(), String>)> = Vec::with_capacity(pending.len());
     let mut not_yet: Option<JobError> = None;
     for e in pending {
@@ -132,6 +135,49 @@ pub async fn run(ctx: &Ctx, job: &VerifyJob) -> Result<(), JobError> {
         Some(e) => Err(e),
         None => Ok(()),
     }
+}
+
+/// Most origins looked up at once by [`look_up_origins`].
+const ORIGIN_LOOKUPS: usize = 16;
+
+/// Looks up, all at once (at most [`ORIGIN_LOOKUPS`] at a time), the origins whose keys
+/// a run's events need and this process does not hold: their endpoints and those keys.
+/// A run holds the events of many origins (jobs read together are joined), and
+/// [`judge_origin`] goes through them one after the other: one origin slow to answer
+/// (a connect timeout, a hanging `/keys`) would hold every lookup behind it. What is
+/// found — or found unreachable — is remembered by the directory and the keyring, so
+/// the judging that follows reads memory; errors are judged there, not here.
+async fn look_up_origins(ctx: &Ctx, events: &[StoredEvent]) {
+    let app = &ctx.app;
+    let mut missing: HashMap<&parafed::protocol::ServerName, Vec<parafed::protocol::KeyId>> =
+        HashMap::new();
+    for e in events {
+        let env = &e.envelope;
+        for kid in env.signing_key_ids().into_iter().take(4) {
+            if app
+                .keyring
+                .key_if_cached(&env.origin_server, &kid)
+                .is_none()
+            {
+                let kids = missing.entry(&env.origin_server).or_default();
+                if !kids.contains(&kid) {
+                    kids.push(kid);
+                }
+            }
+        }
+    }
+    // One origin: the judging does the same lookups in the same order.
+    if missing.len() < 2 {
+        return;
+    }
+    futures::stream::iter(missing)
+        .for_each_concurrent(ORIGIN_LOOKUPS, |(origin, kids)| async move {
+            let _ = app.directory.resolve_trusted(origin).await;
+            for kid in &kids {
+                let _ = app.keyring.key(origin, kid).await;
+            }
+        })
+        .await;
 }
 
 /// The rules of rooms hosted here, applied in storage order to the events their origin

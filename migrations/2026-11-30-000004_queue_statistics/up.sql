@@ -2,7 +2,8 @@
 -- goes down, comes back), and the planner's row estimates are only as fresh as the last
 -- ANALYZE. With statistics taken while outbound_queue was nearly empty, the drain's read
 -- of a 100 000-row backlog was planned as a bitmap scan of every waiting row and a sort
--- (44 ms a round) instead of an index range scan in storage order (well under 1 ms);
+-- (11–14 ms a round on average, up to 44 ms) instead of an index range scan in
+-- storage order (about 1 ms);
 -- see docs/performance.md. Autovacuum analyzes a table once `threshold + scale_factor
 -- × rows` rows changed (by default 50 + 10 %, a long wait on a big table); these tables
 -- are looked at after 1 000 + 2 % instead. Autovacuum still looks only every

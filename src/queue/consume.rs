@@ -269,14 +269,23 @@ impl StreamConsumer {
     /// Records why an entry's job failed (it stays pending and runs again), for
     /// `parafed admin jobs`; at most [`MAX_ERROR_CHARS`] characters.
     pub async fn note_error(&self, id: &str, error: &str) -> RedisResult<()> {
+        self.note_errors(&[id], error).await
+    }
+
+    /// [`note_error`](Self::note_error) for the entries of one joined job, in one round
+    /// trip.
+    pub async fn note_errors(&self, ids: &[&str], error: &str) -> RedisResult<()> {
+        if ids.is_empty() {
+            return Ok(());
+        }
         let mut c = self.conn.clone();
         let text: String = error.chars().take(MAX_ERROR_CHARS).collect();
-        redis::cmd("HSET")
-            .arg(&self.errors_key)
-            .arg(id)
-            .arg(text)
-            .query_async::<()>(&mut c)
-            .await
+        let mut cmd = redis::cmd("HSET");
+        cmd.arg(&self.errors_key);
+        for id in ids {
+            cmd.arg(*id).arg(&text);
+        }
+        cmd.query_async::<()>(&mut c).await
     }
 }
 

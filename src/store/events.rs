@@ -476,9 +476,10 @@ pub async fn claim_stale(
         status: String,
     }
     // Returned in storage order: they are pushed as batches, judged in that order.
-    let rows: Vec<Stale> = prepared(
-        diesel::sql_query(
-            "WITH claimed AS ( \
+    // Not kept prepared (`store::prepared`): it runs once a reconcile interval, and its
+    // cutoffs are times whose selectivity a generic plan would not know.
+    let rows: Vec<Stale> = (diesel::sql_query(
+        "WITH claimed AS ( \
            UPDATE federation_events SET enqueued_at = now() \
            WHERE event_id IN ( \
              SELECT event_id FROM federation_events \
@@ -488,11 +489,10 @@ pub async fn claim_stale(
               LIMIT $3 FOR UPDATE SKIP LOCKED) \
            RETURNING event_id, status, seq) \
          SELECT event_id, status FROM claimed ORDER BY seq",
-        )
-        .bind::<diesel::sql_types::Timestamptz, _>(verify_cutoff)
-        .bind::<diesel::sql_types::Timestamptz, _>(fanout_cutoff)
-        .bind::<BigInt, _>(limit),
     )
+    .bind::<diesel::sql_types::Timestamptz, _>(verify_cutoff)
+    .bind::<diesel::sql_types::Timestamptz, _>(fanout_cutoff)
+    .bind::<BigInt, _>(limit))
     .load(conn)
     .await?;
     let (verify, fanout): (Vec<Stale>, Vec<Stale>) =
@@ -540,20 +540,20 @@ pub async fn unsettled_before(
         return Ok(Vec::new());
     }
     // Literal statuses: the partial index `federation_events_unsettled_room` must stay
-    // usable in a cached generic plan.
-    let ids: Vec<String> = prepared(
-        diesel::sql_query(
-            "SELECT event_id FROM federation_events \
+    // usable in any plan. Not kept prepared (`store::prepared`): like the drain's read
+    // of waiting rows, it bounds `received_at` by a time minutes ago, which a generic
+    // plan would take for a third of the table.
+    let ids: Vec<String> = (diesel::sql_query(
+        "SELECT event_id FROM federation_events \
          WHERE room_id = ANY($1) AND seq < $2 AND received_at > $3 \
            AND (status IN ('pending', 'held') \
                 OR (status = 'accepted' AND fanned_out_at IS NULL)) \
          ORDER BY seq LIMIT $4",
-        )
-        .bind::<Array<Text>, _>(rooms)
-        .bind::<BigInt, _>(before_seq)
-        .bind::<diesel::sql_types::Timestamptz, _>(since)
-        .bind::<BigInt, _>(limit),
     )
+    .bind::<Array<Text>, _>(rooms)
+    .bind::<BigInt, _>(before_seq)
+    .bind::<diesel::sql_types::Timestamptz, _>(since)
+    .bind::<BigInt, _>(limit))
     .load::<IdRow>(conn)
     .await?
     .into_iter()

@@ -12,8 +12,10 @@
 //! fixed (or takes a handful of forms, like a limit written into it): every distinct
 //! text is a statement kept on each connection. Values still travel as bind
 //! parameters; Postgres plans custom or generic as it does for any prepared statement
-//! (`plan_cache_mode`), which is why the hot statements write selective literals (a
-//! status, a limit) into their text rather than binding them.
+//! (`plan_cache_mode`). A generic plan does not know the parameters' values, so
+//! statements whose best plan depends on them — a time bound of "minutes ago", a
+//! limit — are not wrapped (`outbound::waiting`, `events::unsettled_before`,
+//! `events::claim_stale`); the wrapped ones look rows up by key or unnest arrays.
 
 use diesel::pg::Pg;
 use diesel::query_builder::{AstPass, Query, QueryFragment, QueryId};

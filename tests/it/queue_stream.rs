@@ -198,3 +198,39 @@ async fn a_failing_job_shows_its_last_error_and_keeps_it_when_dead() {
     let ready = jobs.jobs(q, JobState::Ready, None, 10).await.unwrap();
     assert_eq!(ready[0].id, new_ids[0]);
 }
+
+/// The entries of a joined job that failed: the error is noted on each, and handed back
+/// they are claimed at the next claim round — not after the idle timeout — each to run
+/// alone; the entries of a joined job that succeeded are acknowledged and deleted
+/// together.
+#[tokio::test]
+async fn a_failed_joined_job_goes_back_at_once_and_a_finished_one_is_acked_whole() {
+    let redis = Redis::start().await.unwrap();
+    let a = consumer(&redis, "a").await;
+    let b = consumer(&redis, "b").await;
+    push(&redis, 4);
+    let got = a.read().await.unwrap();
+    assert_eq!(got.len(), 4);
+    let failed: Vec<String> = got[..2].iter().map(|e| e.id.clone()).collect();
+    let done: Vec<&str> = got[2..].iter().map(|e| e.id.as_str()).collect();
+    let ids: Vec<&str> = failed.iter().map(String::as_str).collect();
+    a.note_errors(&ids, "origin unreachable").await.unwrap();
+    assert_eq!(
+        command_line(redis.port, "HLEN t:q:errors").unwrap(),
+        ":2",
+        "the error is noted on every entry of the failed job"
+    );
+    // Not handed back, nothing is idle long enough (min_idle 60 s) to be claimed.
+    let (none, _) = b.claim_stale().await.unwrap();
+    assert!(none.is_empty());
+    a.hand_back(&failed).await.unwrap();
+    let (claimed, _) = b.claim_stale().await.unwrap();
+    let claimed: HashSet<String> = claimed.into_iter().map(|e| e.id).collect();
+    assert_eq!(claimed, failed.iter().cloned().collect::<HashSet<_>>());
+    a.ack_all(&done).await.unwrap();
+    assert_eq!(
+        command_line(redis.port, "XLEN t:q").unwrap(),
+        ":2",
+        "the finished job's two entries are deleted, the failed job's two stay"
+    );
+}
