@@ -232,10 +232,11 @@ pub async fn waiting(
     // The limit is written into the statement: as a parameter, a cached generic plan
     // does not know the batch is small and hashes all of federation_events instead of
     // looking the few rows up by key (measured: 17 ms against 0.8 ms with 100 000 events).
-    // Not kept prepared either (`store::prepared`): a generic plan does not know that
-    // `$2` is minutes ago, so it plans the earlier-event check as if a third of the
-    // events qualified (measured: 13.6 ms a round against about 1 ms during a 100 000
-    // backlog). Its parse costs a few µs per delivery at a window of 32.
+    // Not kept prepared either (`store::prepared`): a generic plan would not know that
+    // `$2` is minutes ago and could plan the earlier-event check as if a third of the
+    // events qualified. Its parse costs a few µs per delivery at a window of 32. (Its
+    // plan also needs fresh statistics of outbound_queue: see the migration
+    // `2026-11-30-000004_queue_statistics`.)
     Ok(diesel::sql_query(format!(
         "SELECT o.id, o.event_id, o.attempts, o.created_at, o.event_seq, o.order_provides, \
                 o.order_waits, e.room_id, e.received_at, \
