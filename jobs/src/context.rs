@@ -65,27 +65,28 @@ pub async fn finish<J>(
     queue: &'static str,
 ) -> Result<(), JobError> {
     let ids: Vec<&str> = q.entry_ids.iter().map(String::as_str).collect();
-    let entries = ids.join(",");
+    // For the log lines, which only the failures write.
+    let entries = || ids.join(",");
     match result {
         Ok(()) => {
             metrics::counter!("parafed_jobs_total", "queue" => queue, "outcome" => "ok")
                 .increment(ids.len() as u64);
             if let Err(e) = consumer.ack_all(&ids).await {
                 // The job is done; an unacked entry only means it may run once more.
-                tracing::warn!(entries, error = %e, "ack failed");
+                tracing::warn!(entries = entries(), error = %e, "ack failed");
             }
             Ok(())
         }
         Err(e) => {
             metrics::counter!("parafed_jobs_total", "queue" => queue, "outcome" => "error")
                 .increment(ids.len() as u64);
-            tracing::warn!(queue, entries, error = %e, "job failed; it will be retried");
+            tracing::warn!(queue, entries = entries(), error = %e, "job failed; it will be retried");
             if let Err(re) = consumer.note_errors(&ids, &e.to_string()).await {
-                tracing::debug!(entries, error = %re, "recording the job's error failed");
+                tracing::debug!(entries = entries(), error = %re, "recording the job's error failed");
             }
             if q.entry_ids.len() > 1 {
                 if let Err(re) = consumer.hand_back(&q.entry_ids).await {
-                    tracing::debug!(entries, error = %re, "handing a joined job back failed; its entries are claimed after the idle timeout");
+                    tracing::debug!(entries = entries(), error = %re, "handing a joined job back failed; its entries are claimed after the idle timeout");
                 }
             }
             Err(e)

@@ -215,10 +215,10 @@ impl StreamConsumer {
         Ok(parse_entries(&v))
     }
 
-    /// Gives entries this consumer read but will not run (it is stopping) back to the
-    /// group: they stay with this consumer, marked idle for `min_idle` already, so the
-    /// next claim round of any other consumer takes them at once instead of a
-    /// `job_timeout` later.
+    /// Gives entries this consumer read but will not run (it is stopping), or ran as one
+    /// joined job that failed, back to the group: they stay with this consumer, marked
+    /// idle for `min_idle` already, so the next claim round of any consumer takes them
+    /// at once instead of a `job_timeout` later.
     pub async fn hand_back(&self, ids: &[String]) -> RedisResult<()> {
         if ids.is_empty() {
             return Ok(());
