@@ -276,7 +276,7 @@ impl Default for WorkerConfig {
             queues: Vec::new(),
             concurrency: 2,
             deliver_concurrency: 64,
-            probe_concurrency: 256,
+            probe_concurrency: 1024,
             scheduler_interval_ms: 1_000,
             reconcile_interval_ms: 10_000,
             stale_after_ms: 30_000,

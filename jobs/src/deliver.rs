@@ -23,6 +23,7 @@ use chrono::Utc;
 use http::Method;
 use parafed::delivery::attempt::{self, AttemptResult};
 use parafed::delivery::backoff::random_jitter;
+use parafed::delivery::deferral::{self, Owed};
 use parafed::delivery::destination::Sending;
 use parafed::delivery::order::{self, OrderKeys, Unsettled};
 use parafed::delivery::outcome::{self, Previous};
@@ -33,7 +34,7 @@ use parafed::remote::send::send_signed;
 use parafed::store::attempts::{self, Finished};
 use parafed::store::destinations::{self, Health};
 use parafed::store::outbound::{self, Settled, Waiting};
-use parafed::store::{events, retention, StoreError};
+use parafed::store::{deferrals, events, retention, StoreError};
 use parafed::trust::Standing;
 
 use crate::context::{Ctx, JobError};
@@ -141,7 +142,8 @@ async fn drain_destination(ctx: &Ctx, dest: &ServerName, probing: bool) -> Resul
             }
             Drain::Empty => {
                 // Rows that arrived while we held the lease, after our last look.
-                if !outbound::has_waiting(&mut conn, dest.as_str()).await? {
+                let pass_before = Utc::now() - pass_age(&ctx.policy);
+                if !outbound::has_waiting(&mut conn, dest.as_str(), pass_before).await? {
                     return Ok(());
                 }
             }
@@ -227,6 +229,13 @@ async fn drain(
 ) -> Result<Drain, JobError> {
     let app = &ctx.app;
     let policy = &ctx.policy;
+    // The destination's deferrals (`delivery::deferral`): read once per drain, again
+    // after each round that caught them up. Rows of their rooms after their cursors are
+    // held back until the cursor passed them.
+    let mut deferred: Vec<deferrals::Stored> = {
+        let mut conn = app.pool.get().await.map_err(StoreError::from)?;
+        deferrals::of(&mut conn, dest.as_str()).await?
+    };
     loop {
         // An operator's pause of the deliver queue stops the drain between batches; the
         // job re-queues itself and waits in the paused queue.
@@ -257,10 +266,22 @@ async fn drain(
         let since = Utc::now()
             - chrono::Duration::from_std(policy.dependency_wait)
                 .unwrap_or(chrono::Duration::minutes(5));
-        let rows = outbound::waiting(&mut conn, dest.as_str(), scan, since).await?;
+        let mut rows = outbound::waiting(&mut conn, dest.as_str(), scan, since).await?;
+        // A deferral's rows are written a few windows ahead of what is sent, when fewer
+        // are left than a round looks at; for a probe (one request), only when nothing
+        // is left: a peer that stays down does not collect rows one probe after another.
+        let sendable = held_back_count(&rows, &deferred);
+        if !deferred.is_empty() && (sendable == 0 || (limit > 1 && (sendable as i64) < scan)) {
+            let budget = if limit > 1 { 4 * scan as usize } else { 16 };
+            catch_up(ctx, &mut conn, dest, &deferred, budget).await?;
+            deferred = deferrals::of(&mut conn, dest.as_str()).await?;
+            rows = outbound::waiting(&mut conn, dest.as_str(), scan, since).await?;
+        }
         if rows.is_empty() {
             return Ok(Drain::Empty);
         }
+        let full = rows.len() as i64 >= scan;
+        let rows = held_back(rows, &deferred);
         // Rows past their maximum age are not sent any more.
         let cutoff = Utc::now()
             - chrono::Duration::from_std(policy.max_age).unwrap_or(chrono::Duration::days(1));
@@ -275,13 +296,12 @@ async fn drain(
             metrics::counter!("parafed_deliveries_total", "outcome" => "dead").increment(n as u64);
             continue;
         }
-        let full = rows.len() as i64 >= scan;
         let mut chosen = choose(ctx, &mut conn, rows, limit, since).await?;
         if chosen.is_empty() && full {
             // Everything looked at waits behind one dependency: look further once, so
             // unrelated rows behind a busy message's reactions still go.
             let wider = outbound::waiting(&mut conn, dest.as_str(), scan * 8, since).await?;
-            chosen = choose(ctx, &mut conn, wider, limit, since).await?;
+            chosen = choose(ctx, &mut conn, held_back(wider, &deferred), limit, since).await?;
         }
         if chosen.is_empty() {
             // Everything waits for earlier events not yet fanned out: the scheduler
@@ -323,6 +343,111 @@ async fn drain(
             return Ok(Drain::Stopped);
         }
     }
+}
+
+/// How old an unsettled event must be for a deferral's cursor to pass over it
+/// (`delivery::deferral`).
+pub(crate) fn pass_age(policy: &parafed::delivery::Policy) -> chrono::Duration {
+    chrono::Duration::from_std(policy.dependency_wait * 2).unwrap_or(chrono::Duration::hours(1))
+}
+
+/// Writes the rows of the destination's deferrals, at most `budget` events of each room
+/// at a time, and moves their cursors (`delivery::deferral` decides, `store::deferrals`
+/// writes, one statement per room that moved).
+async fn catch_up(
+    ctx: &Ctx,
+    conn: &mut parafed::store::PgConn,
+    dest: &ServerName,
+    deferred: &[deferrals::Stored],
+    budget: usize,
+) -> Result<(), JobError> {
+    let now = Utc::now();
+    for d in deferred {
+        let events =
+            events::room_after(conn, &d.room_id, d.from_seq, d.until_seq, budget as i64).await?;
+        let owed: Vec<Owed> = events
+            .iter()
+            .map(|e| Owed {
+                seq: e.seq,
+                standing: match e.status.as_str() {
+                    "accepted" if e.fanned_out => deferral::Standing::Relayed,
+                    "rejected" => deferral::Standing::Rejected,
+                    _ => deferral::Standing::Unsettled,
+                },
+                received_at: e.received_at,
+                origin: e.envelope.origin_server.as_str(),
+                received_from: e.received_from.as_deref(),
+            })
+            .collect();
+        let state = deferral::Deferral {
+            cursor: d.from_seq,
+            until: d.until_seq,
+            joined: d.joined,
+        };
+        let complete = events.len() < budget;
+        let plan = deferral::plan(
+            dest.as_str(),
+            state,
+            &owed,
+            complete,
+            now,
+            ctx.policy.dependency_wait,
+        );
+        if plan.cursor == d.from_seq && !plan.done {
+            continue;
+        }
+        let keys: Vec<OrderKeys> = plan
+            .rows
+            .iter()
+            .map(|&i| order::keys_of(&events[i].envelope))
+            .collect();
+        let rows: Vec<deferrals::Caught> = plan
+            .rows
+            .iter()
+            .zip(&keys)
+            .map(|(&i, k)| deferrals::Caught {
+                event_id: events[i].envelope.event_id.as_str(),
+                event_seq: events[i].seq,
+                provides: &k.provides,
+                waits: &k.waits,
+                received_at: events[i].received_at,
+            })
+            .collect();
+        deferrals::advance(
+            conn,
+            dest.as_str(),
+            &d.room_id,
+            d.from_seq,
+            plan.cursor,
+            plan.done,
+            &rows,
+        )
+        .await?;
+        metrics::counter!("parafed_outbound_rows_total").increment(rows.len() as u64);
+    }
+    Ok(())
+}
+
+/// `rows` without those after their room's deferral cursor: they were written by a late
+/// fan-out, ahead of events the deferral still owes, and wait until the cursor passed
+/// them (the room's events leave in storage order).
+fn held_back(rows: Vec<Waiting>, deferred: &[deferrals::Stored]) -> Vec<Waiting> {
+    if deferred.is_empty() {
+        return rows;
+    }
+    rows.into_iter().filter(|r| !behind(r, deferred)).collect()
+}
+
+/// How many of `rows` [`held_back`] keeps.
+fn held_back_count(rows: &[Waiting], deferred: &[deferrals::Stored]) -> usize {
+    rows.iter().filter(|r| !behind(r, deferred)).count()
+}
+
+/// Whether `r` is after its room's deferral cursor.
+fn behind(r: &Waiting, deferred: &[deferrals::Stored]) -> bool {
+    deferred
+        .iter()
+        .any(|d| d.room_id == r.room_id && r.event_seq > d.from_seq)
 }
 
 /// The rows that may be sent now, at most `limit`, in order (`delivery::order`).

@@ -16,11 +16,13 @@
 
 use std::collections::HashMap;
 
+use parafed::delivery::deferral::{self, How, Open, Reach};
 use parafed::delivery::order;
 use parafed::protocol::ServerName;
 use parafed::queue::FanoutJob;
+use parafed::store::deferrals;
 use parafed::store::events::{self, StoredEvent};
-use parafed::store::outbound::{self, Enqueued, NewOutbound};
+use parafed::store::outbound::{self, Deferred, Enqueued, Fanned, NewOutbound};
 use parafed::store::rooms::{self, Membership};
 use parafed::trust::Standing;
 
@@ -68,11 +70,11 @@ pub async fn run(ctx: &Ctx, job: &FanoutJob) -> Result<(), JobError> {
     let batch: Vec<&StoredEvent> = batch.iter().collect();
     let targets = targets(ctx, &batch).await?;
     let keys: Vec<order::OrderKeys> = batch.iter().map(|e| order::keys_of(&e.envelope)).collect();
-    let rows = rows_of(&batch, &keys, targets);
+    let fanned = decide(ctx, &batch, &keys, targets).await?;
     let done: Vec<&str> = batch.iter().map(|e| e.envelope.event_id.as_str()).collect();
     let written = {
         let mut conn = app.pool.get().await?;
-        outbound::enqueue(&mut conn, &rows, &done).await?
+        outbound::enqueue(&mut conn, &fanned, &done).await?
     };
     schedule(ctx, &written).await
 }
@@ -82,6 +84,7 @@ pub async fn run(ctx: &Ctx, job: &FanoutJob) -> Result<(), JobError> {
 /// no database read (the statement that wrote them said which are healthy).
 pub(crate) async fn schedule(ctx: &Ctx, written: &Enqueued) -> Result<(), JobError> {
     metrics::counter!("parafed_outbound_rows_total").increment(written.rows as u64);
+    metrics::counter!("parafed_outbound_deferred_total").increment(written.deferred as u64);
     if !written.healthy.is_empty() {
         ctx.app.queue.schedule_deliveries(&written.healthy).await?;
     }
@@ -156,29 +159,107 @@ pub(crate) async fn targets(
     Ok(targets)
 }
 
-/// The outbound rows of `batch`: each event (with its ordering keys, `keys`) and its
-/// destinations.
-pub(crate) fn rows_of<'a>(
+/// The fan-out of `batch`: each event (with its ordering keys, `keys`) and the
+/// destinations that get a row now, the deferrals to start, and the healthy destinations
+/// a deferral covers (`delivery::deferral::fan_out` decides each pair). Events of rooms
+/// hosted here stored less than `dependency_wait` ago may be deferred
+/// (`outbound::deferrable`); the destinations' states and deferrals are read for them in
+/// one statement.
+pub(crate) async fn decide<'a>(
+    ctx: &Ctx,
     batch: &[&'a StoredEvent],
     keys: &'a [order::OrderKeys],
     targets: Vec<Vec<String>>,
-) -> Vec<(NewOutbound<'a>, Vec<String>)> {
-    batch
+) -> Result<Fanned<'a>, JobError> {
+    let now = chrono::Utc::now();
+    let deferrable: Vec<bool> = batch
         .iter()
-        .zip(keys)
-        .zip(targets)
-        .map(|((e, k), to)| {
-            (
-                NewOutbound {
-                    event_id: e.envelope.event_id.as_str(),
-                    event_seq: e.seq,
-                    provides: &k.provides,
-                    waits: &k.waits,
-                },
-                to,
+        .map(|e| {
+            outbound::deferrable(
+                hosted_here(&ctx.app, e),
+                e.received_at,
+                now,
+                ctx.policy.dependency_wait,
             )
         })
-        .collect()
+        .collect();
+    // The states of the destinations of deferrable events, and their deferrals.
+    let (reach, open) = {
+        let mut names: Vec<&str> = Vec::new();
+        let mut rooms: Vec<&str> = Vec::new();
+        for ((e, to), &d) in batch.iter().zip(&targets).zip(&deferrable) {
+            if d && !to.is_empty() {
+                names.extend(to.iter().map(String::as_str));
+                rooms.push(e.envelope.room_id.as_str());
+            }
+        }
+        names.sort_unstable();
+        names.dedup();
+        rooms.sort_unstable();
+        rooms.dedup();
+        if names.is_empty() {
+            Default::default()
+        } else {
+            let mut conn = ctx.app.pool.get().await?;
+            deferrals::fan_out_view(&mut conn, &names, &rooms).await?
+        }
+    };
+    let mut fanned = Fanned::default();
+    let mut start: HashMap<(String, String), i64> = HashMap::new();
+    let mut covered: std::collections::BTreeSet<String> = Default::default();
+    for (((e, k), to), d) in batch.iter().zip(keys).zip(targets).zip(deferrable) {
+        let room = e.envelope.room_id.as_str();
+        let mut send = Vec::with_capacity(to.len());
+        for dest in to {
+            let healthy = reach.get(&dest).is_none_or(|&(healthy, _)| healthy);
+            let r = reach
+                .get(&dest)
+                .map(|&(_, unreachable)| Reach { unreachable });
+            let o = open
+                .get(&(dest.clone(), room.to_owned()))
+                .map(|&(from_seq, until_seq)| Open {
+                    from_seq,
+                    until_seq,
+                });
+            match deferral::fan_out(d, e.seq, r, o) {
+                How::Send => send.push(dest),
+                How::Skip => {
+                    fanned.deferred += 1;
+                    if healthy {
+                        covered.insert(dest);
+                    }
+                }
+                How::Defer => {
+                    fanned.deferred += 1;
+                    let from = start.entry((dest, room.to_owned())).or_insert(i64::MAX);
+                    *from = (*from).min(e.seq - 1);
+                }
+            }
+        }
+        fanned.rows.push((
+            NewOutbound {
+                event_id: e.envelope.event_id.as_str(),
+                event_seq: e.seq,
+                room_id: e.envelope.room_id.as_str(),
+                deferrable: d,
+                provides: &k.provides,
+                waits: &k.waits,
+            },
+            send,
+        ));
+    }
+    let mut start: Vec<Deferred> = start
+        .into_iter()
+        .map(|((destination, room_id), from_seq)| Deferred {
+            destination,
+            room_id,
+            from_seq,
+        })
+        .collect();
+    start.sort_by(|a, b| (&a.destination, &a.room_id).cmp(&(&b.destination, &b.room_id)));
+    fanned.start = start;
+    fanned.covered_healthy = covered.into_iter().collect();
+    Ok(fanned)
 }
 
 /// Whether `e` is in a room hosted here (its room id's domain is ours): such events are

@@ -71,7 +71,8 @@ pub async fn run(ctx: Arc<Ctx>, mut stop: tokio::sync::watch::Receiver<bool>) {
 async fn schedule_due(ctx: &Ctx) -> Result<(), crate::context::JobError> {
     let due = {
         let mut conn = ctx.app.pool.get().await?;
-        destinations::due(&mut conn, 1000).await?
+        let pass_before = chrono::Utc::now() - crate::deliver::pass_age(&ctx.policy);
+        destinations::due(&mut conn, 1000, pass_before).await?
     };
     ctx.app.queue.schedule_deliveries(&due).await?;
     Ok(())

@@ -288,7 +288,7 @@ async fn settle(ctx: &Ctx, judged: &[(StoredEvent, Result<(), String>)]) -> Resu
         .iter()
         .map(|e| order::keys_of(&e.envelope))
         .collect();
-    let rows = fanout::rows_of(&relayed, &keys, targets);
+    let fanned = fanout::decide(ctx, &relayed, &keys, targets).await?;
     let rejected: Vec<(&str, i64, &str)> = judged
         .iter()
         .filter_map(|(e, v)| {
@@ -299,7 +299,7 @@ async fn settle(ctx: &Ctx, judged: &[(StoredEvent, Result<(), String>)]) -> Resu
         .collect();
     let ((now_accepted, written), now_rejected) = {
         let mut conn = app.pool.get().await?;
-        let a = events::accept(&mut conn, &accepted, &rows).await?;
+        let a = events::accept(&mut conn, &accepted, &fanned).await?;
         let r = events::reject(&mut conn, &rejected).await?;
         (a, r)
     };

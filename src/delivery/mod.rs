@@ -10,6 +10,8 @@
 //!   its transitions;
 //! * [`attempt`] — what the attempt log records about one request;
 //! * [`explain`] — what happens next to an event at each destination, for operators;
+//! * [`deferral`] — which of a room's events a destination's drain writes rows for when
+//!   it catches up a deferral (fan-out left the destination out while it was down);
 //! * [`order`] — which events may be in flight together: dependants after what they
 //!   depend on (PROTOCOL.md "What a sender must treat as what", last paragraph).
 //!
@@ -18,6 +20,7 @@
 
 pub mod attempt;
 pub mod backoff;
+pub mod deferral;
 pub mod destination;
 pub mod explain;
 pub mod order;

@@ -202,20 +202,29 @@ struct DestRow {
     destination: String,
 }
 
-/// Destinations with waiting rows that nobody is draining and that are healthy, or whose
-/// backoff or hold has ended: what the scheduler pushes deliver jobs for.
-pub async fn due(conn: &mut AsyncPgConnection, limit: i64) -> Result<Vec<String>, StoreError> {
+/// Destinations with waiting rows (or a deferral with something to do:
+/// `deferrals::has_work`, `pass_before` as there) that nobody is draining and that are
+/// healthy, or whose backoff or hold has ended: what the scheduler pushes deliver jobs
+/// for.
+pub async fn due(
+    conn: &mut AsyncPgConnection,
+    limit: i64,
+    pass_before: DateTime<Utc>,
+) -> Result<Vec<String>, StoreError> {
     let rows: Vec<DestRow> = prepared(
-        diesel::sql_query(
+        diesel::sql_query(format!(
             "SELECT h.destination FROM destination_health h \
          WHERE (h.state = 'healthy' \
                 OR (h.state IN ('backing_off', 'held') AND h.backoff_until <= now())) \
            AND (h.lease_until IS NULL OR h.lease_until < now()) \
-           AND EXISTS (SELECT 1 FROM outbound_queue o \
-                       WHERE o.destination = h.destination AND o.status = 'pending') \
+           AND (EXISTS (SELECT 1 FROM outbound_queue o \
+                        WHERE o.destination = h.destination AND o.status = 'pending') \
+                OR {deferred}) \
          ORDER BY h.backoff_until NULLS FIRST LIMIT $1",
-        )
-        .bind::<BigInt, _>(limit),
+            deferred = super::deferrals::has_work("h.destination", "$2")
+        ))
+        .bind::<BigInt, _>(limit)
+        .bind::<diesel::sql_types::Timestamptz, _>(pass_before),
     )
     .load(conn)
     .await?;

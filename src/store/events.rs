@@ -287,6 +287,28 @@ pub async fn room_since(
     rows.into_iter().map(from_row).collect()
 }
 
+/// Events of a room stored after `after_seq` (and at most `until_seq`), in storage
+/// order, at most `limit`, whatever their status: what a deferral's drain decides over
+/// (`delivery::deferral`). Read by `federation_events_room_seq`.
+pub async fn room_after(
+    conn: &mut AsyncPgConnection,
+    room_id: &str,
+    after_seq: i64,
+    until_seq: Option<i64>,
+    limit: i64,
+) -> Result<Vec<StoredEvent>, StoreError> {
+    let rows: Vec<Row> = fe::table
+        .filter(fe::room_id.eq(room_id))
+        .filter(fe::seq.gt(after_seq))
+        .filter(fe::seq.le(until_seq.unwrap_or(i64::MAX)))
+        .order(fe::seq.asc())
+        .limit(limit)
+        .select(Row::as_select())
+        .load(conn)
+        .await?;
+    rows.into_iter().map(from_row).collect()
+}
+
 /// One judged event of a verify batch: the copy that was judged (`seq`: if another copy
 /// replaced it meanwhile — a correctly signed one over an unchecked forgery — its
 /// verdict is not applied) and whether a fanout job still has to fan it out
@@ -305,41 +327,47 @@ pub struct Judged<'a> {
 /// are left alone, and get no outbound rows. Returns the ids accepted now, in storage
 /// order — the feed's order — and what was written to the outbound queue.
 ///
-/// One statement when the rows fit in one (`outbound::MAX_ROWS_PER_STATEMENT`, the
+/// One statement when the rows fit in one (`outbound::MAX_ENTRIES_PER_STATEMENT`, the
 /// usual case); else a transaction of the accept and `outbound::enqueue`.
 pub async fn accept(
     conn: &mut AsyncPgConnection,
     judged: &[Judged<'_>],
-    fan_out: &[(super::outbound::NewOutbound<'_>, Vec<String>)],
+    fan_out: &super::outbound::Fanned<'_>,
 ) -> Result<(Vec<String>, super::outbound::Enqueued), StoreError> {
-    use super::outbound::{self, Columns, Enqueued, Written};
+    use super::outbound::{self, bind_columns, Columns, Enqueued, Written};
     if judged.is_empty() {
         return Ok(Default::default());
     }
-    let rows = outbound::sorted_rows(fan_out);
-    if rows.len() > outbound::MAX_ROWS_PER_STATEMENT {
+    if outbound::statements(&fan_out.rows).len() > 1 {
         return conn
             .transaction::<_, StoreError, _>(async |conn| {
-                let (accepted, _) = accept_with(conn, judged, &[]).await?;
+                let (accepted, _) = accept_with(conn, judged, &Default::default()).await?;
                 let now: std::collections::HashSet<&str> =
                     accepted.iter().map(String::as_str).collect();
                 let rows: Vec<(outbound::NewOutbound, Vec<String>)> = fan_out
+                    .rows
                     .iter()
                     .filter(|(e, _)| now.contains(e.event_id))
                     .cloned()
                     .collect();
-                let written = outbound::enqueue(conn, &rows, &[]).await?;
+                let fanned = outbound::Fanned {
+                    rows,
+                    start: fan_out.start.clone(),
+                    deferred: fan_out.deferred,
+                    covered_healthy: fan_out.covered_healthy.clone(),
+                };
+                let written = outbound::enqueue(conn, &fanned, &[]).await?;
                 Ok((accepted, written))
             })
             .await;
     }
-    return accept_with(conn, judged, &rows).await;
+    return accept_with(conn, judged, fan_out).await;
 
     /// The one statement: accept, feed, and the rows of the events accepted now.
     async fn accept_with(
         conn: &mut AsyncPgConnection,
         judged: &[Judged<'_>],
-        rows: &[(&str, &outbound::NewOutbound<'_>)],
+        fan_out: &outbound::Fanned<'_>,
     ) -> Result<(Vec<String>, Enqueued), StoreError> {
         #[derive(QueryableByName)]
         struct Out {
@@ -357,11 +385,12 @@ pub async fn accept(
         let ids: Vec<&str> = judged.iter().map(|j| j.event_id).collect();
         let seqs: Vec<i64> = judged.iter().map(|j| j.seq).collect();
         let later: Vec<bool> = judged.iter().map(|j| j.fan_out_later).collect();
-        let c = Columns::of(rows);
+        let c = Columns::of(&fan_out.rows, &fan_out.start);
         // The feed entries are written by the same statement: their position is its
         // transaction's id (`feed`), and they are numbered in storage order.
-        let out: Vec<Out> = prepared(diesel::sql_query(format!(
-            "WITH settled AS ( \
+        let out: Vec<Out> = prepared(bind_columns!(
+            diesel::sql_query(format!(
+                "WITH settled AS ( \
                UPDATE federation_events e SET status = 'accepted', reject_reason = NULL, \
                       verified_at = now(), \
                       fanned_out_at = CASE WHEN x.later THEN NULL ELSE now() END \
@@ -372,28 +401,24 @@ pub async fn accept(
                INSERT INTO inbound_feed (event_id, room_id) \
                SELECT event_id, room_id FROM settled ORDER BY seq \
                ON CONFLICT (event_id) DO NOTHING), \
-             rows AS ( \
-               SELECT x.* FROM UNNEST($4::text[], $5::text[], $6::bigint[], $7::text[], $8::text[]) \
-                 AS x(d, e, s, p, w) \
-                WHERE x.e IN (SELECT event_id FROM settled)), \
+             {rows}, \
              {ctes}, \
              written AS ({written}) \
-             SELECT event_id, seq, NULL::text AS destination, 0::bigint AS rows, false AS healthy \
+             SELECT event_id, seq, NULL::text AS destination, 0::bigint AS rows, \
+                    false AS healthy \
                FROM settled \
              UNION ALL \
              SELECT NULL, 0, destination, rows, healthy FROM written",
-            ctes = outbound::WRITE_CTES,
-            written = outbound::WRITTEN,
+                rows = outbound::input_ctes(4, "WHERE x.e IN (SELECT event_id FROM settled)"),
+                ctes = outbound::WRITE_CTES,
+                written = outbound::WRITTEN,
+            ))
+            .bind::<Array<Text>, _>(&ids)
+            .bind::<Array<BigInt>, _>(&seqs)
+            .bind::<Array<diesel::sql_types::Bool>, _>(&later),
+            c
         ))
-        .bind::<Array<Text>, _>(&ids)
-        .bind::<Array<BigInt>, _>(&seqs)
-        .bind::<Array<diesel::sql_types::Bool>, _>(&later)
-        .bind::<Array<Text>, _>(&c.destinations)
-        .bind::<Array<Text>, _>(&c.event_ids)
-        .bind::<Array<BigInt>, _>(&c.seqs)
-        .bind::<Array<Text>, _>(&c.provides)
-        .bind::<Array<Text>, _>(&c.waits)
-        ).load(conn)
+        .load(conn)
         .await?;
         let mut accepted: Vec<(i64, String)> = Vec::new();
         let mut written = Vec::new();
@@ -413,7 +438,7 @@ pub async fn accept(
         enqueued.add(written);
         Ok((
             accepted.into_iter().map(|(_, id)| id).collect(),
-            enqueued.sorted(),
+            enqueued.finish(fan_out),
         ))
     }
 }

@@ -366,10 +366,12 @@ pub struct DestinationView {
     /// `healthy`, `backing_off`, `held` or `paused`.
     #[diesel(sql_type = Text)]
     pub state: String,
-    /// Deliveries waiting.
+    /// Deliveries waiting: rows, and events a deferral still owes (fan-out left the
+    /// destination out while it was down; `store::deferrals`).
     #[diesel(sql_type = BigInt)]
     pub backlog: i64,
-    /// When the oldest waiting delivery was created.
+    /// When the oldest waiting delivery was created (for one a deferral owes: when its
+    /// event was stored).
     #[diesel(sql_type = Nullable<Timestamptz>)]
     pub oldest_pending: Option<DateTime<Utc>>,
     #[diesel(sql_type = Integer)]
@@ -392,11 +394,25 @@ pub struct DestinationView {
     pub paused_by: Option<String>,
 }
 
+// The backlog counts waiting rows and the events the destination's deferrals still owe
+// (`store::deferrals`: the room's events after the cursor, less the rejected ones and the
+// destination's own; unsettled ones counted as owed).
 const DESTINATION_SELECT: &str = "SELECT d.destination, d.state, \
       (SELECT count(*) FROM outbound_queue o WHERE o.destination = d.destination \
-         AND o.status = 'pending') AS backlog, \
-      (SELECT min(created_at) FROM outbound_queue o WHERE o.destination = d.destination \
-         AND o.status = 'pending') AS oldest_pending, \
+         AND o.status = 'pending') \
+      + (SELECT count(*) FROM outbound_deferrals f JOIN federation_events e \
+           ON e.room_id = f.room_id AND e.seq > f.from_seq \
+          AND (f.until_seq IS NULL OR e.seq <= f.until_seq) \
+          WHERE f.destination = d.destination AND e.status <> 'rejected' \
+            AND e.origin_server <> f.destination \
+            AND e.received_from IS DISTINCT FROM f.destination) AS backlog, \
+      LEAST((SELECT min(created_at) FROM outbound_queue o WHERE o.destination = d.destination \
+               AND o.status = 'pending'), \
+            (SELECT min(e.received_at) FROM outbound_deferrals f JOIN federation_events e \
+               ON e.room_id = f.room_id AND e.seq > f.from_seq \
+              AND (f.until_seq IS NULL OR e.seq <= f.until_seq) \
+              WHERE f.destination = d.destination AND e.status <> 'rejected')) \
+        AS oldest_pending, \
       d.consecutive_failures, d.backoff_until, d.last_success_at, d.last_error_at, \
       d.last_error, d.last_status_code, d.paused_reason, d.paused_by \
     FROM destination_health d";

@@ -7,6 +7,7 @@
 
 pub mod attempts;
 pub mod audit;
+pub mod deferrals;
 pub mod destinations;
 pub mod events;
 pub mod feed;

@@ -21,9 +21,32 @@ pub struct NewOutbound<'a> {
     pub event_id: &'a str,
     /// The event's storage order (`federation_events.seq`).
     pub event_seq: i64,
+    /// The event's room: deferrals are kept per (destination, room).
+    pub room_id: &'a str,
+    /// Whether a destination that is not healthy may get a deferral instead of a row
+    /// (`store::deferrals`): true for events of rooms hosted here stored less than
+    /// `dependency_wait` ago ([`deferrable`]). An older event fanned out late (released
+    /// from a hold, re-queued by the reconciler) always gets rows: a drain may have
+    /// passed it over already.
+    pub deferrable: bool,
     /// Ordering keys (`delivery::order`).
     pub provides: &'a [i64],
     pub waits: &'a [i64],
+}
+
+/// Whether an event stored at `received_at` may be deferred when fanned out at `now`
+/// (see [`NewOutbound::deferrable`]): a drain passes over an unsettled event only once
+/// it is older than twice `dependency_wait` (`delivery::deferral`), so an event younger
+/// than one `dependency_wait` cannot have been passed over, even by a drain whose clock
+/// runs ahead by almost that much.
+pub fn deferrable(
+    hosted_here: bool,
+    received_at: DateTime<Utc>,
+    now: DateTime<Utc>,
+    dependency_wait: std::time::Duration,
+) -> bool {
+    let wait = chrono::Duration::from_std(dependency_wait).unwrap_or(chrono::Duration::MAX);
+    hosted_here && received_at > now - wait
 }
 
 /// A waiting row, with what ordering needs.
@@ -57,67 +80,173 @@ pub struct Waiting {
     pub earlier_unsettled: bool,
 }
 
-/// Most outbound rows written by one statement: a batch of events to a room of many
-/// servers is written in several (a statement's arrays stay a few megabytes).
-pub const MAX_ROWS_PER_STATEMENT: usize = 10_000;
+/// Most array entries one statement carries (events plus the destinations of their
+/// distinct target lists): a batch of events to a room of many servers is written in
+/// several statements (a statement's arrays stay a few megabytes).
+pub const MAX_ENTRIES_PER_STATEMENT: usize = 10_000;
 
-/// The rows of a batch, one per (destination, event), sorted by destination, then
-/// event: concurrent fan-outs that add rows for the same destinations take their locks
-/// in one order and cannot deadlock (see `events::insert`).
-pub(crate) fn sorted_rows<'a, 'b>(
-    batch: &'b [(NewOutbound<'a>, Vec<String>)],
-) -> Vec<(&'b str, &'b NewOutbound<'a>)> {
-    let mut rows: Vec<(&str, &NewOutbound)> = batch
-        .iter()
-        .flat_map(|(e, ds)| ds.iter().map(move |d| (d.as_str(), e)))
-        .collect();
-    rows.sort_unstable_by(|a, b| (a.0, a.1.event_seq).cmp(&(b.0, b.1.event_seq)));
-    rows.dedup_by(|a, b| a.0 == b.0 && a.1.event_id == b.1.event_id);
-    rows
-}
-
-/// A chunk of rows as the five arrays the statements unnest (`rows` of
-/// [`WRITE_CTES`]). Ordering keys travel as array literals: one array per column keeps
-/// a statement prepared once, and Postgres cannot unnest arrays of arrays.
+/// A batch of events with their destinations, as the arrays the statements unnest (see
+/// [`input_ctes`]): one entry per event (`ev`: id, seq, ordering keys as array literals,
+/// destination list) and one per destination of each distinct list (`tg`: list,
+/// destination), and the deferrals to start (`Deferrals::start`). The events of a room
+/// mostly share their list, so a room of many servers costs its servers once per
+/// statement, not once per event. Ordering keys travel as array literals: Postgres
+/// cannot unnest arrays of arrays.
 pub(crate) struct Columns<'a> {
-    pub destinations: Vec<&'a str>,
     pub event_ids: Vec<&'a str>,
     pub seqs: Vec<i64>,
     pub provides: Vec<String>,
     pub waits: Vec<String>,
+    pub lists: Vec<i32>,
+    pub list_ids: Vec<i32>,
+    pub destinations: Vec<&'a str>,
+    pub defer_destinations: Vec<&'a str>,
+    pub defer_rooms: Vec<&'a str>,
+    pub defer_from: Vec<i64>,
 }
 
 impl<'a> Columns<'a> {
-    pub(crate) fn of(chunk: &[(&'a str, &NewOutbound<'a>)]) -> Self {
+    pub(crate) fn of(batch: &'a [(NewOutbound<'a>, Vec<String>)], start: &'a [Deferred]) -> Self {
         let array = |v: &[i64]| {
             let items: Vec<String> = v.iter().map(i64::to_string).collect();
             format!("{{{}}}", items.join(","))
         };
-        Columns {
-            destinations: chunk.iter().map(|r| r.0).collect(),
-            event_ids: chunk.iter().map(|r| r.1.event_id).collect(),
-            seqs: chunk.iter().map(|r| r.1.event_seq).collect(),
-            provides: chunk.iter().map(|r| array(r.1.provides)).collect(),
-            waits: chunk.iter().map(|r| array(r.1.waits)).collect(),
+        let mut known: std::collections::HashMap<&[String], i32> = Default::default();
+        let mut c = Columns {
+            event_ids: Vec::with_capacity(batch.len()),
+            seqs: Vec::with_capacity(batch.len()),
+            provides: Vec::with_capacity(batch.len()),
+            waits: Vec::with_capacity(batch.len()),
+            lists: Vec::with_capacity(batch.len()),
+            list_ids: Vec::new(),
+            destinations: Vec::new(),
+            defer_destinations: start.iter().map(|d| d.destination.as_str()).collect(),
+            defer_rooms: start.iter().map(|d| d.room_id.as_str()).collect(),
+            defer_from: start.iter().map(|d| d.from_seq).collect(),
+        };
+        for (e, to) in batch {
+            let next = known.len() as i32;
+            let list = *known.entry(to.as_slice()).or_insert_with(|| {
+                for d in to {
+                    c.list_ids.push(next);
+                    c.destinations.push(d.as_str());
+                }
+                next
+            });
+            c.event_ids.push(e.event_id);
+            c.seqs.push(e.event_seq);
+            c.provides.push(array(e.provides));
+            c.waits.push(array(e.waits));
+            c.lists.push(list);
         }
+        c
     }
 }
 
-/// The common part of the statements that write outbound rows, given a CTE `rows (d,
-/// e, s, p, w)` (destination, event id, event seq, ordering keys as array literals):
+/// A deferral fan-out starts (`delivery::deferral::fan_out`): `destination` is owed the
+/// events of `room_id` after `from_seq`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Deferred {
+    pub destination: String,
+    pub room_id: String,
+    pub from_seq: i64,
+}
+
+/// `batch` cut into runs of events whose arrays fit one statement
+/// ([`MAX_ENTRIES_PER_STATEMENT`]); one event with more destinations than that is a run
+/// of its own. An empty batch is one empty run.
+pub(crate) fn statements<'b, 'a>(
+    batch: &'b [(NewOutbound<'a>, Vec<String>)],
+) -> Vec<&'b [(NewOutbound<'a>, Vec<String>)]> {
+    let mut runs = Vec::new();
+    let mut start = 0;
+    let mut size = 0;
+    let mut lists: std::collections::HashSet<&[String]> = Default::default();
+    for (i, (_, to)) in batch.iter().enumerate() {
+        let cost = 1 + if lists.contains(to.as_slice()) {
+            0
+        } else {
+            to.len()
+        };
+        if i > start && size + cost > MAX_ENTRIES_PER_STATEMENT {
+            runs.push(&batch[start..i]);
+            start = i;
+            size = 0;
+            lists.clear();
+        }
+        size += 1 + if lists.insert(to.as_slice()) {
+            to.len()
+        } else {
+            0
+        };
+    }
+    runs.push(&batch[start..]);
+    runs
+}
+
+/// The unnested arrays of [`Columns`], parameters `$n..$n+9` in the order of its fields:
+/// CTEs `ev` (narrowed by `filter`: `""`, or `WHERE …` over `x`), `tg`, `rows (d, e, s,
+/// p, w)` — one per (destination, event) — and `deferred`, which starts the deferrals
+/// (two fan-outs that start one at once keep the lower start).
+pub(crate) fn input_ctes(n: usize, filter: &str) -> String {
+    let p = |i: usize| format!("${}", n + i);
+    format!(
+        "ev AS (SELECT * FROM UNNEST({}::text[], {}::bigint[], {}::text[], {}::text[], \
+                {}::int[]) AS x(e, s, p, w, t) {filter}), \
+         tg AS (SELECT * FROM UNNEST({}::int[], {}::text[]) AS y(t, d)), \
+         rows AS (SELECT tg.d, ev.e, ev.s, ev.p, ev.w FROM ev JOIN tg ON tg.t = ev.t), \
+         deferred AS ( \
+           INSERT INTO outbound_deferrals AS f (destination, room_id, from_seq) \
+           SELECT * FROM UNNEST({}::text[], {}::text[], {}::bigint[]) AS z(d, r, s) \
+            ORDER BY d, r \
+           ON CONFLICT (destination, room_id) DO UPDATE SET from_seq = EXCLUDED.from_seq \
+            WHERE EXCLUDED.from_seq < f.from_seq)",
+        p(0),
+        p(1),
+        p(2),
+        p(3),
+        p(4),
+        p(5),
+        p(6),
+        p(7),
+        p(8),
+        p(9)
+    )
+}
+
+/// Binds [`Columns`] in the order [`input_ctes`] numbers them.
+macro_rules! bind_columns {
+    ($query:expr, $c:expr) => {
+        $query
+            .bind::<diesel::sql_types::Array<diesel::sql_types::Text>, _>(&$c.event_ids)
+            .bind::<diesel::sql_types::Array<diesel::sql_types::BigInt>, _>(&$c.seqs)
+            .bind::<diesel::sql_types::Array<diesel::sql_types::Text>, _>(&$c.provides)
+            .bind::<diesel::sql_types::Array<diesel::sql_types::Text>, _>(&$c.waits)
+            .bind::<diesel::sql_types::Array<diesel::sql_types::Integer>, _>(&$c.lists)
+            .bind::<diesel::sql_types::Array<diesel::sql_types::Integer>, _>(&$c.list_ids)
+            .bind::<diesel::sql_types::Array<diesel::sql_types::Text>, _>(&$c.destinations)
+            .bind::<diesel::sql_types::Array<diesel::sql_types::Text>, _>(&$c.defer_destinations)
+            .bind::<diesel::sql_types::Array<diesel::sql_types::Text>, _>(&$c.defer_rooms)
+            .bind::<diesel::sql_types::Array<diesel::sql_types::BigInt>, _>(&$c.defer_from)
+    };
+}
+pub(crate) use bind_columns;
+
+/// The common part of the statements that write outbound rows, after [`input_ctes`]:
 /// destinations new to us get a state row (healthy), then the rows are inserted (a row
-/// that exists is left alone). Two CTEs, `ensured` and `ins`; [`WRITTEN`] reads the
-/// latter.
+/// that exists is left alone), in (destination, event) order: concurrent fan-outs that
+/// add rows for the same destinations take their locks in one order and cannot deadlock
+/// (see `events::insert`). Two CTEs, `ensured` and `ins`; [`WRITTEN`] reads the latter.
 pub(crate) const WRITE_CTES: &str = "\
     ensured AS ( \
       INSERT INTO destination_health (destination) \
-      SELECT d FROM rows r \
+      SELECT d FROM (SELECT DISTINCT d FROM rows) r \
        WHERE NOT EXISTS (SELECT 1 FROM destination_health h WHERE h.destination = r.d) \
-       GROUP BY d ORDER BY d \
+       ORDER BY d \
       ON CONFLICT DO NOTHING), \
     ins AS ( \
       INSERT INTO outbound_queue (destination, event_id, event_seq, order_provides, order_waits) \
-      SELECT d, e, s, p::bigint[], w::bigint[] FROM rows \
+      SELECT d, e, s, p::bigint[], w::bigint[] FROM rows ORDER BY d, s \
       ON CONFLICT DO NOTHING \
       RETURNING destination)";
 
@@ -141,6 +270,20 @@ pub(crate) struct Written {
     pub healthy: bool,
 }
 
+/// A fan-out's batch, decided (`delivery::deferral::fan_out`): the events with the
+/// destinations that get a row now, the deferrals to start, and what the others came
+/// to.
+#[derive(Debug, Default)]
+pub struct Fanned<'a> {
+    pub rows: Vec<(NewOutbound<'a>, Vec<String>)>,
+    pub start: Vec<Deferred>,
+    /// (destination, event) pairs left to a deferral.
+    pub deferred: usize,
+    /// Healthy destinations whose deferral covers an event now: their drain writes the
+    /// row, and is scheduled like a destination that got one.
+    pub covered_healthy: Vec<String>,
+}
+
 impl Enqueued {
     /// Adds what one statement wrote.
     pub(crate) fn add(&mut self, written: Vec<Written>) {
@@ -152,61 +295,56 @@ impl Enqueued {
         }
     }
 
-    /// Sorted and deduplicated, once every statement was added.
-    pub(crate) fn sorted(mut self) -> Self {
+    /// With what the fan-out decided without the database (pairs deferred, healthy
+    /// destinations whose deferral covers an event), sorted and deduplicated, once every
+    /// statement was added.
+    pub(crate) fn finish(mut self, fanned: &Fanned<'_>) -> Self {
+        self.deferred = fanned.deferred;
+        self.healthy.extend(fanned.covered_healthy.iter().cloned());
         self.healthy.sort_unstable();
         self.healthy.dedup();
         self
     }
 }
 
-/// Writes the outbound rows of a batch of events (idempotent: a row that exists is left
-/// alone), makes sure each destination has a state row, and marks `fanned_out` (the
+/// Writes a fan-out's rows (idempotent: a row that exists is left alone) and starts its
+/// deferrals, makes sure each destination has a state row, and marks `fanned_out` (the
 /// events whose fan-out this completes) fanned out — with the last rows, in the same
-/// statement, so a crash in between leaves them to the reconciler, which writes the
-/// same rows again. Returns the rows written now and the healthy destinations that got
-/// one.
+/// statement, so a crash in between leaves them to the reconciler, which writes the same
+/// rows again. Returns the rows written now and the healthy destinations that got one
+/// (or whose deferral covers an event now).
 ///
-/// One statement per [`MAX_ROWS_PER_STATEMENT`] rows, whatever the batch's size: the
-/// fan-out of one event no longer costs a commit per statement.
+/// One statement per [`MAX_ENTRIES_PER_STATEMENT`] array entries, whatever the batch's
+/// size.
 pub async fn enqueue(
     conn: &mut AsyncPgConnection,
-    batch: &[(NewOutbound<'_>, Vec<String>)],
+    fanned: &Fanned<'_>,
     fanned_out: &[&str],
 ) -> Result<Enqueued, StoreError> {
-    let rows = sorted_rows(batch);
     let mut written = Enqueued::default();
-    let chunks: Vec<&[(&str, &NewOutbound)]> = if rows.is_empty() {
-        vec![&[]]
-    } else {
-        rows.chunks(MAX_ROWS_PER_STATEMENT).collect()
-    };
-    let last = chunks.len() - 1;
-    for (i, chunk) in chunks.into_iter().enumerate() {
+    let runs = statements(&fanned.rows);
+    let last = runs.len() - 1;
+    for (i, run) in runs.into_iter().enumerate() {
         let marked: &[&str] = if i == last { fanned_out } else { &[] };
-        let c = Columns::of(chunk);
-        let got: Vec<Written> = prepared(
+        let start: &[Deferred] = if i == 0 { &fanned.start } else { &[] };
+        let c = Columns::of(run, start);
+        let got: Vec<Written> = prepared(bind_columns!(
             diesel::sql_query(format!(
-                "WITH rows AS ( \
-               SELECT * FROM UNNEST($1::text[], $2::text[], $3::bigint[], $4::text[], $5::text[]) \
-                 AS x(d, e, s, p, w)), \
-             marked AS ( \
-               UPDATE federation_events SET fanned_out_at = now() \
-                WHERE event_id = ANY($6) AND fanned_out_at IS NULL), \
-             {WRITE_CTES} {WRITTEN}"
+                "WITH {input}, \
+                 marked AS ( \
+                   UPDATE federation_events SET fanned_out_at = now() \
+                    WHERE event_id = ANY($1) AND fanned_out_at IS NULL), \
+                 {WRITE_CTES} {WRITTEN}",
+                input = input_ctes(2, "")
             ))
-            .bind::<Array<Text>, _>(&c.destinations)
-            .bind::<Array<Text>, _>(&c.event_ids)
-            .bind::<Array<BigInt>, _>(&c.seqs)
-            .bind::<Array<Text>, _>(&c.provides)
-            .bind::<Array<Text>, _>(&c.waits)
             .bind::<Array<Text>, _>(marked),
-        )
+            c
+        ))
         .load(conn)
         .await?;
         written.add(got);
     }
-    Ok(written.sorted())
+    Ok(written.finish(fanned))
 }
 
 /// What [`enqueue`] (or `events::accept`) wrote.
@@ -214,6 +352,8 @@ pub async fn enqueue(
 pub struct Enqueued {
     /// Rows written now (rows that existed are not counted).
     pub rows: usize,
+    /// (destination, event) pairs left to a deferral (`store::deferrals`) instead.
+    pub deferred: usize,
     /// The destinations that got a new row and are healthy now (a drain may start at
     /// once), sorted; the others are drained when their backoff ends.
     pub healthy: Vec<String>,
@@ -265,17 +405,23 @@ struct Exists {
     exists: bool,
 }
 
-/// True when the destination has rows waiting.
+/// True when the destination has rows waiting, or a deferral with something to do
+/// (`deferrals::has_work`; `pass_before`: unsettled events stored before it are passed
+/// over, `delivery::deferral`).
 pub async fn has_waiting(
     conn: &mut AsyncPgConnection,
     destination: &str,
+    pass_before: DateTime<Utc>,
 ) -> Result<bool, StoreError> {
     let r: Exists = prepared(
-        diesel::sql_query(
+        diesel::sql_query(format!(
             "SELECT EXISTS (SELECT 1 FROM outbound_queue \
-                        WHERE destination = $1 AND status = 'pending') AS exists",
-        )
-        .bind::<Text, _>(destination),
+                        WHERE destination = $1 AND status = 'pending') \
+                 OR {deferred} AS exists",
+            deferred = super::deferrals::has_work("$1", "$2")
+        ))
+        .bind::<Text, _>(destination)
+        .bind::<Timestamptz, _>(pass_before),
     )
     .get_result(conn)
     .await?;
@@ -400,13 +546,15 @@ pub async fn dead(
     .await?)
 }
 
-/// Cancels every row still waiting for `destination` (a peer the operator blocked);
-/// returns how many.
+/// Cancels every row still waiting for `destination` (a peer the operator blocked) and
+/// drops its deferrals (`store::deferrals`: what they owed is never written); returns how
+/// many rows were cancelled.
 pub async fn cancel_waiting(
     conn: &mut AsyncPgConnection,
     destination: &str,
     reason: &str,
 ) -> Result<usize, StoreError> {
+    super::deferrals::forget(conn, destination).await?;
     Ok(diesel::update(
         oq::table
             .filter(oq::destination.eq(destination))

@@ -114,7 +114,9 @@ pub async fn set_member(
     Ok(previous)
 }
 
-/// Marks a server as in (or out of) a room: joined while any of its users is joined.
+/// Marks a server as in (or out of) a room: joined while any of its users is joined. A
+/// server that leaves keeps what its deferral in the room owes it up to now, and no more
+/// (`deferrals::close`).
 pub async fn refresh_room_server(
     conn: &mut AsyncPgConnection,
     room_id: &str,
@@ -140,6 +142,9 @@ pub async fn refresh_room_server(
         .set((rs::state.eq(state), rs::updated_at.eq(now)))
         .execute(conn)
         .await?;
+    if state == "left" {
+        super::deferrals::close(conn, room_id, server_name).await?;
+    }
     Ok(())
 }
 

@@ -138,6 +138,16 @@ diesel::table! {
 }
 
 diesel::table! {
+    outbound_deferrals (destination, room_id) {
+        destination -> Text,
+        room_id -> Text,
+        from_seq -> Int8,
+        until_seq -> Nullable<Int8>,
+        created_at -> Timestamptz,
+    }
+}
+
+diesel::table! {
     delivery_attempts (id) {
         id -> Int8,
         outbound_id -> Nullable<Int8>,
@@ -220,6 +230,7 @@ diesel::allow_tables_to_appear_in_same_query!(
     room_servers,
     room_members,
     outbound_queue,
+    outbound_deferrals,
     delivery_attempts,
     destination_health,
     inbound_feed,
@@ -239,6 +250,7 @@ pub const TABLES: &[&str] = &[
     "room_servers",
     "room_members",
     "outbound_queue",
+    "outbound_deferrals",
     "delivery_attempts",
     "destination_health",
     "inbound_feed",

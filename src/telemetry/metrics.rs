@@ -88,6 +88,7 @@ pub const FAMILIES: &[Family] = &[
     Family { name: "parafed_job_duration_seconds", kind: Kind::Histogram, help: "Time a run took, by queue (jobs read together run as one).", labels: &["queue"], roles: W },
     Family { name: "parafed_events_verified_total", kind: Kind::Counter, help: "Inbound events verified, by verdict (accepted, rejected).", labels: &["verdict"], roles: W },
     Family { name: "parafed_outbound_rows_total", kind: Kind::Counter, help: "Deliveries created by fan-out (one per event and destination).", labels: &[], roles: W },
+    Family { name: "parafed_outbound_deferred_total", kind: Kind::Counter, help: "Deliveries fan-out left to a deferral (a destination that was not healthy): the drain writes them when it may send again.", labels: &[], roles: W },
     Family { name: "parafed_delivery_attempts_total", kind: Kind::Counter, help: "Requests sent to peers, by result (delivered, resign, permanent, transient, destination_problem).", labels: &["result"], roles: W },
     Family { name: "parafed_delivery_duration_seconds", kind: Kind::Histogram, help: "Time of one delivery request, send to answer read.", labels: &[], roles: W },
     Family { name: "parafed_deliveries_total", kind: Kind::Counter, help: "Deliveries finished, one per event and destination, by outcome (delivered, dead, cancelled).", labels: &["outcome"], roles: W },
@@ -163,6 +164,7 @@ const ZEROS: &[Zero] = &[
     ("parafed_reconciled_jobs_total", &[], Role::Worker),
     ("parafed_queue_read_errors_total", &[], Role::Worker),
     ("parafed_outbound_rows_total", &[], Role::Worker),
+    ("parafed_outbound_deferred_total", &[], Role::Worker),
     ("parafed_key_fetches_total", &[], Role::Worker),
     ("parafed_key_fetches_total", &[], Role::Ingress),
     (

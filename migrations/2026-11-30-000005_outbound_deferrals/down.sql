@@ -1,0 +1,2 @@
+DROP INDEX federation_events_room_seq;
+DROP TABLE outbound_deferrals;

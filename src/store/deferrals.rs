@@ -1,0 +1,244 @@
+//! `outbound_deferrals`: per (destination, room), the events fan-out left without an
+//! outbound row because the destination was not healthy (`delivery::deferral` has the
+//! rules; `outbound::WRITE_CTES` writes these rows). Fan-out leaves one row here per
+//! destination and room, not one outbound row per destination and event; the drain
+//! writes the rows a window ahead of what it sends, once it may send again.
+
+use chrono::{DateTime, Utc};
+use diesel::sql_types::{Array, BigInt, Bool, Nullable, Text, Timestamptz};
+use diesel_async::{AsyncPgConnection, RunQueryDsl};
+
+use super::prepared::prepared;
+use super::StoreError;
+
+/// A SQL condition, over a destination named by the expression `{dest}`, true when one
+/// of its deferrals has something to do: the room's first event after the cursor is
+/// settled (its row, or nothing, can be written) or older than the time in the
+/// parameter `{pass}` (it is passed over). The scheduler (`destinations::due`) and the
+/// drain (`outbound::has_waiting`) ask it; an event still being verified is not work
+/// yet (its fan-out schedules the destination).
+pub(crate) fn has_work(dest: &str, pass: &str) -> String {
+    format!(
+        "EXISTS (SELECT 1 FROM outbound_deferrals f \
+          CROSS JOIN LATERAL (SELECT e.status, e.fanned_out_at, e.received_at \
+                                FROM federation_events e \
+                               WHERE e.room_id = f.room_id AND e.seq > f.from_seq \
+                                 AND (f.until_seq IS NULL OR e.seq <= f.until_seq) \
+                               ORDER BY e.seq LIMIT 1) n \
+          WHERE f.destination = {dest} \
+            AND (n.status = 'rejected' \
+                 OR (n.status = 'accepted' AND n.fanned_out_at IS NOT NULL) \
+                 OR n.received_at < {pass}))"
+    )
+}
+
+/// A deferral as stored, with the destination's membership of the room now.
+#[derive(Clone, Debug, PartialEq, Eq, diesel::QueryableByName)]
+pub struct Stored {
+    #[diesel(sql_type = Text)]
+    pub room_id: String,
+    /// Events of the room with a greater `seq` are owed.
+    #[diesel(sql_type = BigInt)]
+    pub from_seq: i64,
+    /// Set when the destination left the room: the last event owed.
+    #[diesel(sql_type = Nullable<BigInt>)]
+    pub until_seq: Option<i64>,
+    #[diesel(sql_type = Bool)]
+    pub joined: bool,
+}
+
+/// The destination's deferrals, by room.
+pub async fn of(
+    conn: &mut AsyncPgConnection,
+    destination: &str,
+) -> Result<Vec<Stored>, StoreError> {
+    Ok(prepared(
+        diesel::sql_query(
+            "SELECT f.room_id, f.from_seq, f.until_seq, \
+                COALESCE(s.state = 'joined', false) AS joined \
+           FROM outbound_deferrals f \
+           LEFT JOIN room_servers s \
+             ON s.room_id = f.room_id AND s.server_name = f.destination \
+          WHERE f.destination = $1 ORDER BY f.room_id",
+        )
+        .bind::<Text, _>(destination),
+    )
+    .load(conn)
+    .await?)
+}
+
+/// One row the drain writes for a deferral.
+pub struct Caught<'a> {
+    pub event_id: &'a str,
+    pub event_seq: i64,
+    /// Ordering keys (`delivery::order`).
+    pub provides: &'a [i64],
+    pub waits: &'a [i64],
+    /// When the event was stored here: the row's `created_at`, so its age (and expiry,
+    /// `delivery.max_age_secs`) counts from then, as for a row fan-out wrote.
+    pub received_at: DateTime<Utc>,
+}
+
+/// Writes a deferral's rows (a row that exists is left alone) and moves its cursor from
+/// `from` to `to`, or deletes it when `done` — one statement. The cursor moves only if
+/// it still is at `from`: a fan-out that started the deferral lower meanwhile (an
+/// earlier event fanned out late) keeps its start, and the next round reads from there
+/// (the rows written now are held back until then). Returns whether it moved.
+pub async fn advance(
+    conn: &mut AsyncPgConnection,
+    destination: &str,
+    room_id: &str,
+    from: i64,
+    to: i64,
+    done: bool,
+    rows: &[Caught<'_>],
+) -> Result<bool, StoreError> {
+    #[derive(diesel::QueryableByName)]
+    struct Moved {
+        #[diesel(sql_type = BigInt)]
+        moved: i64,
+    }
+    let array = |v: &[i64]| {
+        let items: Vec<String> = v.iter().map(i64::to_string).collect();
+        format!("{{{}}}", items.join(","))
+    };
+    let ids: Vec<&str> = rows.iter().map(|r| r.event_id).collect();
+    let seqs: Vec<i64> = rows.iter().map(|r| r.event_seq).collect();
+    let provides: Vec<String> = rows.iter().map(|r| array(r.provides)).collect();
+    let waits: Vec<String> = rows.iter().map(|r| array(r.waits)).collect();
+    let at: Vec<DateTime<Utc>> = rows.iter().map(|r| r.received_at).collect();
+    let r: Moved = prepared(
+        diesel::sql_query(
+            "WITH ins AS ( \
+           INSERT INTO outbound_queue \
+             (destination, event_id, event_seq, order_provides, order_waits, created_at) \
+           SELECT $1, e, s, p::bigint[], w::bigint[], c \
+             FROM UNNEST($3::text[], $4::bigint[], $5::text[], $6::text[], $7::timestamptz[]) \
+               AS x(e, s, p, w, c) \
+           ON CONFLICT DO NOTHING), \
+         moved AS ( \
+           UPDATE outbound_deferrals SET from_seq = $9 \
+            WHERE destination = $1 AND room_id = $2 AND from_seq = $8 AND NOT $10 \
+           RETURNING 1), \
+         gone AS ( \
+           DELETE FROM outbound_deferrals \
+            WHERE destination = $1 AND room_id = $2 AND from_seq = $8 AND $10 \
+           RETURNING 1) \
+         SELECT (SELECT count(*) FROM moved) + (SELECT count(*) FROM gone) AS moved",
+        )
+        .bind::<Text, _>(destination)
+        .bind::<Text, _>(room_id)
+        .bind::<Array<Text>, _>(&ids)
+        .bind::<Array<BigInt>, _>(&seqs)
+        .bind::<Array<Text>, _>(&provides)
+        .bind::<Array<Text>, _>(&waits)
+        .bind::<Array<Timestamptz>, _>(&at)
+        .bind::<BigInt, _>(from)
+        .bind::<BigInt, _>(to)
+        .bind::<Bool, _>(done),
+    )
+    .get_result(conn)
+    .await?;
+    Ok(r.moved > 0)
+}
+
+/// Ends a server's deferral in a room it left: the events stored so far stay owed, the
+/// later ones are not (`until_seq`). Called when its membership turns `left`
+/// (`rooms::refresh_room_server`); a no-op without a deferral.
+pub async fn close(
+    conn: &mut AsyncPgConnection,
+    room_id: &str,
+    server_name: &str,
+) -> Result<(), StoreError> {
+    diesel::sql_query(
+        "UPDATE outbound_deferrals SET until_seq = \
+           (SELECT COALESCE(max(seq), 0) FROM federation_events WHERE room_id = $1) \
+         WHERE room_id = $1 AND destination = $2 AND until_seq IS NULL",
+    )
+    .bind::<Text, _>(room_id)
+    .bind::<Text, _>(server_name)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// Deletes every deferral of `destination` (a peer the operator blocked gets nothing
+/// more); returns how many.
+pub async fn forget(conn: &mut AsyncPgConnection, destination: &str) -> Result<usize, StoreError> {
+    Ok(
+        diesel::sql_query("DELETE FROM outbound_deferrals WHERE destination = $1")
+            .bind::<Text, _>(destination)
+            .execute(conn)
+            .await?,
+    )
+}
+
+/// What fan-out needs to decide (`delivery::deferral::fan_out`) for `destinations` in
+/// `rooms`: each destination's state row (absent: new to us), as (healthy,
+/// unreachable: `delivery::deferral::Reach`),
+/// and its deferrals in those rooms, as (destination, room) → (from_seq, until_seq).
+/// One statement.
+#[allow(clippy::type_complexity)]
+pub async fn fan_out_view(
+    conn: &mut AsyncPgConnection,
+    destinations: &[&str],
+    rooms: &[&str],
+) -> Result<
+    (
+        std::collections::HashMap<String, (bool, bool)>,
+        std::collections::HashMap<(String, String), (i64, Option<i64>)>,
+    ),
+    StoreError,
+> {
+    #[derive(diesel::QueryableByName)]
+    struct View {
+        #[diesel(sql_type = Text)]
+        destination: String,
+        #[diesel(sql_type = Nullable<Bool>)]
+        healthy: Option<bool>,
+        #[diesel(sql_type = Nullable<Bool>)]
+        unreachable: Option<bool>,
+        #[diesel(sql_type = Nullable<Text>)]
+        room_id: Option<String>,
+        #[diesel(sql_type = Nullable<BigInt>)]
+        from_seq: Option<i64>,
+        #[diesel(sql_type = Nullable<BigInt>)]
+        until_seq: Option<i64>,
+    }
+    let mut reach = std::collections::HashMap::new();
+    let mut open = std::collections::HashMap::new();
+    if destinations.is_empty() {
+        return Ok((reach, open));
+    }
+    let rows: Vec<View> = prepared(
+        diesel::sql_query(
+            "SELECT h.destination, h.state = 'healthy' AS healthy, \
+                (h.state = 'healthy' AND h.last_success_at IS NULL AND h.last_error_at IS NULL) \
+                OR (h.state = 'backing_off' AND h.last_status_code IS NULL) AS unreachable, \
+                NULL::text AS room_id, NULL::bigint AS from_seq, NULL::bigint AS until_seq \
+           FROM destination_health h WHERE h.destination = ANY($1) \
+         UNION ALL \
+         SELECT f.destination, NULL, NULL, f.room_id, f.from_seq, f.until_seq \
+           FROM outbound_deferrals f \
+          WHERE f.destination = ANY($1) AND f.room_id = ANY($2)",
+        )
+        .bind::<Array<Text>, _>(destinations)
+        .bind::<Array<Text>, _>(rooms),
+    )
+    .load(conn)
+    .await?;
+    for r in rows {
+        match (r.room_id, r.from_seq) {
+            (Some(room), Some(from)) => {
+                open.insert((r.destination, room), (from, r.until_seq));
+            }
+            _ => {
+                reach.insert(
+                    r.destination,
+                    (r.healthy.unwrap_or(true), r.unreachable.unwrap_or(false)),
+                );
+            }
+        }
+    }
+    Ok((reach, open))
+}
