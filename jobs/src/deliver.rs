@@ -23,7 +23,6 @@ use chrono::Utc;
 use http::Method;
 use parafed::delivery::attempt::{self, AttemptResult};
 use parafed::delivery::backoff::random_jitter;
-use parafed::delivery::deferral::{self, Owed};
 use parafed::delivery::destination::Sending;
 use parafed::delivery::order::{self, OrderKeys, Unsettled};
 use parafed::delivery::outcome::{self, Previous};
@@ -273,7 +272,15 @@ async fn drain(
         let sendable = held_back_count(&rows, &deferred);
         if !deferred.is_empty() && (sendable == 0 || (limit > 1 && (sendable as i64) < scan)) {
             let budget = if limit > 1 { 4 * scan as usize } else { 16 };
-            catch_up(ctx, &mut conn, dest, &deferred, budget).await?;
+            parafed::backfill::catch_up(
+                &mut conn,
+                dest.as_str(),
+                &deferred,
+                budget,
+                policy.dependency_wait,
+                limit > 1,
+            )
+            .await?;
             deferred = deferrals::of(&mut conn, dest.as_str()).await?;
             rows = outbound::waiting(&mut conn, dest.as_str(), scan, since).await?;
         }
@@ -349,83 +356,6 @@ async fn drain(
 /// (`delivery::deferral`).
 pub(crate) fn pass_age(policy: &parafed::delivery::Policy) -> chrono::Duration {
     chrono::Duration::from_std(policy.dependency_wait * 2).unwrap_or(chrono::Duration::hours(1))
-}
-
-/// Writes the rows of the destination's deferrals, at most `budget` events of each room
-/// at a time, and moves their cursors (`delivery::deferral` decides, `store::deferrals`
-/// writes, one statement per room that moved).
-async fn catch_up(
-    ctx: &Ctx,
-    conn: &mut parafed::store::PgConn,
-    dest: &ServerName,
-    deferred: &[deferrals::Stored],
-    budget: usize,
-) -> Result<(), JobError> {
-    let now = Utc::now();
-    for d in deferred {
-        let events =
-            events::room_after(conn, &d.room_id, d.from_seq, d.until_seq, budget as i64).await?;
-        let owed: Vec<Owed> = events
-            .iter()
-            .map(|e| Owed {
-                seq: e.seq,
-                standing: match e.status.as_str() {
-                    "accepted" if e.fanned_out => deferral::Standing::Relayed,
-                    "rejected" => deferral::Standing::Rejected,
-                    _ => deferral::Standing::Unsettled,
-                },
-                received_at: e.received_at,
-                origin: e.envelope.origin_server.as_str(),
-                received_from: e.received_from.as_deref(),
-            })
-            .collect();
-        let state = deferral::Deferral {
-            cursor: d.from_seq,
-            until: d.until_seq,
-            joined: d.joined,
-        };
-        let complete = events.len() < budget;
-        let plan = deferral::plan(
-            dest.as_str(),
-            state,
-            &owed,
-            complete,
-            now,
-            ctx.policy.dependency_wait,
-        );
-        if plan.cursor == d.from_seq && !plan.done {
-            continue;
-        }
-        let keys: Vec<OrderKeys> = plan
-            .rows
-            .iter()
-            .map(|&i| order::keys_of(&events[i].envelope))
-            .collect();
-        let rows: Vec<deferrals::Caught> = plan
-            .rows
-            .iter()
-            .zip(&keys)
-            .map(|(&i, k)| deferrals::Caught {
-                event_id: events[i].envelope.event_id.as_str(),
-                event_seq: events[i].seq,
-                provides: &k.provides,
-                waits: &k.waits,
-                received_at: events[i].received_at,
-            })
-            .collect();
-        deferrals::advance(
-            conn,
-            dest.as_str(),
-            &d.room_id,
-            d.from_seq,
-            plan.cursor,
-            plan.done,
-            &rows,
-        )
-        .await?;
-        metrics::counter!("parafed_outbound_rows_total").increment(rows.len() as u64);
-    }
-    Ok(())
 }
 
 /// `rows` without those after their room's deferral cursor: they were written by a late

@@ -207,11 +207,17 @@ pub(crate) async fn decide<'a>(
     let mut fanned = Fanned::default();
     let mut start: HashMap<(String, String), i64> = HashMap::new();
     let mut covered: std::collections::BTreeSet<String> = Default::default();
+    // Destinations new to us that got their probe (one row) in this batch.
+    let mut probed: std::collections::HashSet<String> = Default::default();
     for (((e, k), to), d) in batch.iter().zip(keys).zip(targets).zip(deferrable) {
         let room = e.envelope.room_id.as_str();
         let mut send = Vec::with_capacity(to.len());
+        let mut conditional = Vec::new();
         for dest in to {
             let healthy = reach.get(&dest).is_none_or(|&(healthy, _)| healthy);
+            let answers = reach
+                .get(&dest)
+                .is_some_and(|&(healthy, unreachable)| healthy && !unreachable);
             let r = reach
                 .get(&dest)
                 .map(|&(_, unreachable)| Reach { unreachable });
@@ -221,12 +227,26 @@ pub(crate) async fn decide<'a>(
                     from_seq,
                     until_seq,
                 });
-            match deferral::fan_out(d, e.seq, r, o) {
-                How::Send => send.push(dest),
+            let new_probed = r.is_none() && probed.contains(&dest);
+            match deferral::fan_out(d, e.seq, r, o, new_probed) {
+                How::Send => {
+                    if r.is_none() {
+                        probed.insert(dest.clone());
+                    }
+                    send.push(dest)
+                }
                 How::Skip => {
                     fanned.deferred += 1;
                     if healthy {
-                        covered.insert(dest);
+                        covered.insert(dest.clone());
+                    }
+                    // A destination that answers: its drain may end the deferral
+                    // meanwhile (`deferrals::Then::End`), and the row is then written
+                    // after all (`outbound::input_ctes`). One that does not answer
+                    // (most of a room's dead servers) cannot have it ended, and costs
+                    // the statement nothing.
+                    if answers {
+                        conditional.push(dest);
                     }
                 }
                 How::Defer => {
@@ -247,6 +267,7 @@ pub(crate) async fn decide<'a>(
             },
             send,
         ));
+        fanned.conditional.push(conditional);
     }
     let mut start: Vec<Deferred> = start
         .into_iter()

@@ -13,6 +13,11 @@ CREATE TABLE outbound_deferrals (
     -- Set when the destination left the room: nothing after it is owed, and the row goes
     -- once the drain reached it.
     until_seq   BIGINT,
+    -- Bumped by every fan-out that skipped the destination because of this row, in the
+    -- statement that relies on it: a drain that ends the deferral deletes it only if
+    -- untouched since it read it, so a skipped event either stops the end or (the row
+    -- gone) gets its outbound row from the fan-out (src/delivery/deferral.rs).
+    touched     BIGINT NOT NULL DEFAULT 0,
     created_at  TIMESTAMPTZ NOT NULL DEFAULT now(),
     PRIMARY KEY (destination, room_id)
 );

@@ -2,6 +2,10 @@
 //! its attempts; retry a dead or cancelled one, cancel a pending one; and the same in
 //! bulk by filter, with a dry run that counts exactly what the real run changes.
 //!
+//! A command that names a destination first writes the rows its deferrals owe (an
+//! unreachable destination gets a deferral per room instead of a row per event:
+//! `backfill`), so it acts on every delivery the destination is owed.
+//!
 //! A retried delivery goes back to `pending` with its event's storage order unchanged,
 //! so it is sent in order for its room: dependants still waiting behind it wait for it
 //! (`delivery::order`), and its destination's drain is scheduled at once.
@@ -29,6 +33,21 @@ pub struct DeliveryDetail {
     pub attempts: Vec<Attempt>,
 }
 
+/// Before a command that names a destination: the rows its deferrals owe are written
+/// (`backfill::all`), so the command sees every delivery the destination is owed, not
+/// only the rows written so far (docs/architecture.md, "Deferred fan-out").
+async fn backfill(
+    app: &App,
+    conn: &mut crate::store::PgConn,
+    f: &DeliveryFilter,
+) -> Result<(), AdminError> {
+    if let Some(dest) = &f.destination {
+        let wait = crate::delivery::Policy::from_config(&app.cfg).dependency_wait;
+        crate::backfill::all(conn, dest, wait).await?;
+    }
+    Ok(())
+}
+
 pub async fn list(
     app: &App,
     f: &DeliveryFilter,
@@ -37,6 +56,9 @@ pub async fn list(
 ) -> Result<Page<Delivery>, AdminError> {
     let below = cursor.map(parse_cursor).transpose()?;
     let mut conn = app.pool.get().await.map_err(StoreError::from)?;
+    if below.is_none() {
+        backfill(app, &mut conn, f).await?;
+    }
     let rows = inspect::deliveries(&mut conn, f, below, limit).await?;
     Ok(Page::of(rows, limit, |d| d.id.to_string()))
 }
@@ -121,6 +143,7 @@ pub async fn change_bulk(
 ) -> Result<BulkResult, AdminError> {
     let (ids, truncated) = {
         let mut conn = app.pool.get().await.map_err(StoreError::from)?;
+        backfill(app, &mut conn, f).await?;
         let mut ids = inspect::matching_ids(&mut conn, f, change).await?;
         let truncated = ids.len() as i64 > inspect::MAX_BULK;
         ids.truncate(inspect::MAX_BULK as usize);

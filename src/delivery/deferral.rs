@@ -13,6 +13,13 @@
 //! Rows after the cursor (an old event fanned out late gets a row at once) are held back
 //! until the cursor passed them, so the room's events still leave in storage order.
 //!
+//! A deferral of a destination that answers ends once its drain caught it up (every
+//! event of the room after the cursor decided): its later events get rows from fan-out
+//! again. Ending races with fan-outs that saw the deferral and skipped the destination;
+//! the fan-out statement touches the deferral row for each such pair and writes the row
+//! itself if the deferral is gone, and the end only deletes an untouched deferral
+//! (`store::deferrals::advance`): a skipped event either stops the end or gets its row.
+//!
 //! Why an unsettled event (not yet verified, held, or not yet fanned out) stops the
 //! cursor: its fan-out, still to come, sees the deferral and skips the destination, so
 //! only the drain can write its row — the cursor must not pass it. Unless it is older
@@ -60,17 +67,28 @@ pub enum How {
 /// The fan-out rule for one (destination, event) pair: an event that is not
 /// `deferrable` (`outbound::deferrable`) always gets a row; one that a deferral of the
 /// room covers (open, and the event after its cursor) gets none; otherwise a destination
-/// that cannot be reached ([`Reach::unreachable`]) gets a deferral, and any other (or
-/// one new to us: `reach` is `None`, its first event is its probe) a row.
-pub fn fan_out(deferrable: bool, seq: i64, reach: Option<Reach>, open: Option<Open>) -> How {
+/// that cannot be reached ([`Reach::unreachable`]) gets a deferral, and any other a row —
+/// but a destination new to us (`reach` is `None`) gets a row for its first event of the
+/// batch only (its probe: `probed` is false) and a deferral for the others, so a batch to
+/// a room of a thousand new servers, most of them dead, is not a thousand rows per
+/// event. A deferral of a destination that answers ends once it is caught up.
+pub fn fan_out(
+    deferrable: bool,
+    seq: i64,
+    reach: Option<Reach>,
+    open: Option<Open>,
+    probed: bool,
+) -> How {
     if !deferrable {
         return How::Send;
     }
-    match open {
-        Some(o) if o.until_seq.is_none() && seq > o.from_seq => How::Skip,
-        Some(_) => How::Send,
-        None if reach.is_some_and(|r| r.unreachable) => How::Defer,
-        None => How::Send,
+    match (open, reach) {
+        (Some(o), _) if o.until_seq.is_none() && seq > o.from_seq => How::Skip,
+        (Some(_), _) => How::Send,
+        (None, Some(r)) if r.unreachable => How::Defer,
+        (None, Some(_)) => How::Send,
+        (None, None) if probed => How::Defer,
+        (None, None) => How::Send,
     }
 }
 
@@ -109,6 +127,10 @@ pub struct Plan {
     /// The deferral is finished and goes: the destination left the room and the cursor
     /// reached the event it left at (or nothing more is owed).
     pub done: bool,
+    /// Every event after the old cursor was read and decided: the cursor is at the
+    /// room's last event. A reachable destination's deferral may then end (its later
+    /// events get rows again: `store::deferrals::advance`).
+    pub caught_up: bool,
 }
 
 /// The deferral as stored, with the destination's membership now.
@@ -140,6 +162,7 @@ pub fn plan(
             rows: Vec::new(),
             cursor: d.cursor,
             done: true,
+            caught_up: true,
         };
     }
     let pass_before = chrono::Duration::from_std(dependency_wait * 2)
@@ -170,7 +193,12 @@ pub fn plan(
         Some(u) => !stopped && (cursor >= u || complete),
         None => false,
     };
-    Plan { rows, cursor, done }
+    Plan {
+        rows,
+        cursor,
+        done,
+        caught_up: !stopped && complete,
+    }
 }
 
 /// Whether `dest`, a server of the room, is sent `e`: not its own event, nor one it
@@ -223,21 +251,24 @@ mod tests {
             until_seq: Some(20),
         });
         let table = [
-            // (deferrable, seq, reach, open, expected)
-            (false, 11, down, open, How::Send),
-            (true, 11, up, None, How::Send),
-            (true, 11, None, None, How::Send),
-            (true, 11, down, None, How::Defer),
-            (true, 11, up, open, How::Skip),
-            (true, 11, down, open, How::Skip),
-            (true, 10, down, open, How::Send),
-            (true, 11, down, closed, How::Send),
+            // (deferrable, seq, reach, open, probed, expected)
+            (false, 11, down, open, false, How::Send),
+            (false, 11, None, None, true, How::Send),
+            (true, 11, up, None, false, How::Send),
+            (true, 11, up, None, true, How::Send),
+            (true, 11, None, None, false, How::Send),
+            (true, 11, None, None, true, How::Defer),
+            (true, 11, down, None, false, How::Defer),
+            (true, 11, up, open, false, How::Skip),
+            (true, 11, down, open, false, How::Skip),
+            (true, 10, down, open, false, How::Send),
+            (true, 11, down, closed, false, How::Send),
         ];
-        for (deferrable, seq, reach, o, want) in table {
+        for (deferrable, seq, reach, o, probed, want) in table {
             assert_eq!(
-                fan_out(deferrable, seq, reach, o),
+                fan_out(deferrable, seq, reach, o, probed),
                 want,
-                "{deferrable} {seq} {reach:?} {o:?}"
+                "{deferrable} {seq} {reach:?} {o:?} {probed}"
             );
         }
     }
@@ -254,8 +285,11 @@ mod tests {
         assert_eq!(p.cursor, 14);
         assert!(
             !p.done,
-            "an open deferral stays while the server is in the room"
+            "an open deferral is not finished while the server is in the room"
         );
+        assert!(p.caught_up, "every event after the cursor was decided");
+        let p = plan("dead.test", joined(10), &events, false, now(), WAIT);
+        assert!(!p.caught_up, "more events than were read");
     }
 
     #[test]
@@ -266,6 +300,7 @@ mod tests {
             ev(13, Standing::Relayed, 5, "a.test"),
         ];
         let p = plan("dead.test", joined(10), &events, true, now(), WAIT);
+        assert!(!p.caught_up, "stopped before an unsettled event");
         assert_eq!((p.rows, p.cursor), (vec![0], 11));
         let first = plan("dead.test", joined(11), &events[1..], true, now(), WAIT);
         assert_eq!(

@@ -45,6 +45,14 @@ pub fn connect(url: &str) -> Result<ConnectionManager, QueueError> {
 /// The one field of every stream entry: the job, as JSON.
 pub const JOB_FIELD: &str = "job";
 
+/// How long a destination's "deliver job queued" mark lives unless its job clears it.
+/// Short: the mark only saves duplicate pushes while a job waits in the stream (a
+/// duplicate costs a look at the lease), but a mark whose job never ran — its push lost
+/// after the mark was set, or the job read by a worker that died before starting it —
+/// keeps the scheduler and fan-out from queueing the destination again until it
+/// expires.
+pub const SCHEDULED_MARK_TTL: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Redis key names, all under one configurable prefix so several parafed deployments (or
 /// tests) can share a Redis.
 #[derive(Clone, Debug)]
@@ -290,7 +298,9 @@ impl JobQueue {
         })
     }
 
-    /// Pushes a deliver job for each destination that has none queued yet.
+    /// Pushes a deliver job for each destination that has none queued yet: a mark per
+    /// destination (`SET NX`, [`SCHEDULED_MARK_TTL`]) says one is queued; the job clears
+    /// it when it starts (`clear_scheduled`).
     pub async fn schedule_deliveries(&self, destinations: &[String]) -> Result<usize, QueueError> {
         if destinations.is_empty() {
             return Ok(0);
@@ -302,7 +312,7 @@ impl JobQueue {
                 .arg(1)
                 .arg("NX")
                 .arg("PX")
-                .arg(30_000);
+                .arg(SCHEDULED_MARK_TTL.as_millis() as u64);
         }
         let fresh: Vec<Option<String>> = self
             .call(|mut c| {

@@ -45,6 +45,10 @@ pub struct Stored {
     pub until_seq: Option<i64>,
     #[diesel(sql_type = Bool)]
     pub joined: bool,
+    /// How many fan-outs skipped the destination because of it (see the migration):
+    /// what [`advance`] checks before ending it.
+    #[diesel(sql_type = BigInt)]
+    pub touched: i64,
 }
 
 /// The destination's deferrals, by room.
@@ -55,7 +59,7 @@ pub async fn of(
     Ok(prepared(
         diesel::sql_query(
             "SELECT f.room_id, f.from_seq, f.until_seq, \
-                COALESCE(s.state = 'joined', false) AS joined \
+                COALESCE(s.state = 'joined', false) AS joined, f.touched \
            FROM outbound_deferrals f \
            LEFT JOIN room_servers s \
              ON s.room_id = f.room_id AND s.server_name = f.destination \
@@ -79,18 +83,40 @@ pub struct Caught<'a> {
     pub received_at: DateTime<Utc>,
 }
 
+/// What [`advance`] does with the deferral once its rows are written.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Then {
+    /// Its cursor moves on.
+    Move,
+    /// It goes: the destination left the room and the cursor reached its end.
+    Finish,
+    /// It goes if the destination answers (healthy, not new), no fan-out touched it
+    /// since it was read (`touched` as read), and no event of the room is stored after
+    /// the cursor; else its cursor moves on. Its destination's later events of the room
+    /// get rows from fan-out again.
+    End { touched: i64 },
+}
+
 /// Writes a deferral's rows (a row that exists is left alone) and moves its cursor from
-/// `from` to `to`, or deletes it when `done` — one statement. The cursor moves only if
-/// it still is at `from`: a fan-out that started the deferral lower meanwhile (an
+/// `from` to `to`, or deletes it (`then`) — one statement. Nothing changes unless the
+/// cursor still is at `from`: a fan-out that started the deferral lower meanwhile (an
 /// earlier event fanned out late) keeps its start, and the next round reads from there
-/// (the rows written now are held back until then). Returns whether it moved.
+/// (the rows written now are held back until then). Returns whether it moved or went.
+///
+/// Why `End` is safe against a fan-out that saw the deferral and skipped the
+/// destination: that fan-out bumps `touched` in the statement that relies on the
+/// deferral. Committed before this statement: `touched` differs, nothing is deleted.
+/// Running: this statement waits for its row lock and re-checks `touched` on the new
+/// version. After: the fan-out finds no row to touch and writes the destination's row
+/// itself (`outbound::input_ctes`). An event stored before this statement is seen by
+/// it and stops the end.
 pub async fn advance(
     conn: &mut AsyncPgConnection,
     destination: &str,
     room_id: &str,
     from: i64,
     to: i64,
-    done: bool,
+    then: Then,
     rows: &[Caught<'_>],
 ) -> Result<bool, StoreError> {
     #[derive(diesel::QueryableByName)]
@@ -116,13 +142,22 @@ pub async fn advance(
              FROM UNNEST($3::text[], $4::bigint[], $5::text[], $6::text[], $7::timestamptz[]) \
                AS x(e, s, p, w, c) \
            ON CONFLICT DO NOTHING), \
+         gone AS ( \
+           DELETE FROM outbound_deferrals f \
+            WHERE f.destination = $1 AND f.room_id = $2 AND f.from_seq = $8 \
+              AND ($10 = 'finish' \
+                   OR ($10 = 'end' AND f.touched = $11 AND f.until_seq IS NULL \
+                       AND EXISTS (SELECT 1 FROM destination_health h \
+                                    WHERE h.destination = $1 AND h.state = 'healthy' \
+                                      AND (h.last_success_at IS NOT NULL \
+                                           OR h.last_error_at IS NOT NULL)) \
+                       AND NOT EXISTS (SELECT 1 FROM federation_events e \
+                                        WHERE e.room_id = $2 AND e.seq > $9))) \
+           RETURNING 1), \
          moved AS ( \
            UPDATE outbound_deferrals SET from_seq = $9 \
-            WHERE destination = $1 AND room_id = $2 AND from_seq = $8 AND NOT $10 \
-           RETURNING 1), \
-         gone AS ( \
-           DELETE FROM outbound_deferrals \
-            WHERE destination = $1 AND room_id = $2 AND from_seq = $8 AND $10 \
+            WHERE destination = $1 AND room_id = $2 AND from_seq = $8 AND $10 <> 'finish' \
+              AND NOT EXISTS (SELECT 1 FROM gone) \
            RETURNING 1) \
          SELECT (SELECT count(*) FROM moved) + (SELECT count(*) FROM gone) AS moved",
         )
@@ -135,7 +170,15 @@ pub async fn advance(
         .bind::<Array<Timestamptz>, _>(&at)
         .bind::<BigInt, _>(from)
         .bind::<BigInt, _>(to)
-        .bind::<Bool, _>(done),
+        .bind::<Text, _>(match then {
+            Then::Move => "move",
+            Then::Finish => "finish",
+            Then::End { .. } => "end",
+        })
+        .bind::<BigInt, _>(match then {
+            Then::End { touched } => touched,
+            _ => 0,
+        }),
     )
     .get_result(conn)
     .await?;

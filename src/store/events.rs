@@ -344,14 +344,28 @@ pub async fn accept(
                 let (accepted, _) = accept_with(conn, judged, &Default::default()).await?;
                 let now: std::collections::HashSet<&str> =
                     accepted.iter().map(String::as_str).collect();
+                let keep: Vec<bool> = fan_out
+                    .rows
+                    .iter()
+                    .map(|(e, _)| now.contains(e.event_id))
+                    .collect();
                 let rows: Vec<(outbound::NewOutbound, Vec<String>)> = fan_out
                     .rows
                     .iter()
-                    .filter(|(e, _)| now.contains(e.event_id))
-                    .cloned()
+                    .zip(&keep)
+                    .filter(|(_, &k)| k)
+                    .map(|(r, _)| r.clone())
+                    .collect();
+                let conditional: Vec<Vec<String>> = fan_out
+                    .conditional
+                    .iter()
+                    .zip(&keep)
+                    .filter(|(_, &k)| k)
+                    .map(|(c, _)| c.clone())
                     .collect();
                 let fanned = outbound::Fanned {
                     rows,
+                    conditional,
                     start: fan_out.start.clone(),
                     deferred: fan_out.deferred,
                     covered_healthy: fan_out.covered_healthy.clone(),
@@ -385,7 +399,7 @@ pub async fn accept(
         let ids: Vec<&str> = judged.iter().map(|j| j.event_id).collect();
         let seqs: Vec<i64> = judged.iter().map(|j| j.seq).collect();
         let later: Vec<bool> = judged.iter().map(|j| j.fan_out_later).collect();
-        let c = Columns::of(&fan_out.rows, &fan_out.start);
+        let c = Columns::of(&fan_out.rows, &fan_out.conditional, &fan_out.start);
         // The feed entries are written by the same statement: their position is its
         // transaction's id (`feed`), and they are numbered in storage order.
         let out: Vec<Out> = prepared(bind_columns!(

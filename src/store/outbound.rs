@@ -95,9 +95,12 @@ pub const MAX_ENTRIES_PER_STATEMENT: usize = 10_000;
 pub(crate) struct Columns<'a> {
     pub event_ids: Vec<&'a str>,
     pub seqs: Vec<i64>,
+    pub rooms: Vec<&'a str>,
     pub provides: Vec<String>,
     pub waits: Vec<String>,
     pub lists: Vec<i32>,
+    /// The event's conditional list (`Fanned::conditional`).
+    pub conditional: Vec<i32>,
     pub list_ids: Vec<i32>,
     pub destinations: Vec<&'a str>,
     pub defer_destinations: Vec<&'a str>,
@@ -106,7 +109,11 @@ pub(crate) struct Columns<'a> {
 }
 
 impl<'a> Columns<'a> {
-    pub(crate) fn of(batch: &'a [(NewOutbound<'a>, Vec<String>)], start: &'a [Deferred]) -> Self {
+    pub(crate) fn of(
+        batch: &'a [(NewOutbound<'a>, Vec<String>)],
+        conditional: &'a [Vec<String>],
+        start: &'a [Deferred],
+    ) -> Self {
         let array = |v: &[i64]| {
             let items: Vec<String> = v.iter().map(i64::to_string).collect();
             format!("{{{}}}", items.join(","))
@@ -115,29 +122,39 @@ impl<'a> Columns<'a> {
         let mut c = Columns {
             event_ids: Vec::with_capacity(batch.len()),
             seqs: Vec::with_capacity(batch.len()),
+            rooms: Vec::with_capacity(batch.len()),
             provides: Vec::with_capacity(batch.len()),
             waits: Vec::with_capacity(batch.len()),
             lists: Vec::with_capacity(batch.len()),
+            conditional: Vec::with_capacity(batch.len()),
             list_ids: Vec::new(),
             destinations: Vec::new(),
             defer_destinations: start.iter().map(|d| d.destination.as_str()).collect(),
             defer_rooms: start.iter().map(|d| d.room_id.as_str()).collect(),
             defer_from: start.iter().map(|d| d.from_seq).collect(),
         };
-        for (e, to) in batch {
-            let next = known.len() as i32;
-            let list = *known.entry(to.as_slice()).or_insert_with(|| {
-                for d in to {
-                    c.list_ids.push(next);
-                    c.destinations.push(d.as_str());
-                }
-                next
-            });
+        const NONE: &[String] = &[];
+        for (i, (e, to)) in batch.iter().enumerate() {
+            let cond = conditional.get(i).map_or(NONE, Vec::as_slice);
+            let mut list_of = |to: &'a [String]| {
+                let next = known.len() as i32;
+                *known.entry(to).or_insert_with(|| {
+                    for d in to {
+                        c.list_ids.push(next);
+                        c.destinations.push(d.as_str());
+                    }
+                    next
+                })
+            };
+            let list = list_of(to.as_slice());
+            let cond = list_of(cond);
             c.event_ids.push(e.event_id);
             c.seqs.push(e.event_seq);
+            c.rooms.push(e.room_id);
             c.provides.push(array(e.provides));
             c.waits.push(array(e.waits));
             c.lists.push(list);
+            c.conditional.push(cond);
         }
         c
     }
@@ -152,12 +169,10 @@ pub struct Deferred {
     pub from_seq: i64,
 }
 
-/// `batch` cut into runs of events whose arrays fit one statement
+/// `batch` cut into runs of events (index ranges) whose arrays fit one statement
 /// ([`MAX_ENTRIES_PER_STATEMENT`]); one event with more destinations than that is a run
 /// of its own. An empty batch is one empty run.
-pub(crate) fn statements<'b, 'a>(
-    batch: &'b [(NewOutbound<'a>, Vec<String>)],
-) -> Vec<&'b [(NewOutbound<'a>, Vec<String>)]> {
+pub(crate) fn statements(batch: &[(NewOutbound<'_>, Vec<String>)]) -> Vec<std::ops::Range<usize>> {
     let mut runs = Vec::new();
     let mut start = 0;
     let mut size = 0;
@@ -169,7 +184,7 @@ pub(crate) fn statements<'b, 'a>(
             to.len()
         };
         if i > start && size + cost > MAX_ENTRIES_PER_STATEMENT {
-            runs.push(&batch[start..i]);
+            runs.push(start..i);
             start = i;
             size = 0;
             lists.clear();
@@ -180,21 +195,39 @@ pub(crate) fn statements<'b, 'a>(
             0
         };
     }
-    runs.push(&batch[start..]);
+    runs.push(start..batch.len());
     runs
 }
 
-/// The unnested arrays of [`Columns`], parameters `$n..$n+9` in the order of its fields:
-/// CTEs `ev` (narrowed by `filter`: `""`, or `WHERE …` over `x`), `tg`, `rows (d, e, s,
-/// p, w)` — one per (destination, event) — and `deferred`, which starts the deferrals
-/// (two fan-outs that start one at once keep the lower start).
+/// The unnested arrays of [`Columns`], parameters `$n..$n+11` in the order of its
+/// fields: CTEs `ev` (narrowed by `filter`: `""`, or `WHERE …` over `x`), `tg`,
+/// `touched`, `rows (d, e, s, p, w)` — one per (destination, event) — and `deferred`,
+/// which starts the deferrals (two fan-outs that start one at once keep the lower
+/// start). `touched` bumps the deferral of each conditional pair (a healthy destination
+/// skipped because of it; locked first, in key order, so two fan-outs cannot deadlock on
+/// them); a pair whose deferral is gone or no longer covers the event (a drain ended it:
+/// `deferrals::advance`) gets its row here.
 pub(crate) fn input_ctes(n: usize, filter: &str) -> String {
     let p = |i: usize| format!("${}", n + i);
     format!(
         "ev AS (SELECT * FROM UNNEST({}::text[], {}::bigint[], {}::text[], {}::text[], \
-                {}::int[]) AS x(e, s, p, w, t) {filter}), \
+                {}::text[], {}::int[], {}::int[]) AS x(e, s, r, p, w, t, c) {filter}), \
          tg AS (SELECT * FROM UNNEST({}::int[], {}::text[]) AS y(t, d)), \
-         rows AS (SELECT tg.d, ev.e, ev.s, ev.p, ev.w FROM ev JOIN tg ON tg.t = ev.t), \
+         cond AS (SELECT tg.d, ev.e, ev.s, ev.r, ev.p, ev.w FROM ev JOIN tg ON tg.t = ev.c), \
+         locked AS ( \
+           SELECT f.destination, f.room_id FROM outbound_deferrals f \
+            WHERE (f.destination, f.room_id) IN (SELECT d, r FROM cond) \
+            ORDER BY f.destination, f.room_id FOR UPDATE), \
+         touched AS ( \
+           UPDATE outbound_deferrals f SET touched = f.touched + 1 FROM locked k \
+            WHERE f.destination = k.destination AND f.room_id = k.room_id \
+           RETURNING f.destination, f.room_id, f.from_seq, f.until_seq), \
+         rows AS (SELECT tg.d, ev.e, ev.s, ev.p, ev.w FROM ev JOIN tg ON tg.t = ev.t \
+           UNION ALL \
+           SELECT c.d, c.e, c.s, c.p, c.w FROM cond c \
+            WHERE NOT EXISTS (SELECT 1 FROM touched k \
+                               WHERE k.destination = c.d AND k.room_id = c.r \
+                                 AND k.until_seq IS NULL AND c.s > k.from_seq)), \
          deferred AS ( \
            INSERT INTO outbound_deferrals AS f (destination, room_id, from_seq) \
            SELECT * FROM UNNEST({}::text[], {}::text[], {}::bigint[]) AS z(d, r, s) \
@@ -210,7 +243,9 @@ pub(crate) fn input_ctes(n: usize, filter: &str) -> String {
         p(6),
         p(7),
         p(8),
-        p(9)
+        p(9),
+        p(10),
+        p(11)
     )
 }
 
@@ -220,9 +255,11 @@ macro_rules! bind_columns {
         $query
             .bind::<diesel::sql_types::Array<diesel::sql_types::Text>, _>(&$c.event_ids)
             .bind::<diesel::sql_types::Array<diesel::sql_types::BigInt>, _>(&$c.seqs)
+            .bind::<diesel::sql_types::Array<diesel::sql_types::Text>, _>(&$c.rooms)
             .bind::<diesel::sql_types::Array<diesel::sql_types::Text>, _>(&$c.provides)
             .bind::<diesel::sql_types::Array<diesel::sql_types::Text>, _>(&$c.waits)
             .bind::<diesel::sql_types::Array<diesel::sql_types::Integer>, _>(&$c.lists)
+            .bind::<diesel::sql_types::Array<diesel::sql_types::Integer>, _>(&$c.conditional)
             .bind::<diesel::sql_types::Array<diesel::sql_types::Integer>, _>(&$c.list_ids)
             .bind::<diesel::sql_types::Array<diesel::sql_types::Text>, _>(&$c.destinations)
             .bind::<diesel::sql_types::Array<diesel::sql_types::Text>, _>(&$c.defer_destinations)
@@ -276,6 +313,9 @@ pub(crate) struct Written {
 #[derive(Debug, Default)]
 pub struct Fanned<'a> {
     pub rows: Vec<(NewOutbound<'a>, Vec<String>)>,
+    /// Per event of `rows`: healthy destinations skipped because of their deferral,
+    /// which get the row after all if the deferral ended meanwhile (`input_ctes`).
+    pub conditional: Vec<Vec<String>>,
     pub start: Vec<Deferred>,
     /// (destination, event) pairs left to a deferral.
     pub deferred: usize,
@@ -327,7 +367,8 @@ pub async fn enqueue(
     for (i, run) in runs.into_iter().enumerate() {
         let marked: &[&str] = if i == last { fanned_out } else { &[] };
         let start: &[Deferred] = if i == 0 { &fanned.start } else { &[] };
-        let c = Columns::of(run, start);
+        let cond = fanned.conditional.get(run.clone()).unwrap_or(&[]);
+        let c = Columns::of(&fanned.rows[run], cond, start);
         let got: Vec<Written> = prepared(bind_columns!(
             diesel::sql_query(format!(
                 "WITH {input}, \

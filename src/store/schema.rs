@@ -143,6 +143,7 @@ diesel::table! {
         room_id -> Text,
         from_seq -> Int8,
         until_seq -> Nullable<Int8>,
+        touched -> Int8,
         created_at -> Timestamptz,
     }
 }

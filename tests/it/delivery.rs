@@ -1,6 +1,7 @@
 //! The delivery core against peers that misbehave the way real ones do: slow and
 //! jittery answers (order of dependants), `Retry-After` as an HTTP date, redirects, a
-//! worker killed mid-request, and a Redis restart that leaves every connection stale.
+//! worker killed mid-request, a Redis restart that leaves every connection stale, and a
+//! peer that cannot be reached for a while (deferred fan-out).
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -9,7 +10,10 @@ use std::time::{Duration, SystemTime};
 
 use diesel::prelude::*;
 use diesel_async::RunQueryDsl;
-use parafed::store::schema::delivery_attempts as da;
+use parafed::store::schema::{
+    delivery_attempts as da, destination_health as dh, outbound_deferrals as od,
+    outbound_queue as oq,
+};
 use serde_json::json;
 
 use crate::pipeline::{alpha_with_member_cfg, row_status, submit};
@@ -442,6 +446,180 @@ async fn a_worker_with_one_database_connection_delivers() {
             a.iter().map(|x| (x.0, x.1)).collect::<Vec<_>>(),
             vec![(1, Some(202))],
             "one attempt each, answered"
+        );
+    }
+}
+
+/// An unreachable peer (nothing listens: connection refused) gets one row — its probe —
+/// and then a deferral instead of a row per event; once it listens again, its drain
+/// writes the owed rows and it receives every event exactly once, dependants after what
+/// they refer to and each message's events in storage order. Caught up, the deferral
+/// ends, and a later event reaches it through its own row.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_peer_is_owed_by_a_deferral_and_gets_everything_in_order_once_back() {
+    let (lp, up) = reserve_listener();
+    let addr = lp.local_addr().unwrap();
+    drop(lp); // refused until the peer starts below
+    let alpha = alpha_with_member_cfg("beta.test", &up, FAST_WORKER_TOML).await;
+    let _w = TestWorker::start(&alpha);
+    let count = |table: &'static str| {
+        let alpha = &alpha;
+        async move {
+            let mut c = alpha.db().await;
+            match table {
+                "rows" => oq::table
+                    .filter(oq::destination.eq("beta.test"))
+                    .count()
+                    .get_result::<i64>(&mut *c)
+                    .await
+                    .unwrap(),
+                _ => od::table
+                    .filter(od::destination.eq("beta.test"))
+                    .count()
+                    .get_result::<i64>(&mut *c)
+                    .await
+                    .unwrap(),
+            }
+        }
+    };
+
+    // The probe: a row, refused, and the destination backs off without an HTTP answer.
+    let first = submit(
+        &alpha,
+        "d0",
+        "m.message",
+        "@alice:alpha.test",
+        json!({"message_id": "m0", "channel_id": "1", "body": "first"}),
+    )
+    .await;
+    wait_for(
+        "beta backs off, unreachable",
+        Duration::from_secs(30),
+        || async {
+            let (state, code): (String, Option<i32>) = dh::table
+                .filter(dh::destination.eq("beta.test"))
+                .select((dh::state, dh::last_status_code))
+                .first(&mut *alpha.db().await)
+                .await
+                .ok()?;
+            (state == "backing_off" && code.is_none()).then_some(())
+        },
+    )
+    .await;
+
+    // While it is unreachable: messages and their edits, reactions and a delete.
+    let mut expected: HashMap<String, Vec<String>> = HashMap::new();
+    expected.insert("m0".into(), vec![first.clone()]);
+    let mut all = vec![first];
+    for i in 1..=40 {
+        let m = format!("m{}", i / 4);
+        let kind = match i % 4 {
+            0 => "m.message",
+            1 => "m.message.edit",
+            2 => "m.reaction.add",
+            _ => "m.message.edit",
+        };
+        let (kind, m) = if i < 4 {
+            ("m.message.edit", "m0".to_owned())
+        } else {
+            (kind, m)
+        };
+        let id = submit(
+            &alpha,
+            &format!("d{i}"),
+            kind,
+            "@alice:alpha.test",
+            json!({"message_id": m, "channel_id": "1", "body": format!("#{i}")}),
+        )
+        .await;
+        expected.entry(m).or_default().push(id.clone());
+        all.push(id);
+    }
+    wait_for(
+        "every event fanned out",
+        Duration::from_secs(30),
+        || async {
+            use parafed::store::schema::federation_events as fe;
+            let n: i64 = fe::table
+                .filter(fe::event_id.eq_any(&all))
+                .filter(fe::fanned_out_at.is_not_null())
+                .count()
+                .get_result(&mut *alpha.db().await)
+                .await
+                .unwrap();
+            (n == all.len() as i64).then_some(())
+        },
+    )
+    .await;
+    assert_eq!(count("deferrals").await, 1, "one deferral for the room");
+    // The probe's row only: a probe writes a deferral's rows only when nothing else
+    // waits, and the first row waits.
+    assert_eq!(
+        count("rows").await,
+        1,
+        "rows written for an unreachable peer"
+    );
+
+    // Back: it listens again, on the same address, and checks the order.
+    let seen: Arc<Mutex<Seen>> = Arc::default();
+    let s = seen.clone();
+    let listener = std::net::TcpListener::bind(addr).unwrap();
+    let _peer = FnPeer::start(listener, move |r: FakeRequest| {
+        let seen = s.clone();
+        async move {
+            if !r.path.ends_with("/event") {
+                return FakeAnswer::empty(404);
+            }
+            let env: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
+            let id = env["event_id"].as_str().unwrap_or_default().to_owned();
+            let message = env["content"]["message_id"].as_str().map(str::to_owned);
+            let mut s = seen.lock().unwrap();
+            s.arrived.push(id.clone());
+            if let Some(m) = message {
+                s.per_message.entry(m).or_default().push(id);
+            }
+            accepted(&r)
+        }
+    })
+    .await;
+    let s = seen.clone();
+    let n = all.len();
+    wait_for(
+        "every owed event at beta",
+        Duration::from_secs(60),
+        || async { (s.lock().unwrap().arrived.len() >= n).then_some(()) },
+    )
+    .await;
+    // One more, after it is back: its own row, from fan-out (checked below).
+    let later = submit(
+        &alpha,
+        "d-later",
+        "m.message",
+        "@alice:alpha.test",
+        json!({"message_id": "later", "channel_id": "1", "body": "later"}),
+    )
+    .await;
+    wait_for(
+        "the later event at beta",
+        Duration::from_secs(30),
+        || async { s.lock().unwrap().arrived.contains(&later).then_some(()) },
+    )
+    .await;
+    // Caught up while answering, the deferral ended: later events get rows again.
+    assert_eq!(
+        count("deferrals").await,
+        0,
+        "the deferral ended once caught up"
+    );
+    let seen = seen.lock().unwrap();
+    assert_eq!(seen.arrived.len(), n + 1, "each event once");
+    let distinct: HashSet<&String> = seen.arrived.iter().collect();
+    assert_eq!(distinct.len(), n + 1, "no duplicates");
+    for (m, ids) in &expected {
+        assert_eq!(
+            seen.per_message.get(m),
+            Some(ids),
+            "events of message {m} out of order"
         );
     }
 }
