@@ -48,6 +48,7 @@ pub async fn collect(ctx: &Ctx) -> Result<(), JobError> {
         metrics::gauge!("parafed_destinations", "state" => *state).set(*n as f64);
     }
     metrics::gauge!("parafed_deliveries_waiting").set(counts.waiting as f64);
+    metrics::gauge!("parafed_outbound_deferrals").set(counts.deferrals as f64);
     metrics::gauge!("parafed_events_held").set(counts.held as f64);
     metrics::gauge!("parafed_peers_quarantined", "automatic" => "true")
         .set(counts.quarantined_automatic as f64);

@@ -110,6 +110,14 @@ pub enum Then {
 /// version. After: the fan-out finds no row to touch and writes the destination's row
 /// itself (`outbound::input_ctes`). An event stored before this statement is seen by
 /// it and stops the end.
+///
+/// A fan-out bumps only the deferrals of destinations that answer in its view (a
+/// thousand dead servers' deferrals are not written per batch). One that skipped a
+/// destination that did not answer is covered because ending needs the destination to
+/// answer in this statement's snapshot, and the skipped event was stored before that
+/// fan-out's view: seen here, it stops the end. Left open: the destination fails again
+/// between this statement's snapshot and that view, and the event is stored after the
+/// snapshot, while this statement still runs (waiting for a row lock).
 pub async fn advance(
     conn: &mut AsyncPgConnection,
     destination: &str,

@@ -1,5 +1,6 @@
 //! The fleet-wide numbers behind parafed's gauges (`parafed_destinations`,
-//! `parafed_deliveries_waiting`, `parafed_events_held`, `parafed_peers_quarantined`).
+//! `parafed_deliveries_waiting`, `parafed_outbound_deferrals`, `parafed_events_held`,
+//! `parafed_peers_quarantined`).
 //!
 //! Two statements, each answered from an index or a small table: destinations are one
 //! row each (a `GROUP BY` over `destination_health`, joined to the operator's
@@ -22,8 +23,11 @@ pub struct FleetCounts {
     /// (the peer is blocked by the operator; counted there instead of under its
     /// delivery state). Every state is present, at zero if need be.
     pub destinations: BTreeMap<&'static str, i64>,
-    /// Deliveries not yet settled.
+    /// Deliveries not yet settled (rows).
     pub waiting: i64,
+    /// Deferrals (`store::deferrals`): (destination, room) pairs owed the room's events
+    /// without a row per event.
+    pub deferrals: i64,
     /// Inbound events held (quarantine).
     pub held: i64,
     /// Quarantined peers put there automatically / by an operator.
@@ -47,6 +51,8 @@ struct Totals {
     #[diesel(sql_type = BigInt)]
     waiting: i64,
     #[diesel(sql_type = BigInt)]
+    deferrals: i64,
+    #[diesel(sql_type = BigInt)]
     held: i64,
     #[diesel(sql_type = BigInt)]
     quarantined_automatic: i64,
@@ -66,6 +72,7 @@ pub async fn fleet_counts(conn: &mut AsyncPgConnection) -> Result<FleetCounts, S
     .await?;
     let t: Totals = diesel::sql_query(
         "SELECT (SELECT count(*) FROM outbound_queue WHERE status = 'pending') AS waiting, \
+                (SELECT count(*) FROM outbound_deferrals) AS deferrals, \
                 (SELECT count(*) FROM federation_events WHERE status = 'held') AS held, \
                 (SELECT count(*) FROM peer_trust WHERE state = 'quarantine' AND automatic \
                    AND (until IS NULL OR until > now())) \
@@ -86,6 +93,7 @@ pub async fn fleet_counts(conn: &mut AsyncPgConnection) -> Result<FleetCounts, S
     Ok(FleetCounts {
         destinations,
         waiting: t.waiting,
+        deferrals: t.deferrals,
         held: t.held,
         quarantined_automatic: t.quarantined_automatic,
         quarantined_operator: t.quarantined_operator,

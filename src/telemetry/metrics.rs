@@ -100,6 +100,7 @@ pub const FAMILIES: &[Family] = &[
     Family { name: "parafed_queue_oldest_job_age_seconds", kind: Kind::Gauge, help: "Age of the oldest job still in a queue (ready or in flight), by queue; 0 when empty.", labels: &["queue"], roles: W },
     Family { name: "parafed_destinations", kind: Kind::Gauge, help: "Destinations by state (healthy, backing_off, held, paused, blocked); fleet-wide.", labels: &["state"], roles: W },
     Family { name: "parafed_deliveries_waiting", kind: Kind::Gauge, help: "Deliveries not yet settled (the backlog), all destinations; fleet-wide.", labels: &[], roles: W },
+    Family { name: "parafed_outbound_deferrals", kind: Kind::Gauge, help: "Deferrals: (destination, room) pairs owed a room's events without a row per event, while the destination cannot be reached; fleet-wide.", labels: &[], roles: W },
     Family { name: "parafed_events_held", kind: Kind::Gauge, help: "Inbound events held from quarantined peers; fleet-wide.", labels: &[], roles: W },
     Family { name: "parafed_peers_quarantined", kind: Kind::Gauge, help: "Peers in quarantine, by how they got there (automatic: true, false); fleet-wide.", labels: &["automatic"], roles: W },
     Family { name: "parafed_worker_heartbeat_timestamp_seconds", kind: Kind::Gauge, help: "Unix time of this worker's last scheduler tick.", labels: &[], roles: W },
