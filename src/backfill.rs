@@ -56,6 +56,7 @@ pub async fn catch_up(
                 standing: match e.status.as_str() {
                     "accepted" if e.fanned_out => Standing::Relayed,
                     "rejected" => Standing::Rejected,
+                    "held" => Standing::Held,
                     _ => Standing::Unsettled,
                 },
                 received_at: e.received_at,

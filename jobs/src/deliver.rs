@@ -272,6 +272,9 @@ async fn drain(
         let sendable = held_back_count(&rows, &deferred);
         if !deferred.is_empty() && (sendable == 0 || (limit > 1 && (sendable as i64) < scan)) {
             let budget = if limit > 1 { 4 * scan as usize } else { 16 };
+            // Read again: a deferral ends only if no fan-out relied on it since it was
+            // read (`touched`), so the read is just before the backfill.
+            deferred = deferrals::of(&mut conn, dest.as_str()).await?;
             parafed::backfill::catch_up(
                 &mut conn,
                 dest.as_str(),

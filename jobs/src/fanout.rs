@@ -177,6 +177,7 @@ pub(crate) async fn decide<'a>(
         .map(|e| {
             outbound::deferrable(
                 hosted_here(&ctx.app, e),
+                e.released,
                 e.received_at,
                 now,
                 ctx.policy.dependency_wait,

@@ -21,5 +21,9 @@ CREATE TABLE outbound_deferrals (
     created_at  TIMESTAMPTZ NOT NULL DEFAULT now(),
     PRIMARY KEY (destination, room_id)
 );
+-- When a held event (from a quarantined peer) was released: fan-out never defers a
+-- released event, so a drain's cursor may pass held events at once — their rows come
+-- from their own fan-out — and a peer whose events keep being held cannot stall a room.
+ALTER TABLE federation_events ADD COLUMN released_at TIMESTAMPTZ;
 -- The drain reads a room's events after a cursor, in storage order.
 CREATE INDEX federation_events_room_seq ON federation_events (room_id, seq);

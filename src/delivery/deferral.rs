@@ -20,14 +20,16 @@
 //! itself if the deferral is gone, and the end only deletes an untouched deferral
 //! (`store::deferrals::advance`): a skipped event either stops the end or gets its row.
 //!
-//! Why an unsettled event (not yet verified, held, or not yet fanned out) stops the
+//! Why an unsettled event (not yet verified, or not yet fanned out) stops the
 //! cursor: its fan-out, still to come, sees the deferral and skips the destination, so
 //! only the drain can write its row — the cursor must not pass it. Unless it is older
 //! than twice `dependency_wait`: fan-out never defers an event older than one
 //! `dependency_wait` (`outbound::deferrable`), so such an event gets its row from its own
-//! fan-out, and a stuck event (its origin's keys unreachable, a long quarantine) does not
-//! stall the room for the destination. The margin between the two ages covers clocks
-//! that differ between workers by less than `dependency_wait`.
+//! fan-out, and a stuck event (its origin's keys unreachable) does not stall the room
+//! for the destination. The margin between the two ages covers clocks that differ
+//! between workers by less than `dependency_wait`. A held event (a quarantined origin or
+//! relayer) is passed over at once: released, it is never deferred, so its own fan-out
+//! writes its rows.
 
 use std::time::Duration;
 
@@ -99,8 +101,12 @@ pub enum Standing {
     Relayed,
     /// Rejected: nobody gets it.
     Rejected,
-    /// Not yet verified, held, or accepted and not yet fanned out.
+    /// Not yet verified, or accepted and not yet fanned out.
     Unsettled,
+    /// Held (its origin or relayer quarantined): passed over at once. If it is released,
+    /// its fan-out never defers it (`outbound::deferrable`), so its rows come from there;
+    /// a peer whose events keep being held cannot stall the room behind them.
+    Held,
 }
 
 /// One event of the room after the cursor, as [`plan`] needs it.
@@ -180,7 +186,7 @@ pub fn plan(
                 stopped = true;
                 break;
             }
-            Standing::Unsettled | Standing::Rejected => {}
+            Standing::Unsettled | Standing::Rejected | Standing::Held => {}
             Standing::Relayed => {
                 if receives(dest, e) {
                     rows.push(i);
@@ -323,6 +329,17 @@ mod tests {
         let events = [ev(11, Standing::Unsettled, 400, "a.test")];
         let p = plan("dead.test", joined(10), &events, true, now(), WAIT);
         assert_eq!((p.rows, p.cursor), (vec![], 10));
+    }
+
+    #[test]
+    fn a_held_event_is_passed_over_at_once() {
+        // Released later, it is never deferred: its own fan-out writes its rows.
+        let events = [
+            ev(11, Standing::Held, 1, "q.test"),
+            ev(12, Standing::Relayed, 1, "a.test"),
+        ];
+        let p = plan("dead.test", joined(10), &events, true, now(), WAIT);
+        assert_eq!((p.rows, p.cursor, p.caught_up), (vec![1], 12, true));
     }
 
     #[test]

@@ -13,8 +13,8 @@ use super::StoreError;
 
 /// A SQL condition, over a destination named by the expression `{dest}`, true when one
 /// of its deferrals has something to do: the room's first event after the cursor is
-/// settled (its row, or nothing, can be written) or older than the time in the
-/// parameter `{pass}` (it is passed over). The scheduler (`destinations::due`) and the
+/// settled (its row, or nothing, can be written), held, or older than the time in the
+/// parameter `{pass}` (the last two are passed over). The scheduler (`destinations::due`) and the
 /// drain (`outbound::has_waiting`) ask it; an event still being verified is not work
 /// yet (its fan-out schedules the destination).
 pub(crate) fn has_work(dest: &str, pass: &str) -> String {
@@ -26,7 +26,7 @@ pub(crate) fn has_work(dest: &str, pass: &str) -> String {
                                  AND (f.until_seq IS NULL OR e.seq <= f.until_seq) \
                                ORDER BY e.seq LIMIT 1) n \
           WHERE f.destination = {dest} \
-            AND (n.status = 'rejected' \
+            AND (n.status IN ('rejected', 'held') \
                  OR (n.status = 'accepted' AND n.fanned_out_at IS NOT NULL) \
                  OR n.received_at < {pass}))"
     )
@@ -51,14 +51,21 @@ pub struct Stored {
     pub touched: i64,
 }
 
-/// The destination's deferrals, by room.
+/// The destination's deferrals, by room. A deferral of a server no longer in the room
+/// that has no end yet (started by a fan-out that raced the leave, which found nothing
+/// to close) ends at the last event fanned out before it left.
 pub async fn of(
     conn: &mut AsyncPgConnection,
     destination: &str,
 ) -> Result<Vec<Stored>, StoreError> {
     Ok(prepared(
         diesel::sql_query(
-            "SELECT f.room_id, f.from_seq, f.until_seq, \
+            "SELECT f.room_id, f.from_seq, \
+                COALESCE(f.until_seq, CASE WHEN s.state IS DISTINCT FROM 'joined' THEN \
+                  (SELECT COALESCE(max(e.seq), f.from_seq) FROM federation_events e \
+                    WHERE e.room_id = f.room_id AND e.seq > f.from_seq \
+                      AND e.fanned_out_at <= COALESCE(s.updated_at, f.created_at)) END) \
+                  AS until_seq, \
                 COALESCE(s.state = 'joined', false) AS joined, f.touched \
            FROM outbound_deferrals f \
            LEFT JOIN room_servers s \
@@ -193,17 +200,21 @@ pub async fn advance(
     Ok(r.moved > 0)
 }
 
-/// Ends a server's deferral in a room it left: the events stored so far stay owed, the
-/// later ones are not (`until_seq`). Called when its membership turns `left`
+/// Ends a server's deferral in a room it left: the events fanned out so far stay owed,
+/// the later ones are not (`until_seq`). Called when its membership turns `left`
 /// (`rooms::refresh_room_server`); a no-op without a deferral.
 pub async fn close(
     conn: &mut AsyncPgConnection,
     room_id: &str,
     server_name: &str,
 ) -> Result<(), StoreError> {
+    // The events fanned out so far are the ones it would have had rows for; an event
+    // stored earlier but fanned out after the leave is not (fan-out reads the room's
+    // servers then).
     diesel::sql_query(
         "UPDATE outbound_deferrals SET until_seq = \
-           (SELECT COALESCE(max(seq), 0) FROM federation_events WHERE room_id = $1) \
+           (SELECT COALESCE(max(seq), 0) FROM federation_events \
+             WHERE room_id = $1 AND fanned_out_at IS NOT NULL) \
          WHERE room_id = $1 AND destination = $2 AND until_seq IS NULL",
     )
     .bind::<Text, _>(room_id)

@@ -68,6 +68,7 @@ struct Row {
     seq: i64,
     received_at: chrono::DateTime<chrono::Utc>,
     received_from: Option<String>,
+    released_at: Option<chrono::DateTime<chrono::Utc>>,
 }
 
 /// A stored event with its status.
@@ -84,6 +85,9 @@ pub struct StoredEvent {
     pub received_at: chrono::DateTime<chrono::Utc>,
     /// The server that handed it to us (`None` for our own events).
     pub received_from: Option<String>,
+    /// It was held (its origin or relayer quarantined) and released: fan-out never
+    /// defers it (`outbound::deferrable`).
+    pub released: bool,
 }
 
 fn corrupt(id: &str, what: &str) -> StoreError {
@@ -118,6 +122,7 @@ fn from_row(r: Row) -> Result<StoredEvent, StoreError> {
         seq: r.seq,
         received_at: r.received_at,
         received_from: r.received_from,
+        released: r.released_at.is_some(),
     })
 }
 
@@ -629,7 +634,8 @@ pub async fn release_held(
     // still quarantined) stays held.
     let mut rows: Vec<Row> = prepared(
         diesel::sql_query(
-            "UPDATE federation_events e SET status = 'pending', enqueued_at = now() \
+            "UPDATE federation_events e SET status = 'pending', enqueued_at = now(), \
+                released_at = now() \
          WHERE e.status = 'held' AND (e.received_from = $1 OR e.origin_server = $1) \
            AND NOT EXISTS (SELECT 1 FROM peer_trust t \
              WHERE t.state = 'quarantine' AND (t.until IS NULL OR t.until > now()) \

@@ -38,15 +38,17 @@ pub struct NewOutbound<'a> {
 /// (see [`NewOutbound::deferrable`]): a drain passes over an unsettled event only once
 /// it is older than twice `dependency_wait` (`delivery::deferral`), so an event younger
 /// than one `dependency_wait` cannot have been passed over, even by a drain whose clock
-/// runs ahead by almost that much.
+/// runs ahead by almost that much. A held event is passed over at once, so a `released`
+/// one is never deferred.
 pub fn deferrable(
     hosted_here: bool,
+    released: bool,
     received_at: DateTime<Utc>,
     now: DateTime<Utc>,
     dependency_wait: std::time::Duration,
 ) -> bool {
     let wait = chrono::Duration::from_std(dependency_wait).unwrap_or(chrono::Duration::MAX);
-    hosted_here && received_at > now - wait
+    hosted_here && !released && received_at > now - wait
 }
 
 /// A waiting row, with what ordering needs.
@@ -201,9 +203,10 @@ pub(crate) fn statements(batch: &[(NewOutbound<'_>, Vec<String>)]) -> Vec<std::o
 
 /// The unnested arrays of [`Columns`], parameters `$n..$n+11` in the order of its
 /// fields: CTEs `ev` (narrowed by `filter`: `""`, or `WHERE …` over `x`), `tg`,
-/// `touched`, `rows (d, e, s, p, w)` — one per (destination, event) — and `deferred`,
-/// which starts the deferrals (two fan-outs that start one at once keep the lower
-/// start). `touched` bumps the deferral of each conditional pair (a healthy destination
+/// `touched`, `rows (d, e, s, p, w)` — one per (destination, event) — `starts` (the
+/// deferrals to start, in rooms with an event in `ev`: in `events::accept`, one accepted
+/// now) and `deferred`, which starts them (two fan-outs that start one at once keep the
+/// lower start). `touched` bumps the deferral of each conditional pair (a healthy destination
 /// skipped because of it; locked first, in key order, so two fan-outs cannot deadlock on
 /// them); a pair whose deferral is gone or no longer covers the event (a drain ended it:
 /// `deferrals::advance`) gets its row here.
@@ -228,10 +231,12 @@ pub(crate) fn input_ctes(n: usize, filter: &str) -> String {
             WHERE NOT EXISTS (SELECT 1 FROM touched k \
                                WHERE k.destination = c.d AND k.room_id = c.r \
                                  AND k.until_seq IS NULL AND c.s > k.from_seq)), \
+         starts AS ( \
+           SELECT * FROM UNNEST({}::text[], {}::text[], {}::bigint[]) AS z(d, r, s) \
+            WHERE EXISTS (SELECT 1 FROM ev WHERE ev.r = z.r)), \
          deferred AS ( \
            INSERT INTO outbound_deferrals AS f (destination, room_id, from_seq) \
-           SELECT * FROM UNNEST({}::text[], {}::text[], {}::bigint[]) AS z(d, r, s) \
-            ORDER BY d, r \
+           SELECT d, r, s FROM starts ORDER BY d, r \
            ON CONFLICT (destination, room_id) DO UPDATE SET from_seq = EXCLUDED.from_seq \
             WHERE EXCLUDED.from_seq < f.from_seq)",
         p(0),
@@ -270,14 +275,15 @@ macro_rules! bind_columns {
 pub(crate) use bind_columns;
 
 /// The common part of the statements that write outbound rows, after [`input_ctes`]:
-/// destinations new to us get a state row (healthy), then the rows are inserted (a row
+/// destinations new to us (with rows, or a deferral started) get a state row (healthy),
+/// then the rows are inserted (a row
 /// that exists is left alone), in (destination, event) order: concurrent fan-outs that
 /// add rows for the same destinations take their locks in one order and cannot deadlock
 /// (see `events::insert`). Two CTEs, `ensured` and `ins`; [`WRITTEN`] reads the latter.
 pub(crate) const WRITE_CTES: &str = "\
     ensured AS ( \
       INSERT INTO destination_health (destination) \
-      SELECT d FROM (SELECT DISTINCT d FROM rows) r \
+      SELECT d FROM (SELECT d FROM rows UNION SELECT d FROM starts) r \
        WHERE NOT EXISTS (SELECT 1 FROM destination_health h WHERE h.destination = r.d) \
        ORDER BY d \
       ON CONFLICT DO NOTHING), \
@@ -621,4 +627,31 @@ pub async fn waiting_count(
         .count()
         .get_result(conn)
         .await?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_young_unreleased_events_of_rooms_hosted_here_are_deferrable() {
+        let now = DateTime::from_timestamp(1_800_000_000, 0).unwrap();
+        let wait = std::time::Duration::from_secs(300);
+        let ago = |s: i64| now - chrono::Duration::seconds(s);
+        // (hosted here, released, age in seconds, deferrable)
+        let table = [
+            (true, false, 10, true),
+            (true, false, 299, true),
+            (true, false, 301, false),
+            (true, true, 10, false),
+            (false, false, 10, false),
+        ];
+        for (hosted, released, age, want) in table {
+            assert_eq!(
+                deferrable(hosted, released, ago(age), now, wait),
+                want,
+                "{hosted} {released} {age}"
+            );
+        }
+    }
 }

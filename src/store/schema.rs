@@ -22,6 +22,7 @@ diesel::table! {
         fanned_out_at -> Nullable<Timestamptz>,
         seq -> Int8,
         signature_checked -> Bool,
+        released_at -> Nullable<Timestamptz>,
     }
 }
 

@@ -323,3 +323,89 @@ async fn batches_sharing_event_ids_queue_instead_of_deadlocking() {
     let second = second.await.unwrap().expect("the second batch succeeds");
     assert_eq!(second, [false, false], "both were stored by the first");
 }
+
+/// A deferral of a server no longer in the room ends at the last event fanned out
+/// before it left — whether the leave closed it (`rooms::refresh_room_server`) or a
+/// fan-out racing the leave started it afterwards with no end — and events fanned out
+/// after the leave are not owed.
+#[tokio::test]
+async fn a_deferral_of_a_server_that_left_ends_where_it_left() {
+    use diesel_async::SimpleAsyncConnection;
+    use parafed::store::{deferrals, rooms};
+    let url = support::pg::migrated_db().await;
+    let mut c = AsyncPgConnection::establish(&url).await.unwrap();
+    let room = "!r:alpha.test";
+    support::host_room(&mut c, room, &[("@x:gone.test", "gone.test")]).await;
+    // Events 1..=3 fanned out while gone.test is in the room.
+    let event = |i: i64, fanned: &str| {
+        format!(
+            "INSERT INTO federation_events (event_id, room_id, event_type, sender, \
+             origin_server, origin_ts, content, depth, signatures, status, fanned_out_at) \
+             VALUES ('$e{i}:alpha.test', '{room}', 'm.message', '@a:alpha.test', \
+             'alpha.test', 0, '{{}}', {i}, '{{}}', 'accepted', {fanned});"
+        )
+    };
+    for i in 1..=3 {
+        c.batch_execute(&event(i, "now() - interval '1 minute'"))
+            .await
+            .unwrap();
+    }
+    let seqs: Vec<i64> = {
+        use parafed::store::schema::federation_events as fe;
+        fe::table
+            .filter(fe::event_id.eq_any(["$e1:alpha.test", "$e3:alpha.test"]))
+            .order(fe::seq.asc())
+            .select(fe::seq)
+            .load::<i64>(&mut c)
+            .await
+            .unwrap()
+    };
+    let (s1, s3) = (seqs[0], seqs[1]);
+    // A deferral from event 1 on; then the server leaves (the leave closes it).
+    c.batch_execute(&format!(
+        "INSERT INTO outbound_deferrals (destination, room_id, from_seq) \
+         VALUES ('gone.test', '{room}', {s1} - 1)"
+    ))
+    .await
+    .unwrap();
+    // Event 4 is stored before the leave but fanned out after it: not owed (fan-out
+    // reads the room's servers when it runs).
+    c.batch_execute(&event(4, "NULL")).await.unwrap();
+    rooms::set_member(
+        &mut c,
+        room,
+        "@x:gone.test",
+        "gone.test",
+        rooms::Membership::Left,
+        None,
+    )
+    .await
+    .unwrap();
+    rooms::refresh_room_server(&mut c, room, "gone.test")
+        .await
+        .unwrap();
+    c.batch_execute(
+        "UPDATE federation_events SET fanned_out_at = now() + interval '1 minute' \
+         WHERE event_id = '$e4:alpha.test'",
+    )
+    .await
+    .unwrap();
+    let d = deferrals::of(&mut c, "gone.test").await.unwrap();
+    assert_eq!(d.len(), 1);
+    assert_eq!((d[0].until_seq, d[0].joined), (Some(s3), false));
+
+    // A deferral a fan-out started after the leave, without an end: the same end.
+    c.batch_execute(
+        "DELETE FROM outbound_deferrals; \
+         INSERT INTO outbound_deferrals (destination, room_id, from_seq) \
+         SELECT 'gone.test', room_id, min(seq) - 1 FROM federation_events GROUP BY room_id",
+    )
+    .await
+    .unwrap();
+    let d = deferrals::of(&mut c, "gone.test").await.unwrap();
+    assert_eq!(
+        d[0].until_seq,
+        Some(s3),
+        "ends at the last event fanned out before the leave"
+    );
+}
