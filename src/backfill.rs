@@ -24,7 +24,7 @@ use diesel_async::AsyncPgConnection;
 /// What one backfill call did.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Backfilled {
-    /// Rows written (a row that existed is not counted twice, but is counted).
+    /// Rows handed to the insert (one that existed already is left alone, and counted).
     pub rows: usize,
     /// Whether any deferral's cursor moved (or a finished one went).
     pub moved: bool,

@@ -23,6 +23,7 @@ use chrono::Utc;
 use http::Method;
 use parafed::delivery::attempt::{self, AttemptResult};
 use parafed::delivery::backoff::random_jitter;
+use parafed::delivery::deferral;
 use parafed::delivery::destination::Sending;
 use parafed::delivery::order::{self, OrderKeys, Unsettled};
 use parafed::delivery::outcome::{self, Previous};
@@ -141,7 +142,7 @@ async fn drain_destination(ctx: &Ctx, dest: &ServerName, probing: bool) -> Resul
             }
             Drain::Empty => {
                 // Rows that arrived while we held the lease, after our last look.
-                let pass_before = Utc::now() - pass_age(&ctx.policy);
+                let pass_before = deferral::pass_before(Utc::now(), ctx.policy.dependency_wait);
                 if !outbound::has_waiting(&mut conn, dest.as_str(), pass_before).await? {
                     return Ok(());
                 }
@@ -269,7 +270,7 @@ async fn drain(
         // A deferral's rows are written a few windows ahead of what is sent, when fewer
         // are left than a round looks at; for a probe (one request), only when nothing
         // is left: a peer that stays down does not collect rows one probe after another.
-        let sendable = held_back_count(&rows, &deferred);
+        let sendable = rows.iter().filter(|r| !behind(r, &deferred)).count();
         if !deferred.is_empty() && (sendable == 0 || (limit > 1 && (sendable as i64) < scan)) {
             let budget = if limit > 1 { 4 * scan as usize } else { 16 };
             // Read again: a deferral ends only if no fan-out relied on it since it was
@@ -355,12 +356,6 @@ async fn drain(
     }
 }
 
-/// How old an unsettled event must be for a deferral's cursor to pass over it
-/// (`delivery::deferral`).
-pub(crate) fn pass_age(policy: &parafed::delivery::Policy) -> chrono::Duration {
-    chrono::Duration::from_std(policy.dependency_wait * 2).unwrap_or(chrono::Duration::hours(1))
-}
-
 /// `rows` without those after their room's deferral cursor: they were written by a late
 /// fan-out, ahead of events the deferral still owes, and wait until the cursor passed
 /// them (the room's events leave in storage order).
@@ -369,11 +364,6 @@ fn held_back(rows: Vec<Waiting>, deferred: &[deferrals::Stored]) -> Vec<Waiting>
         return rows;
     }
     rows.into_iter().filter(|r| !behind(r, deferred)).collect()
-}
-
-/// How many of `rows` [`held_back`] keeps.
-fn held_back_count(rows: &[Waiting], deferred: &[deferrals::Stored]) -> usize {
-    rows.iter().filter(|r| !behind(r, deferred)).count()
 }
 
 /// Whether `r` is after its room's deferral cursor.

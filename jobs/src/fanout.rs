@@ -205,6 +205,19 @@ pub(crate) async fn decide<'a>(
             deferrals::fan_out_view(&mut conn, &names, &rooms).await?
         }
     };
+    // Looked up per (destination, event) pair: by borrowed keys, nothing allocated.
+    let open: HashMap<(&str, &str), Open> = open
+        .iter()
+        .map(|((d, r), &(from_seq, until_seq))| {
+            (
+                (d.as_str(), r.as_str()),
+                Open {
+                    from_seq,
+                    until_seq,
+                },
+            )
+        })
+        .collect();
     let mut fanned = Fanned::default();
     let mut start: HashMap<(String, String), i64> = HashMap::new();
     let mut covered: std::collections::BTreeSet<String> = Default::default();
@@ -215,19 +228,11 @@ pub(crate) async fn decide<'a>(
         let mut send = Vec::with_capacity(to.len());
         let mut conditional = Vec::new();
         for dest in to {
-            let healthy = reach.get(&dest).is_none_or(|&(healthy, _)| healthy);
-            let answers = reach
-                .get(&dest)
-                .is_some_and(|&(healthy, unreachable)| healthy && !unreachable);
-            let r = reach
-                .get(&dest)
-                .map(|&(_, unreachable)| Reach { unreachable });
-            let o = open
-                .get(&(dest.clone(), room.to_owned()))
-                .map(|&(from_seq, until_seq)| Open {
-                    from_seq,
-                    until_seq,
-                });
+            let state = reach.get(&dest).copied();
+            let healthy = state.is_none_or(|(healthy, _)| healthy);
+            let answers = state.is_some_and(|(healthy, unreachable)| healthy && !unreachable);
+            let r = state.map(|(_, unreachable)| Reach { unreachable });
+            let o = open.get(&(dest.as_str(), room)).copied();
             let new_probed = r.is_none() && probed.contains(&dest);
             match deferral::fan_out(d, e.seq, r, o, new_probed) {
                 How::Send => {
@@ -262,7 +267,6 @@ pub(crate) async fn decide<'a>(
                 event_id: e.envelope.event_id.as_str(),
                 event_seq: e.seq,
                 room_id: e.envelope.room_id.as_str(),
-                deferrable: d,
                 provides: &k.provides,
                 waits: &k.waits,
             },

@@ -71,7 +71,10 @@ pub async fn run(ctx: Arc<Ctx>, mut stop: tokio::sync::watch::Receiver<bool>) {
 async fn schedule_due(ctx: &Ctx) -> Result<(), crate::context::JobError> {
     let due = {
         let mut conn = ctx.app.pool.get().await?;
-        let pass_before = chrono::Utc::now() - crate::deliver::pass_age(&ctx.policy);
+        let pass_before = parafed::delivery::deferral::pass_before(
+            chrono::Utc::now(),
+            ctx.policy.dependency_wait,
+        );
         destinations::due(&mut conn, 1000, pass_before).await?
     };
     ctx.app.queue.schedule_deliveries(&due).await?;

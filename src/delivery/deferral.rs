@@ -171,9 +171,7 @@ pub fn plan(
             caught_up: true,
         };
     }
-    let pass_before = chrono::Duration::from_std(dependency_wait * 2)
-        .map(|w| now - w)
-        .unwrap_or(DateTime::<Utc>::MIN_UTC);
+    let pass_before = pass_before(now, dependency_wait);
     let mut rows = Vec::new();
     let mut cursor = d.cursor;
     let mut stopped = false;
@@ -205,6 +203,15 @@ pub fn plan(
         done,
         caught_up: !stopped && complete,
     }
+}
+
+/// Unsettled events stored before this are passed over (twice `dependency_wait` before
+/// `now`: see the module doc). The scheduler and the drain ask the same of the database
+/// (`store::deferrals::has_work`).
+pub fn pass_before(now: DateTime<Utc>, dependency_wait: Duration) -> DateTime<Utc> {
+    chrono::Duration::from_std(dependency_wait * 2)
+        .map(|w| now - w)
+        .unwrap_or(DateTime::<Utc>::MIN_UTC)
 }
 
 /// Whether `dest`, a server of the room, is sent `e`: not its own event, nor one it

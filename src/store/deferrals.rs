@@ -139,10 +139,7 @@ pub async fn advance(
         #[diesel(sql_type = BigInt)]
         moved: i64,
     }
-    let array = |v: &[i64]| {
-        let items: Vec<String> = v.iter().map(i64::to_string).collect();
-        format!("{{{}}}", items.join(","))
-    };
+    let array = super::outbound::array_literal;
     let ids: Vec<&str> = rows.iter().map(|r| r.event_id).collect();
     let seqs: Vec<i64> = rows.iter().map(|r| r.event_seq).collect();
     let provides: Vec<String> = rows.iter().map(|r| array(r.provides)).collect();

@@ -349,25 +349,19 @@ pub async fn accept(
                 let (accepted, _) = accept_with(conn, judged, &Default::default()).await?;
                 let now: std::collections::HashSet<&str> =
                     accepted.iter().map(String::as_str).collect();
-                let keep: Vec<bool> = fan_out
-                    .rows
-                    .iter()
-                    .map(|(e, _)| now.contains(e.event_id))
-                    .collect();
-                let rows: Vec<(outbound::NewOutbound, Vec<String>)> = fan_out
-                    .rows
-                    .iter()
-                    .zip(&keep)
-                    .filter(|(_, &k)| k)
-                    .map(|(r, _)| r.clone())
-                    .collect();
-                let conditional: Vec<Vec<String>> = fan_out
-                    .conditional
-                    .iter()
-                    .zip(&keep)
-                    .filter(|(_, &k)| k)
-                    .map(|(c, _)| c.clone())
-                    .collect();
+                // The events accepted now, each with its conditional list
+                // (`Fanned::conditional`, beside `rows`; none when it is shorter).
+                let (rows, conditional): (Vec<(outbound::NewOutbound, Vec<String>)>, Vec<_>) =
+                    fan_out
+                        .rows
+                        .iter()
+                        .enumerate()
+                        .filter(|(_, (e, _))| now.contains(e.event_id))
+                        .map(|(i, r)| {
+                            let c = fan_out.conditional.get(i).cloned().unwrap_or_default();
+                            (r.clone(), c)
+                        })
+                        .unzip();
                 let fanned = outbound::Fanned {
                     rows,
                     conditional,

@@ -23,19 +23,14 @@ pub struct NewOutbound<'a> {
     pub event_seq: i64,
     /// The event's room: deferrals are kept per (destination, room).
     pub room_id: &'a str,
-    /// Whether a destination that is not healthy may get a deferral instead of a row
-    /// (`store::deferrals`): true for events of rooms hosted here stored less than
-    /// `dependency_wait` ago ([`deferrable`]). An older event fanned out late (released
-    /// from a hold, re-queued by the reconciler) always gets rows: a drain may have
-    /// passed it over already.
-    pub deferrable: bool,
     /// Ordering keys (`delivery::order`).
     pub provides: &'a [i64],
     pub waits: &'a [i64],
 }
 
 /// Whether an event stored at `received_at` may be deferred when fanned out at `now`
-/// (see [`NewOutbound::deferrable`]): a drain passes over an unsettled event only once
+/// (a destination that is not healthy gets a deferral instead of a row; an older event
+/// fanned out late — re-queued by the reconciler — always gets rows): a drain passes over an unsettled event only once
 /// it is older than twice `dependency_wait` (`delivery::deferral`), so an event younger
 /// than one `dependency_wait` cannot have been passed over, even by a drain whose clock
 /// runs ahead by almost that much. A held event is passed over at once, so a `released`
@@ -116,10 +111,7 @@ impl<'a> Columns<'a> {
         conditional: &'a [Vec<String>],
         start: &'a [Deferred],
     ) -> Self {
-        let array = |v: &[i64]| {
-            let items: Vec<String> = v.iter().map(i64::to_string).collect();
-            format!("{{{}}}", items.join(","))
-        };
+        let array = array_literal;
         let mut known: std::collections::HashMap<&[String], i32> = Default::default();
         let mut c = Columns {
             event_ids: Vec::with_capacity(batch.len()),
@@ -160,6 +152,14 @@ impl<'a> Columns<'a> {
         }
         c
     }
+}
+
+/// Ordering keys as a Postgres array literal (`{1,2,3}`): how the statements that write
+/// outbound rows carry them (one text array per column; Postgres cannot unnest arrays
+/// of arrays).
+pub(crate) fn array_literal(v: &[i64]) -> String {
+    let items: Vec<String> = v.iter().map(i64::to_string).collect();
+    format!("{{{}}}", items.join(","))
 }
 
 /// A deferral fan-out starts (`delivery::deferral::fan_out`): `destination` is owed the
