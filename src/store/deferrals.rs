@@ -78,6 +78,14 @@ pub async fn of(
     .await?)
 }
 
+/// Ordering keys as a Postgres array literal (`{1,2,3}`): how the statements that write
+/// outbound rows carry them, here and in `outbound` (one text array per column; Postgres
+/// cannot unnest arrays of arrays).
+pub(crate) fn array_literal(v: &[i64]) -> String {
+    let items: Vec<String> = v.iter().map(i64::to_string).collect();
+    format!("{{{}}}", items.join(","))
+}
+
 /// One row the drain writes for a deferral.
 pub struct Caught<'a> {
     pub event_id: &'a str,
@@ -139,7 +147,7 @@ pub async fn advance(
         #[diesel(sql_type = BigInt)]
         moved: i64,
     }
-    let array = super::outbound::array_literal;
+    let array = array_literal;
     let ids: Vec<&str> = rows.iter().map(|r| r.event_id).collect();
     let seqs: Vec<i64> = rows.iter().map(|r| r.event_seq).collect();
     let provides: Vec<String> = rows.iter().map(|r| array(r.provides)).collect();

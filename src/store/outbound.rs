@@ -111,7 +111,7 @@ impl<'a> Columns<'a> {
         conditional: &'a [Vec<String>],
         start: &'a [Deferred],
     ) -> Self {
-        let array = array_literal;
+        let array = super::deferrals::array_literal;
         let mut known: std::collections::HashMap<&[String], i32> = Default::default();
         let mut c = Columns {
             event_ids: Vec::with_capacity(batch.len()),
@@ -152,14 +152,6 @@ impl<'a> Columns<'a> {
         }
         c
     }
-}
-
-/// Ordering keys as a Postgres array literal (`{1,2,3}`): how the statements that write
-/// outbound rows carry them (one text array per column; Postgres cannot unnest arrays
-/// of arrays).
-pub(crate) fn array_literal(v: &[i64]) -> String {
-    let items: Vec<String> = v.iter().map(i64::to_string).collect();
-    format!("{{{}}}", items.join(","))
 }
 
 /// A deferral fan-out starts (`delivery::deferral::fan_out`): `destination` is owed the
