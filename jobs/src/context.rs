@@ -20,8 +20,10 @@ pub struct Ctx {
     pub control: crate::control::Control,
     /// Drains that may probe at once (`worker.probe_concurrency`): see `deliver`.
     pub probes: Arc<tokio::sync::Semaphore>,
-    /// Those probing drains, which run outside any job: the fleet waits for them when
-    /// it stops.
+    /// Destinations handed over for a probe, each with its permit (`probe`).
+    pub probing: crate::probe::Probes,
+    /// The probe rounds and probing drains, which run outside any job: the fleet waits
+    /// for them when it stops.
     pub background: tokio_util::task::TaskTracker,
     /// Set when the fleet starts stopping: drains end their round and hand the
     /// destination back (released lease, scheduled again).
@@ -40,6 +42,7 @@ impl Ctx {
             app,
             worker_id,
             control: crate::control::Control::default(),
+            probing: crate::probe::Probes::default(),
             background: tokio_util::task::TaskTracker::new(),
             stopping: Arc::default(),
         }

@@ -49,12 +49,12 @@ enum Drain {
 }
 
 /// One row's request(s) and what they meant.
-struct Sent {
-    row: Waiting,
+pub(crate) struct Sent {
+    pub row: Waiting,
     /// Every request sent for the row: its attempt row and result.
-    attempts: Vec<(i64, AttemptResult)>,
-    outcome: Outcome,
-    status: Option<i32>,
+    pub attempts: Vec<(i64, AttemptResult)>,
+    pub outcome: Outcome,
+    pub status: Option<i32>,
 }
 
 pub async fn run(ctx: &Arc<Ctx>, job: &DeliverJob) -> Result<(), JobError> {
@@ -70,27 +70,29 @@ pub async fn run(ctx: &Arc<Ctx>, job: &DeliverJob) -> Result<(), JobError> {
         return Ok(());
     };
     let destination = Destination::from_row(health).map_err(StoreError::Corrupt)?;
-    if destination.sending(Utc::now()) != Sending::Probe {
-        return drain_destination(ctx, &dest, false).await;
+    match destination.sending(Utc::now()) {
+        Sending::Window => return drain_destination(ctx, &dest, false).await,
+        // Backing off (a fan-out that saw it healthy queued this job before its probe
+        // failed) or held: nothing is sent now, and the scheduler queues it again when
+        // its time comes. No lease, no statement more.
+        Sending::Wait | Sending::Recheck => return Ok(()),
+        Sending::Probe => {}
     }
     // A destination that has not answered yet (new to us, or whose backoff just ended)
-    // is drained in the background, holding a probe permit instead of this job's slot:
+    // is probed in the background, holding a probe permit instead of this job's slot:
     // most such peers answer quickly or refuse at once, but one that never answers
     // would hold the slot for the request timeout, and a room with hundreds of those
-    // would leave no slot to the peers that answer. Without a permit, the destination
-    // waits for the scheduler's next tick. A worker that stops meanwhile leaves the
-    // rows waiting and the attempt open, as any drain cut short does.
+    // would leave no slot to the peers that answer. The probes a worker has in hand go
+    // together, a few statements for the lot (`probe`). Without a permit, the
+    // destination waits for the scheduler's next tick. A worker that stops meanwhile
+    // leaves the rows waiting and the attempt open, as any drain cut short does.
     let Ok(permit) = ctx.probes.clone().try_acquire_owned() else {
         tracing::debug!(destination = %dest, "every probe permit is taken; the scheduler brings it back");
         return Ok(());
     };
-    let ctx = ctx.clone();
-    ctx.background.clone().spawn(async move {
-        let _permit = permit;
-        if let Err(e) = drain_destination(&ctx, &dest, true).await {
-            tracing::warn!(destination = %dest, error = %e, "probing drain failed; the scheduler retries it");
-        }
-    });
+    if !ctx.probing.push(dest, permit) {
+        tracing::debug!("already being probed here");
+    }
     Ok(())
 }
 
@@ -98,20 +100,17 @@ pub async fn run(ctx: &Arc<Ctx>, job: &DeliverJob) -> Result<(), JobError> {
 /// (in the background) stops once the peer answered, and the destination goes back to
 /// the queue: the rest of its backlog is drained in a job slot, and the permit is free
 /// for the next peer that has not answered yet.
-async fn drain_destination(ctx: &Ctx, dest: &ServerName, probing: bool) -> Result<(), JobError> {
+pub(crate) async fn drain_destination(
+    ctx: &Ctx,
+    dest: &ServerName,
+    probing: bool,
+) -> Result<(), JobError> {
     let app = &ctx.app;
     let started = Instant::now();
     // The lease names this job run, not just the process: two deliver jobs of one worker
     // process must not both hold a destination.
     let owner = format!("{}-{:016x}", ctx.worker_id, rand::random::<u64>());
-    // The lease outlives one batch (renewed before each), so a worker that dies frees
-    // the destination within about `job_timeout_ms`.
-    let lease_ttl = chrono::Duration::milliseconds(
-        app.cfg
-            .worker
-            .job_timeout_ms
-            .max(2 * app.cfg.delivery.request_timeout_ms + 1000) as i64,
-    );
+    let lease_ttl = lease_ttl(&app.cfg);
     let mut first = true;
     loop {
         {
@@ -149,6 +148,16 @@ async fn drain_destination(ctx: &Ctx, dest: &ServerName, probing: bool) -> Resul
             }
         }
     }
+}
+
+/// How long a drain's lease lasts: it outlives one batch (renewed before each), so a
+/// worker that dies frees the destination within about `job_timeout_ms`.
+pub(crate) fn lease_ttl(cfg: &parafed::config::Config) -> chrono::Duration {
+    chrono::Duration::milliseconds(
+        cfg.worker
+            .job_timeout_ms
+            .max(2 * cfg.delivery.request_timeout_ms + 1000) as i64,
+    )
 }
 
 /// Applies `events` to the destination's state through the one save path, starting from
@@ -307,12 +316,20 @@ async fn drain(
             metrics::counter!("parafed_deliveries_total", "outcome" => "dead").increment(n as u64);
             continue;
         }
-        let mut chosen = choose(ctx, &mut conn, rows, limit, since).await?;
+        let mut chosen = choose(ctx, &mut conn, rows, limit, since, &mut Earlier::new()).await?;
         if chosen.is_empty() && full {
             // Everything looked at waits behind one dependency: look further once, so
             // unrelated rows behind a busy message's reactions still go.
             let wider = outbound::waiting(&mut conn, dest.as_str(), scan * 8, since).await?;
-            chosen = choose(ctx, &mut conn, held_back(wider, &deferred), limit, since).await?;
+            chosen = choose(
+                ctx,
+                &mut conn,
+                held_back(wider, &deferred),
+                limit,
+                since,
+                &mut Earlier::new(),
+            )
+            .await?;
         }
         if chosen.is_empty() {
             // Everything waits for earlier events not yet fanned out: the scheduler
@@ -327,7 +344,7 @@ async fn drain(
             .filter(|r| bodies.contains_key(&r.event_id))
             .map(|r| (r.id, r.attempts + 1))
             .collect();
-        let begun = attempts::begin(&mut conn, dest.as_str(), &first_attempts).await?;
+        let begun = attempts::begin(&mut conn, &first_attempts).await?;
         drop(conn);
         let mut attempt_of: HashMap<i64, i64> =
             begun.into_iter().map(|s| (s.outbound_id, s.id)).collect();
@@ -359,7 +376,7 @@ async fn drain(
 /// `rows` without those after their room's deferral cursor: they were written by a late
 /// fan-out, ahead of events the deferral still owes, and wait until the cursor passed
 /// them (the room's events leave in storage order).
-fn held_back(rows: Vec<Waiting>, deferred: &[deferrals::Stored]) -> Vec<Waiting> {
+pub(crate) fn held_back(rows: Vec<Waiting>, deferred: &[deferrals::Stored]) -> Vec<Waiting> {
     if deferred.is_empty() {
         return rows;
     }
@@ -367,19 +384,26 @@ fn held_back(rows: Vec<Waiting>, deferred: &[deferrals::Stored]) -> Vec<Waiting>
 }
 
 /// Whether `r` is after its room's deferral cursor.
-fn behind(r: &Waiting, deferred: &[deferrals::Stored]) -> bool {
+pub(crate) fn behind(r: &Waiting, deferred: &[deferrals::Stored]) -> bool {
     deferred
         .iter()
         .any(|d| d.room_id == r.room_id && r.event_seq > d.from_seq)
 }
 
-/// The rows that may be sent now, at most `limit`, in order (`delivery::order`).
-async fn choose(
+/// Earlier events still unsettled, as `choose` looked them up: by (rooms, last event
+/// looked at), their (seq, ordering keys) and the horizon of a list cut at its bound.
+/// A probe round's destinations mostly probe the same event: one lookup for all.
+pub(crate) type Earlier = HashMap<(Vec<String>, i64), (Vec<(i64, OrderKeys)>, Option<i64>)>;
+
+/// The rows that may be sent now, at most `limit`, in order (`delivery::order`), the
+/// earlier events' lookups kept in `known` (pass an empty map for a fresh look).
+pub(crate) async fn choose(
     ctx: &Ctx,
     conn: &mut parafed::store::PgConn,
     rows: Vec<Waiting>,
     limit: usize,
     since: chrono::DateTime<Utc>,
+    known: &mut Earlier,
 ) -> Result<Vec<Waiting>, JobError> {
     let keys: Vec<OrderKeys> = rows
         .iter()
@@ -388,21 +412,41 @@ async fn choose(
             waits: r.order_waits.clone(),
         })
         .collect();
-    let mut rooms: Vec<&str> = rows.iter().map(|r| r.room_id.as_str()).collect();
+    let mut rooms: Vec<String> = rows.iter().map(|r| r.room_id.clone()).collect();
     rooms.sort_unstable();
     rooms.dedup();
     let last_seq = rows.iter().map(|r| r.event_seq).max().unwrap_or(0);
     // The usual case — everything earlier is fanned out — costs no second query.
-    let earlier = if rows.iter().any(|r| r.earlier_unsettled) {
-        events::unsettled_before(conn, &rooms, last_seq, since, ctx.policy.order_scan as i64)
-            .await?
-    } else {
-        Vec::new()
-    };
-    let earlier_keys: Vec<(i64, OrderKeys)> = earlier
-        .iter()
-        .map(|e| (e.seq, order::keys_of(&e.envelope)))
-        .collect();
+    let looked_up;
+    let (earlier_keys, horizon): &(Vec<(i64, OrderKeys)>, Option<i64>) =
+        if rows.iter().any(|r| r.earlier_unsettled) {
+            let key = (rooms, last_seq);
+            if !known.contains_key(&key) {
+                let rooms: Vec<&str> = key.0.iter().map(String::as_str).collect();
+                let earlier = events::unsettled_before(
+                    conn,
+                    &rooms,
+                    last_seq,
+                    since,
+                    ctx.policy.order_scan as i64,
+                )
+                .await?;
+                // A list cut at its bound says nothing about events after its last one.
+                let horizon = (earlier.len() >= ctx.policy.order_scan)
+                    .then(|| earlier.last().map(|e| e.seq))
+                    .flatten();
+                let keys = earlier
+                    .iter()
+                    .map(|e| (e.seq, order::keys_of(&e.envelope)))
+                    .collect();
+                known.insert(key.clone(), (keys, horizon));
+            }
+            &known[&key]
+        } else {
+            looked_up = (Vec::new(), None);
+            &looked_up
+        };
+    let horizon = *horizon;
     let candidates: Vec<Unsettled> = rows
         .iter()
         .zip(&keys)
@@ -415,10 +459,6 @@ async fn choose(
         .iter()
         .map(|(seq, k)| Unsettled { seq: *seq, keys: k })
         .collect();
-    // A list cut at its bound says nothing about events after its last one.
-    let horizon = (earlier.len() >= ctx.policy.order_scan)
-        .then(|| earlier.last().map(|e| e.seq))
-        .flatten();
     let picked = order::sendable(&candidates, &pending, horizon, limit);
     let mut rows: Vec<Option<Waiting>> = rows.into_iter().map(Some).collect();
     Ok(picked.into_iter().filter_map(|i| rows[i].take()).collect())
@@ -433,7 +473,56 @@ async fn settle(
     results: Vec<Sent>,
 ) -> Result<bool, JobError> {
     let app = &ctx.app;
-    let now = Utc::now();
+    let s = settlement(&loaded, &results, Utc::now());
+    // The destination's state first: whoever sees a row settled sees the state its
+    // answer led to (a backoff, a run of 403s) already saved.
+    let saved = if s.unchanged {
+        None
+    } else {
+        transition(ctx, dest, Some(loaded), s.changes).await?
+    };
+    let mut conn = app.pool.get().await.map_err(StoreError::from)?;
+    let n_dead = outbound::settle(&mut conn, &s.finished, &s.rows).await?;
+    drop(conn);
+    count(s.delivered, n_dead, s.backs_off);
+    if s.backs_off {
+        if let Some(h) = saved {
+            tracing::info!(destination = %dest, error = ?h.last_error, until = ?h.backoff_until, "destination backing off");
+        }
+    }
+    Ok(s.backs_off)
+}
+
+/// The metrics of settled rounds: deliveries, rows turned dead, backoffs.
+pub(crate) fn count(delivered: u64, dead: usize, backs_off: bool) {
+    metrics::counter!("parafed_deliveries_total", "outcome" => "delivered").increment(delivered);
+    metrics::counter!("parafed_deliveries_total", "outcome" => "dead").increment(dead as u64);
+    if backs_off {
+        metrics::counter!("parafed_destination_backoffs_total").increment(1);
+    }
+}
+
+/// What a round's results mean: the attempts to complete, each row settled, the
+/// destination's state changes.
+pub(crate) struct Settlement<'a> {
+    pub finished: Vec<Finished<'a>>,
+    pub rows: Vec<(i64, Settled)>,
+    pub changes: Vec<DestinationEvent>,
+    pub delivered: u64,
+    /// A request failed: the destination backs off (one step per round).
+    pub backs_off: bool,
+    /// Only deliveries, to a destination saved healthy in the last few seconds: its
+    /// state is not worth a write.
+    pub unchanged: bool,
+}
+
+/// Reads a round's results against the destination's state as `loaded` (see
+/// [`Settlement`]).
+pub(crate) fn settlement<'a>(
+    loaded: &Health,
+    results: &'a [Sent],
+    now: chrono::DateTime<Utc>,
+) -> Settlement<'a> {
     let finished: Vec<Finished> = results
         .iter()
         .flat_map(|s| {
@@ -450,7 +539,7 @@ async fn settle(
     let mut delivered = 0u64;
     let mut changes = Vec::new();
     let mut failure = None;
-    for s in &results {
+    for s in results {
         let forbidden = s.status == Some(403);
         let settled = match &s.outcome {
             Outcome::Delivered => {
@@ -506,30 +595,19 @@ async fn settle(
         .is_some_and(|t| now - t < chrono::Duration::seconds(5));
     let unchanged =
         only_deliveries && recent && loaded.state == "healthy" && loaded.consecutive_forbidden == 0;
-    // The destination's state first: whoever sees a row settled sees the state its
-    // answer led to (a backoff, a run of 403s) already saved.
-    let saved = if unchanged {
-        None
-    } else {
-        transition(ctx, dest, Some(loaded), changes).await?
-    };
-    let mut conn = app.pool.get().await.map_err(StoreError::from)?;
-    let n_dead = outbound::settle(&mut conn, &finished, &rows).await?;
-    drop(conn);
-    metrics::counter!("parafed_deliveries_total", "outcome" => "delivered").increment(delivered);
-    metrics::counter!("parafed_deliveries_total", "outcome" => "dead").increment(n_dead as u64);
-    if backs_off {
-        metrics::counter!("parafed_destination_backoffs_total").increment(1);
-        if let Some(h) = saved {
-            tracing::info!(destination = %dest, error = ?h.last_error, until = ?h.backoff_until, "destination backing off");
-        }
+    Settlement {
+        finished,
+        rows,
+        changes,
+        delivered,
+        backs_off,
+        unchanged,
     }
-    Ok(backs_off)
 }
 
 /// Sends one row (and, after a 409, once more with a fresh signature), each request
 /// with its attempt row written first.
-async fn send_row(
+pub(crate) async fn send_row(
     ctx: &Ctx,
     dest: &ServerName,
     key: &parafed::protocol::Keypair,
@@ -594,7 +672,7 @@ async fn send_row(
                     // Requests already sent for the row: those finished before this
                     // round, and this round's.
                     let number = row.attempts + attempts.len() as i32 + 1;
-                    attempts::begin(&mut conn, dest.as_str(), &[(row.id, number)])
+                    attempts::begin(&mut conn, &[(row.id, number)])
                         .await
                         .map(|v| v.first().map(|s| s.id))
                 }

@@ -14,7 +14,7 @@
 //! [`rows_of`] and [`schedule`], in the transaction that accepts them: no second job,
 //! and one row version of the event fewer. This job is for the rest.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use parafed::delivery::deferral::{self, How, Open, Reach};
 use parafed::delivery::order;
@@ -82,11 +82,22 @@ pub async fn run(ctx: &Ctx, job: &FanoutJob) -> Result<(), JobError> {
 /// After rows were written: a drain queued for each destination that got some and is
 /// healthy now (the others are drained when their backoff ends), one Redis round trip,
 /// no database read (the statement that wrote them said which are healthy).
+///
+/// A destination new to us that got its probe here is handed to this worker's prober
+/// instead (`probe::hand_over`): a room's first fan-out to a thousand servers would
+/// otherwise queue a thousand deliver jobs, each a read of a state row the statement
+/// just wrote, and the peers that answer would wait behind them.
 pub(crate) async fn schedule(ctx: &Ctx, written: &Enqueued) -> Result<(), JobError> {
     metrics::counter!("parafed_outbound_rows_total").increment(written.rows as u64);
     metrics::counter!("parafed_outbound_deferred_total").increment(written.deferred as u64);
-    if !written.healthy.is_empty() {
-        ctx.app.queue.schedule_deliveries(&written.healthy).await?;
+    let mut queued = Vec::with_capacity(written.healthy.len());
+    for d in &written.healthy {
+        if written.new.binary_search(d).is_err() || !crate::probe::hand_over(ctx, d).await? {
+            queued.push(d.clone());
+        }
+    }
+    if !queued.is_empty() {
+        ctx.app.queue.schedule_deliveries(&queued).await?;
     }
     Ok(())
 }
@@ -220,16 +231,15 @@ pub(crate) async fn decide<'a>(
         .collect();
     let mut fanned = Fanned::default();
     let mut start: HashMap<(String, String), i64> = HashMap::new();
-    let mut covered: std::collections::BTreeSet<String> = Default::default();
+    let mut covered: HashSet<&str> = HashSet::new();
     // Destinations new to us that got their probe (one row) in this batch.
-    let mut probed: std::collections::HashSet<String> = Default::default();
+    let mut probed: HashSet<String> = HashSet::new();
     for (((e, k), to), d) in batch.iter().zip(keys).zip(targets).zip(deferrable) {
         let room = e.envelope.room_id.as_str();
         let mut send = Vec::with_capacity(to.len());
         let mut conditional = Vec::new();
         for dest in to {
             let state = reach.get(&dest).copied();
-            let healthy = state.is_none_or(|(healthy, _)| healthy);
             let answers = state.is_some_and(|(healthy, unreachable)| healthy && !unreachable);
             let r = state.map(|(_, unreachable)| Reach { unreachable });
             let o = open.get(&(dest.as_str(), room)).copied();
@@ -243,15 +253,18 @@ pub(crate) async fn decide<'a>(
                 }
                 How::Skip => {
                     fanned.deferred += 1;
-                    if healthy {
-                        covered.insert(dest.clone());
-                    }
                     // A destination that answers: its drain may end the deferral
                     // meanwhile (`deferrals::Then::End`), and the row is then written
                     // after all (`outbound::input_ctes`). One that does not answer
                     // (most of a room's dead servers) cannot have it ended, and costs
                     // the statement nothing.
+                    // Its drain writes the row, so it is scheduled like a destination
+                    // that got one. One that does not answer is not: its probe is in
+                    // flight or it backs off, and it comes back by itself.
                     if answers {
+                        if let Some((known, _)) = reach.get_key_value(&dest) {
+                            covered.insert(known.as_str());
+                        }
                         conditional.push(dest);
                     }
                 }
@@ -284,7 +297,8 @@ pub(crate) async fn decide<'a>(
         .collect();
     start.sort_by(|a, b| (&a.destination, &a.room_id).cmp(&(&b.destination, &b.room_id)));
     fanned.start = start;
-    fanned.covered_healthy = covered.into_iter().collect();
+    fanned.covered_healthy = covered.into_iter().map(str::to_owned).collect();
+    fanned.new = probed.into_iter().collect();
     Ok(fanned)
 }
 

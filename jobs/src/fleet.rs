@@ -133,6 +133,10 @@ pub async fn run(
     }
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let scheduler = tokio::spawn(crate::scheduler::run(ctx.clone(), stop_rx.clone()));
+    // The prober runs where drains run.
+    let prober = queues
+        .contains(&QueueName::Deliver)
+        .then(|| tokio::spawn(crate::probe::run(ctx.clone(), stop_rx.clone())));
     let heartbeat = parafed::queue::heartbeat::Heartbeat {
         role: "worker".into(),
         id: worker_id.clone(),
@@ -157,9 +161,12 @@ pub async fn run(
         Ok(())
     };
     monitor.run_with_signal(signal).await?;
-    // Probing drains end their round and hand their destination back; one still waiting
-    // for a peer after this is cut off (its attempt is closed as interrupted by the next
-    // drain, as after a crash).
+    // Probing drains end their round and hand their destination back; a probe or drain
+    // still waiting for a peer after this is cut off (its attempt is closed as
+    // interrupted by the next drain, as after a crash).
+    if let Some(prober) = prober {
+        let _ = prober.await;
+    }
     ctx.background.close();
     if tokio::time::timeout(Duration::from_secs(30), ctx.background.wait())
         .await

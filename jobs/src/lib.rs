@@ -9,5 +9,6 @@ pub mod deliver;
 pub mod fanout;
 pub mod fleet;
 pub mod gauges;
+pub mod probe;
 pub mod scheduler;
 pub mod verify;

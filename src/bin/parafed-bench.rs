@@ -266,7 +266,12 @@ fn spawn(bin: &Path, args: &[&str], cfg: &Path, log: &Path) -> anyhow::Result<Ch
     cmd.arg("--config")
         .arg(cfg)
         .args(args)
-        .env("PARAFED_LOG", "warn")
+        // Warnings only, unless `PARAFED_LOG` says otherwise (for a profile: the logs
+        // are in the run's directory, `$TMPDIR/parafed-dev-<pid>-bench-<n>/`).
+        .env(
+            "PARAFED_LOG",
+            std::env::var("PARAFED_LOG").unwrap_or_else(|_| "warn".into()),
+        )
         .stdin(Stdio::null())
         .stdout(out)
         .stderr(err);

@@ -30,8 +30,8 @@ pub struct Started {
     pub attempt: i32,
 }
 
-/// Starts one attempt for each `(outbound row id, attempt number)` in `rows` (to
-/// `destination`), in one statement: an open attempt row is written with that number.
+/// Starts one attempt for each `(outbound row id, attempt number)` in `rows`, in one
+/// statement: an open attempt row is written with that number.
 /// Rows that no longer exist (purged meanwhile) get none and are missing from the
 /// result.
 ///
@@ -40,9 +40,11 @@ pub struct Started {
 /// left open is closed ([`close_open`]). So the count is always the number of finished
 /// attempts, the next number is `attempts + 1`, and a delivered row is written twice in
 /// its life (inserted, settled) rather than three times.
+///
+/// Each attempt is to its row's destination, so one statement may start the requests
+/// of many destinations (a probe round).
 pub async fn begin(
     conn: &mut AsyncPgConnection,
-    destination: &str,
     rows: &[(i64, i32)],
 ) -> Result<Vec<Started>, StoreError> {
     if rows.is_empty() {
@@ -51,13 +53,12 @@ pub async fn begin(
     let (ids, numbers): (Vec<i64>, Vec<i32>) = rows.iter().copied().unzip();
     Ok(prepared(diesel::sql_query(
         "INSERT INTO delivery_attempts (outbound_id, destination, event_id, request_kind, attempt) \
-         SELECT o.id, $2, o.event_id, 'event', x.n \
-           FROM UNNEST($1::bigint[], $3::int[]) AS x(id, n) \
+         SELECT o.id, o.destination, o.event_id, 'event', x.n \
+           FROM UNNEST($1::bigint[], $2::int[]) AS x(id, n) \
            JOIN outbound_queue o ON o.id = x.id \
          RETURNING id, outbound_id, attempt",
     )
     .bind::<Array<BigInt>, _>(ids)
-    .bind::<Text, _>(destination)
     .bind::<Array<Integer>, _>(numbers)
     ).load(conn)
     .await?)
@@ -132,6 +133,18 @@ pub async fn close_open(
     conn: &mut AsyncPgConnection,
     destination: &str,
 ) -> Result<usize, StoreError> {
+    close_open_of(conn, &[destination]).await
+}
+
+/// [`close_open`] for many destinations (a probe round holding all their leases), in one
+/// statement; returns how many attempts it closed.
+pub async fn close_open_of(
+    conn: &mut AsyncPgConnection,
+    destinations: &[&str],
+) -> Result<usize, StoreError> {
+    if destinations.is_empty() {
+        return Ok(0);
+    }
     #[derive(QueryableByName)]
     struct Closed {
         #[diesel(sql_type = BigInt)]
@@ -141,7 +154,7 @@ pub async fn close_open(
         "WITH closed AS ( \
            UPDATE delivery_attempts SET finished_at = now(), error_class = $2, \
              response_excerpt = 'no answer recorded: the sending worker stopped mid-request; the peer may have it' \
-           WHERE destination = $1 AND request_kind = 'event' AND finished_at IS NULL \
+           WHERE destination = ANY($1) AND request_kind = 'event' AND finished_at IS NULL \
            RETURNING outbound_id), \
          counted AS ( \
            UPDATE outbound_queue o SET attempts = o.attempts + c.n \
@@ -150,7 +163,7 @@ pub async fn close_open(
             WHERE o.id = c.outbound_id) \
          SELECT count(*) AS closed FROM closed",
     )
-    .bind::<Text, _>(destination)
+    .bind::<Array<Text>, _>(destinations)
     .bind::<Text, _>(INTERRUPTED)
     ).get_result(conn)
     .await?;

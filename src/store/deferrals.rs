@@ -58,9 +58,33 @@ pub async fn of(
     conn: &mut AsyncPgConnection,
     destination: &str,
 ) -> Result<Vec<Stored>, StoreError> {
-    Ok(prepared(
+    Ok(of_many(conn, &[destination])
+        .await?
+        .remove(destination)
+        .unwrap_or_default())
+}
+
+/// [`of`] for many destinations in one statement (a probe round): each destination's
+/// deferrals by room; destinations without any are missing.
+pub async fn of_many(
+    conn: &mut AsyncPgConnection,
+    destinations: &[&str],
+) -> Result<std::collections::HashMap<String, Vec<Stored>>, StoreError> {
+    use diesel::QueryableByName;
+    #[derive(QueryableByName)]
+    struct Row {
+        #[diesel(sql_type = Text)]
+        destination: String,
+        #[diesel(embed)]
+        stored: Stored,
+    }
+    let mut by = std::collections::HashMap::<String, Vec<Stored>>::new();
+    if destinations.is_empty() {
+        return Ok(by);
+    }
+    let rows: Vec<Row> = prepared(
         diesel::sql_query(
-            "SELECT f.room_id, f.from_seq, \
+            "SELECT f.destination, f.room_id, f.from_seq, \
                 COALESCE(f.until_seq, CASE WHEN s.state IS DISTINCT FROM 'joined' THEN \
                   (SELECT COALESCE(max(e.seq), f.from_seq) FROM federation_events e \
                     WHERE e.room_id = f.room_id AND e.seq > f.from_seq \
@@ -70,12 +94,16 @@ pub async fn of(
            FROM outbound_deferrals f \
            LEFT JOIN room_servers s \
              ON s.room_id = f.room_id AND s.server_name = f.destination \
-          WHERE f.destination = $1 ORDER BY f.room_id",
+          WHERE f.destination = ANY($1) ORDER BY f.destination, f.room_id",
         )
-        .bind::<Text, _>(destination),
+        .bind::<Array<Text>, _>(destinations),
     )
     .load(conn)
-    .await?)
+    .await?;
+    for r in rows {
+        by.entry(r.destination).or_default().push(r.stored);
+    }
+    Ok(by)
 }
 
 /// Ordering keys as a Postgres array literal (`{1,2,3}`): how the statements that write

@@ -150,6 +150,110 @@ where
     )))
 }
 
+/// [`update_from`] for many destinations at once (a probe round's results): each
+/// `(row as loaded, change)` is applied and all are saved in one statement, each only if
+/// its stored version is still the loaded one; those another process saved first are
+/// loaded and changed again one by one, as [`update_from`] does. Returns the states
+/// saved, in no particular order (a destination whose row is gone is missing).
+pub async fn update_many<F>(
+    conn: &mut AsyncPgConnection,
+    loaded: Vec<Health>,
+    mut change: F,
+) -> Result<Vec<Health>, StoreError>
+where
+    F: FnMut(Health) -> Result<Health, StoreError>,
+{
+    if loaded.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut next = Vec::with_capacity(loaded.len());
+    for h in loaded {
+        let version = h.version;
+        let mut n = change(h)?;
+        n.version = version;
+        next.push(n);
+    }
+    #[derive(QueryableByName)]
+    struct Saved {
+        #[diesel(sql_type = Text)]
+        destination: String,
+    }
+    use diesel::sql_types::{Integer, Nullable, Timestamptz};
+    let saved: Vec<Saved> = super::prepared::prepared(
+        diesel::sql_query(
+            "UPDATE destination_health h SET state = r.state, \
+               consecutive_failures = r.failures, consecutive_forbidden = r.forbidden, \
+               backoff_until = r.backoff_until, last_success_at = r.last_success_at, \
+               last_error_at = r.last_error_at, last_error = r.last_error, \
+               last_status_code = r.last_status_code, paused_reason = r.paused_reason, \
+               paused_by = r.paused_by, version = h.version + 1, updated_at = now() \
+             FROM UNNEST($1::text[], $2::text[], $3::int[], $4::int[], $5::timestamptz[], \
+                         $6::timestamptz[], $7::timestamptz[], $8::text[], $9::int[], \
+                         $10::text[], $11::text[], $12::bigint[]) \
+               AS r(destination, state, failures, forbidden, backoff_until, last_success_at, \
+                    last_error_at, last_error, last_status_code, paused_reason, paused_by, \
+                    version) \
+            WHERE h.destination = r.destination AND h.version = r.version \
+            RETURNING h.destination",
+        )
+        .bind::<Array<Text>, _>(next.iter().map(|h| &h.destination).collect::<Vec<_>>())
+        .bind::<Array<Text>, _>(next.iter().map(|h| &h.state).collect::<Vec<_>>())
+        .bind::<Array<Integer>, _>(
+            next.iter()
+                .map(|h| h.consecutive_failures)
+                .collect::<Vec<_>>(),
+        )
+        .bind::<Array<Integer>, _>(
+            next.iter()
+                .map(|h| h.consecutive_forbidden)
+                .collect::<Vec<_>>(),
+        )
+        .bind::<Array<Nullable<Timestamptz>>, _>(
+            next.iter().map(|h| h.backoff_until).collect::<Vec<_>>(),
+        )
+        .bind::<Array<Nullable<Timestamptz>>, _>(
+            next.iter().map(|h| h.last_success_at).collect::<Vec<_>>(),
+        )
+        .bind::<Array<Nullable<Timestamptz>>, _>(
+            next.iter().map(|h| h.last_error_at).collect::<Vec<_>>(),
+        )
+        .bind::<Array<Nullable<Text>>, _>(
+            next.iter()
+                .map(|h| h.last_error.as_deref())
+                .collect::<Vec<_>>(),
+        )
+        .bind::<Array<Nullable<Integer>>, _>(
+            next.iter().map(|h| h.last_status_code).collect::<Vec<_>>(),
+        )
+        .bind::<Array<Nullable<Text>>, _>(
+            next.iter()
+                .map(|h| h.paused_reason.as_deref())
+                .collect::<Vec<_>>(),
+        )
+        .bind::<Array<Nullable<Text>>, _>(
+            next.iter()
+                .map(|h| h.paused_by.as_deref())
+                .collect::<Vec<_>>(),
+        )
+        .bind::<Array<BigInt>, _>(next.iter().map(|h| h.version).collect::<Vec<_>>()),
+    )
+    .load(conn)
+    .await?;
+    let saved: std::collections::HashSet<String> =
+        saved.into_iter().map(|s| s.destination).collect();
+    let mut out = Vec::with_capacity(next.len());
+    for mut n in next {
+        if saved.contains(&n.destination) {
+            n.version += 1;
+            out.push(n);
+        } else if let Some(h) = update_from(conn, &n.destination.clone(), None, &mut change).await?
+        {
+            out.push(h);
+        }
+    }
+    Ok(out)
+}
+
 /// Takes (or renews) the destination's drain lease for `ttl` unless another live worker
 /// holds it. Returns the destination's row when we hold the lease — read by the same
 /// statement, so a drain round costs one statement fewer — and `None` when another
@@ -174,6 +278,58 @@ pub async fn acquire_lease(
     .get_result(conn)
     .await
     .optional()?)
+}
+
+/// [`acquire_lease`] for many destinations in one statement (a probe round: see the
+/// worker's `probe`): the rows of those whose lease `owner` now holds, in no particular
+/// order; destinations another live worker holds, or without a row, are missing.
+pub async fn acquire_leases(
+    conn: &mut AsyncPgConnection,
+    destinations: &[&str],
+    owner: &str,
+    ttl: chrono::Duration,
+) -> Result<Vec<Health>, StoreError> {
+    if destinations.is_empty() {
+        return Ok(Vec::new());
+    }
+    let now = Utc::now();
+    Ok(diesel::update(
+        dh::table
+            .filter(dh::destination.eq_any(destinations))
+            .filter(
+                dh::lease_until
+                    .is_null()
+                    .or(dh::lease_until.lt(now))
+                    .or(dh::lease_owner.eq(owner)),
+            ),
+    )
+    .set((dh::lease_owner.eq(owner), dh::lease_until.eq(now + ttl)))
+    .returning(Health::as_returning())
+    .get_results(conn)
+    .await?)
+}
+
+/// [`release_lease`] for many destinations in one statement.
+pub async fn release_leases(
+    conn: &mut AsyncPgConnection,
+    destinations: &[&str],
+    owner: &str,
+) -> Result<(), StoreError> {
+    if destinations.is_empty() {
+        return Ok(());
+    }
+    diesel::update(
+        dh::table
+            .filter(dh::destination.eq_any(destinations))
+            .filter(dh::lease_owner.eq(owner)),
+    )
+    .set((
+        dh::lease_owner.eq(None::<String>),
+        dh::lease_until.eq(None::<DateTime<Utc>>),
+    ))
+    .execute(conn)
+    .await?;
+    Ok(())
 }
 
 /// Gives the lease back (if we still hold it).

@@ -368,6 +368,7 @@ pub async fn accept(
                     start: fan_out.start.clone(),
                     deferred: fan_out.deferred,
                     covered_healthy: fan_out.covered_healthy.clone(),
+                    new: fan_out.new.clone(),
                 };
                 let written = outbound::enqueue(conn, &fanned, &[]).await?;
                 Ok((accepted, written))

@@ -317,9 +317,11 @@ pub struct Fanned<'a> {
     pub start: Vec<Deferred>,
     /// (destination, event) pairs left to a deferral.
     pub deferred: usize,
-    /// Healthy destinations whose deferral covers an event now: their drain writes the
-    /// row, and is scheduled like a destination that got one.
+    /// Destinations that answer whose deferral covers an event now: their drain writes
+    /// the row, and is scheduled like a destination that got one.
     pub covered_healthy: Vec<String>,
+    /// Destinations new to us (no state row yet) that got their probe row here.
+    pub new: Vec<String>,
 }
 
 impl Enqueued {
@@ -341,6 +343,8 @@ impl Enqueued {
         self.healthy.extend(fanned.covered_healthy.iter().cloned());
         self.healthy.sort_unstable();
         self.healthy.dedup();
+        self.new = fanned.new.clone();
+        self.new.sort_unstable();
         self
     }
 }
@@ -396,6 +400,8 @@ pub struct Enqueued {
     /// The destinations that got a new row and are healthy now (a drain may start at
     /// once), sorted; the others are drained when their backoff ends.
     pub healthy: Vec<String>,
+    /// Those of them new to us, whose row is their probe, sorted (`Fanned::new`).
+    pub new: Vec<String>,
 }
 
 // The hot queries below are written as SQL with the status as a literal: bound as a
@@ -436,6 +442,54 @@ pub async fn waiting(
     .bind::<Timestamptz, _>(unsettled_since)
     .load(conn)
     .await?)
+}
+
+/// [`waiting`] for many destinations in one statement (a probe round): each
+/// destination's oldest waiting rows, at most `limit` each, in event order; destinations
+/// without any are missing.
+pub async fn waiting_of(
+    conn: &mut AsyncPgConnection,
+    destinations: &[&str],
+    limit: i64,
+    unsettled_since: DateTime<Utc>,
+) -> Result<std::collections::HashMap<String, Vec<Waiting>>, StoreError> {
+    #[derive(QueryableByName)]
+    struct Row {
+        #[diesel(sql_type = Text)]
+        destination: String,
+        #[diesel(embed)]
+        row: Waiting,
+    }
+    let mut by = std::collections::HashMap::<String, Vec<Waiting>>::new();
+    if destinations.is_empty() {
+        return Ok(by);
+    }
+    // The limit is written into the statement, as in `waiting`.
+    let rows: Vec<Row> = diesel::sql_query(format!(
+        "SELECT o.destination, o.id, o.event_id, o.attempts, o.created_at, o.event_seq, \
+                o.order_provides, o.order_waits, e.room_id, e.received_at, \
+                EXISTS (SELECT 1 FROM federation_events p \
+                        WHERE p.room_id = e.room_id AND p.seq < o.event_seq \
+                          AND p.received_at > $2 \
+                          AND (p.status IN ('pending', 'held') \
+                               OR (p.status = 'accepted' AND p.fanned_out_at IS NULL))) \
+                  AS earlier_unsettled \
+         FROM UNNEST($1::text[]) AS d(name) \
+         CROSS JOIN LATERAL (SELECT * FROM outbound_queue \
+               WHERE destination = d.name AND status = 'pending' \
+               ORDER BY event_seq, id LIMIT {limit}) o \
+         JOIN federation_events e ON e.event_id = o.event_id \
+         ORDER BY o.destination, o.event_seq, o.id",
+        limit = limit.clamp(1, 10_000)
+    ))
+    .bind::<Array<Text>, _>(destinations)
+    .bind::<Timestamptz, _>(unsettled_since)
+    .load(conn)
+    .await?;
+    for r in rows {
+        by.entry(r.destination).or_default().push(r.row);
+    }
+    Ok(by)
 }
 
 #[derive(QueryableByName)]

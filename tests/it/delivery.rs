@@ -623,3 +623,127 @@ async fn an_unreachable_peer_is_owed_by_a_deferral_and_gets_everything_in_order_
         );
     }
 }
+
+/// Peers new to us are probed together (`jobs/src/probe.rs`): in a room with a healthy
+/// peer and eight that refuse connections, each refusing peer gets exactly one request
+/// — for the first event, its attempt closed with the connection error — and backs off
+/// without an HTTP status; the healthy peer gets every event; the round gives every
+/// lease back and leaves no attempt open.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn new_peers_are_probed_together_and_each_answer_is_recorded_once() {
+    const DEAD: usize = 8;
+    let (lp, up) = reserve_listener();
+    let _peer = FnPeer::start(lp, |r: FakeRequest| async move { accepted(&r) }).await;
+    let mut peers = vec![("beta.test".to_owned(), up)];
+    for i in 0..DEAD {
+        // Nothing listens on port 1: the connection is refused.
+        peers.push((
+            format!("dead{i}.test"),
+            format!("http://127.0.0.1:1/dead{i}"),
+        ));
+    }
+    // A long first backoff step: each refusing peer is probed once in this test.
+    let toml = FAST_WORKER_TOML
+        .replace("backoff_base_ms = 200", "backoff_base_ms = 600000")
+        .replace("backoff_cap_ms = 5000", "backoff_cap_ms = 600000");
+    let (la, _) = reserve_listener();
+    let alpha = crate::pipeline::server_with("alpha.test", la, peers.clone(), &toml).await;
+    let members: Vec<(String, String)> = peers
+        .iter()
+        .map(|(name, _)| (format!("@x:{name}"), name.clone()))
+        .collect();
+    let members: Vec<(&str, &str)> = members
+        .iter()
+        .map(|(u, s)| (u.as_str(), s.as_str()))
+        .collect();
+    support::host_room(&mut *alpha.db().await, crate::pipeline::ROOM, &members).await;
+    let _w = TestWorker::start(&alpha);
+    let mut ids = Vec::new();
+    for i in 0..5 {
+        ids.push(
+            submit(
+                &alpha,
+                &format!("p{i}"),
+                "m.message",
+                "@alice:alpha.test",
+                json!({"message_id": format!("m{i}"), "channel_id": "1", "body": "hi"}),
+            )
+            .await,
+        );
+    }
+    wait_for(
+        "every event delivered to the healthy peer",
+        Duration::from_secs(60),
+        || async {
+            let n: i64 = oq::table
+                .filter(oq::destination.eq("beta.test"))
+                .filter(oq::event_id.eq_any(&ids))
+                .filter(oq::status.eq("delivered"))
+                .count()
+                .get_result(&mut *alpha.db().await)
+                .await
+                .unwrap();
+            (n == ids.len() as i64).then_some(())
+        },
+    )
+    .await;
+    let dead: Vec<String> = (0..DEAD).map(|i| format!("dead{i}.test")).collect();
+    wait_for(
+        "every refusing peer backed off and given back",
+        Duration::from_secs(60),
+        || async {
+            let n: i64 = dh::table
+                .filter(dh::destination.eq_any(&dead))
+                .filter(dh::state.eq("backing_off"))
+                .filter(dh::last_status_code.is_null())
+                .filter(dh::lease_owner.is_null())
+                .count()
+                .get_result(&mut *alpha.db().await)
+                .await
+                .unwrap();
+            (n == DEAD as i64).then_some(())
+        },
+    )
+    .await;
+    let mut c = alpha.db().await;
+    /// An attempt: destination, number, status, error class, finished.
+    type Tried = (String, i32, Option<i32>, Option<String>, bool);
+    let tried: Vec<Tried> = da::table
+        .filter(da::destination.eq_any(&dead))
+        .select((
+            da::destination,
+            da::attempt,
+            da::status_code,
+            da::error_class,
+            da::finished_at.is_not_null(),
+        ))
+        .order(da::destination.asc())
+        .load(&mut *c)
+        .await
+        .unwrap();
+    assert_eq!(
+        tried.len(),
+        DEAD,
+        "one request per refusing peer: {tried:?}"
+    );
+    for (dest, attempt, status, class, finished) in &tried {
+        assert_eq!(*attempt, 1, "{dest}");
+        assert_eq!(*status, None, "{dest}: no HTTP answer");
+        assert!(class.is_some(), "{dest}: the connection error is recorded");
+        assert!(*finished, "{dest}: the attempt is closed");
+    }
+    let failures: Vec<i32> = dh::table
+        .filter(dh::destination.eq_any(&dead))
+        .select(dh::consecutive_failures)
+        .load(&mut *c)
+        .await
+        .unwrap();
+    assert_eq!(failures, vec![1; DEAD], "one backoff step each");
+    let open: i64 = da::table
+        .filter(da::finished_at.is_null())
+        .count()
+        .get_result(&mut *c)
+        .await
+        .unwrap();
+    assert_eq!(open, 0, "no attempt left open");
+}

@@ -409,3 +409,48 @@ async fn a_deferral_of_a_server_that_left_ends_where_it_left() {
         "ends at the last event fanned out before the leave"
     );
 }
+
+/// `destinations::update_many` saves each state only over the version it was loaded at,
+/// all in one statement: a destination an operator paused after the load gets the
+/// change applied to the paused state (the pause is kept, as `update` keeps it); the
+/// others are saved as changed.
+#[tokio::test]
+async fn many_destination_states_are_saved_at_once_without_undoing_a_concurrent_change() {
+    use parafed::store::destinations;
+    let url = support::pg::migrated_db().await;
+    let pool = parafed::store::pool(&url, 2).unwrap();
+    let mut c = pool.get().await.unwrap();
+    destinations::ensure(&mut c, &["a.test", "b.test"])
+        .await
+        .unwrap();
+    let a = destinations::get(&mut c, "a.test").await.unwrap().unwrap();
+    let b = destinations::get(&mut c, "b.test").await.unwrap().unwrap();
+    // An operator pauses b after it was loaded.
+    destinations::update(&mut c, "b.test", |mut h| {
+        h.state = "paused".into();
+        h.paused_reason = Some("operator".into());
+        Ok(h)
+    })
+    .await
+    .unwrap();
+    let mut saved = destinations::update_many(&mut c, vec![a.clone(), b.clone()], |mut h| {
+        h.last_error = Some("connection refused".into());
+        h.consecutive_failures += 1;
+        Ok(h)
+    })
+    .await
+    .unwrap();
+    saved.sort_by(|x, y| x.destination.cmp(&y.destination));
+    let stored_a = destinations::get(&mut c, "a.test").await.unwrap().unwrap();
+    let stored_b = destinations::get(&mut c, "b.test").await.unwrap().unwrap();
+    assert_eq!(saved, vec![stored_a.clone(), stored_b.clone()]);
+    assert_eq!(stored_a.state, "healthy");
+    assert_eq!(stored_a.last_error.as_deref(), Some("connection refused"));
+    assert_eq!(stored_a.consecutive_failures, 1);
+    assert_eq!(stored_a.version, a.version + 1);
+    assert_eq!(stored_b.state, "paused", "the operator's pause is kept");
+    assert_eq!(stored_b.paused_reason.as_deref(), Some("operator"));
+    assert_eq!(stored_b.last_error.as_deref(), Some("connection refused"));
+    assert_eq!(stored_b.consecutive_failures, 1);
+    assert_eq!(stored_b.version, b.version + 2);
+}

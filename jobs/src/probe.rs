@@ -1,0 +1,492 @@
+//! Probe rounds: the first request to many destinations that have not answered yet,
+//! sent together.
+//!
+//! A destination new to us, or whose backoff just ended, gets one request — its probe —
+//! before its backlog is drained (`delivery::destination`, `Sending::Probe`). A room's
+//! first fan-out to hundreds of servers, and every backoff step of hundreds of dead ones,
+//! make that many probes at once. Probed one by one, each cost about ten statements
+//! (lease, open attempts, deferrals, rows, envelope, attempt, state, settle, release),
+//! and with a thousand dead peers in a room those statements were the database's time
+//! the healthy peers waited for. Here the probes a worker has in hand go in one round:
+//! one statement per step for the whole round, every request sent at once, and the
+//! answers recorded in groups as they come (a refused connection at once, a peer that
+//! never answers at the request timeout) — a few statements per group.
+//!
+//! A round only sends a destination's first sendable waiting row. A destination whose
+//! probe needs more — a deferral to catch up first, rows past their age, a wider look
+//! past rows that wait for each other — is drained alone, as `deliver` drains it. A
+//! destination that answered goes back to the deliver queue: its backlog is drained in a
+//! job slot, with its window.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use chrono::Utc;
+use futures::{FutureExt, StreamExt};
+use parafed::delivery::destination::Sending;
+use parafed::delivery::outcome::{self, Previous};
+use parafed::delivery::{Destination, DestinationEvent};
+use parafed::protocol::ServerName;
+use parafed::store::destinations::{self, Health};
+use parafed::store::outbound::{self, Waiting};
+use parafed::store::{attempts, deferrals, events, StoreError};
+use tokio::sync::OwnedSemaphorePermit;
+
+use crate::context::{Ctx, JobError};
+use crate::deliver::{self, Sent};
+
+/// Most destinations one round probes (its statements carry that many names).
+pub const ROUND: usize = 256;
+
+/// Waiting rows a round reads per destination: its probe is the first that may go;
+/// when none of these may, the destination is drained alone (which looks further).
+const ROWS_LOOKED_AT: i64 = 8;
+
+/// Destinations handed over for a probe, each with its probe permit, until the prober
+/// takes them ([`run`]).
+#[derive(Default)]
+pub struct Probes {
+    queue: Mutex<Vec<(ServerName, Ticket)>>,
+    wake: tokio::sync::Notify,
+    /// Set while this process runs the deliver queue (and so a prober).
+    running: std::sync::atomic::AtomicBool,
+    /// Destinations handed over and not done yet (queued, in a round, or drained alone
+    /// after it): handed over again meanwhile, they are not probed twice.
+    busy: Arc<Mutex<HashSet<String>>>,
+}
+
+/// A destination's place in the prober: its probe permit, and its name in
+/// [`Probes::busy`] until dropped.
+pub struct Ticket {
+    _permit: OwnedSemaphorePermit,
+    name: String,
+    busy: Arc<Mutex<HashSet<String>>>,
+}
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        self.busy
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&self.name);
+    }
+}
+
+/// Hands `destination` — new to us, its probe row just written by this worker's
+/// fan-out — straight to this worker's prober, without a deliver job. False when it
+/// must go through the deliver queue instead: this process does not deliver, every
+/// probe permit is taken, or the peer is not simply allowed (the deliver job applies a
+/// quarantine or a block).
+pub async fn hand_over(ctx: &Ctx, destination: &str) -> Result<bool, JobError> {
+    use std::sync::atomic::Ordering;
+    if !ctx.probing.running.load(Ordering::Relaxed) || ctx.is_stopping() {
+        return Ok(false);
+    }
+    let Ok(dest) = ServerName::parse(destination) else {
+        return Ok(false);
+    };
+    if !matches!(
+        ctx.app.trust.standing(&dest).await?,
+        parafed::trust::Standing::Allowed { .. }
+    ) {
+        return Ok(false);
+    }
+    let Ok(permit) = ctx.probes.clone().try_acquire_owned() else {
+        return Ok(false);
+    };
+    // Already handed over: its probe stands for this one too.
+    ctx.probing.push(dest, permit);
+    Ok(true)
+}
+
+impl Probes {
+    /// Hands `dest` over; the permit is held until its probe is recorded.
+    /// Hands `dest` over with its permit (held until its probe is recorded); false
+    /// when it is already handed over and not done (the permit is given back): that
+    /// probe's outcome brings the destination back, to the queue if it answered, to the
+    /// scheduler when its backoff ends.
+    pub fn push(&self, dest: ServerName, permit: OwnedSemaphorePermit) -> bool {
+        let name = dest.as_str().to_owned();
+        if !self
+            .busy
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(name.clone())
+        {
+            return false;
+        }
+        let ticket = Ticket {
+            _permit: permit,
+            name,
+            busy: self.busy.clone(),
+        };
+        self.queue
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push((dest, ticket));
+        self.wake.notify_one();
+        true
+    }
+
+    fn take(&self) -> Vec<(ServerName, Ticket)> {
+        std::mem::take(&mut *self.queue.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+}
+
+/// The prober: runs until `stop`, starting a round (in the background, so the fleet
+/// waits for it when stopping) for every [`ROUND`] destinations handed over. One round
+/// prepares at a time (its statements up to the requests); what is handed over
+/// meanwhile waits for the next, so under a storm of probes the rounds grow by
+/// themselves, and a lone probe waits for nobody. Destinations handed over after `stop`
+/// are left to the scheduler of a worker that runs.
+pub async fn run(ctx: Arc<Ctx>, mut stop: tokio::sync::watch::Receiver<bool>) {
+    use std::sync::atomic::Ordering;
+    ctx.probing.running.store(true, Ordering::Relaxed);
+    loop {
+        tokio::select! {
+            () = ctx.probing.wake.notified() => {}
+            _ = stop.changed() => {
+                ctx.probing.running.store(false, Ordering::Relaxed);
+                return;
+            }
+        }
+        let mut all = ctx.probing.take();
+        let mut prepared = Vec::new();
+        while !all.is_empty() {
+            let rest = all.split_off(all.len().min(ROUND));
+            let batch = std::mem::replace(&mut all, rest);
+            let (sending, prepared_rx) = tokio::sync::oneshot::channel();
+            prepared.push(prepared_rx);
+            let c = ctx.clone();
+            ctx.background.spawn(async move {
+                let n = batch.len();
+                if let Err(e) = round(&c, batch, sending).await {
+                    tracing::warn!(destinations = n, error = %e, "probe round failed; the scheduler retries its destinations");
+                }
+            });
+        }
+        // A round that failed drops its sender: that also ends the wait.
+        for rx in prepared {
+            let _ = rx.await;
+        }
+    }
+}
+
+/// One destination's probe, ready to send.
+struct Probe {
+    dest: ServerName,
+    loaded: Health,
+    row: Waiting,
+    /// The request's attempt row (`None`: the event is gone; nothing is sent).
+    attempt: Option<i64>,
+    _ticket: Ticket,
+}
+
+/// What a round does with a destination it looked at.
+enum Plan {
+    Probe(Waiting),
+    /// Drained alone (see the module doc).
+    Alone,
+    /// It answered meanwhile: back to the deliver queue.
+    Requeue,
+    /// Nothing to send now (backing off, held, nothing waiting, rows waiting for others).
+    Leave,
+}
+
+/// Probes `batch`; `sending` is told once the requests are about to go.
+async fn round(
+    ctx: &Arc<Ctx>,
+    batch: Vec<(ServerName, Ticket)>,
+    sending: tokio::sync::oneshot::Sender<()>,
+) -> Result<(), JobError> {
+    let app = &ctx.app;
+    let owner = format!("{}-{:016x}", ctx.worker_id, rand::random::<u64>());
+    // Before taking a connection (see `deliver::drain`).
+    let key = app.signing_key().await?;
+    let names: Vec<&str> = batch.iter().map(|(d, _)| d.as_str()).collect();
+    let mut conn = app.pool.get().await.map_err(StoreError::from)?;
+    let leased =
+        destinations::acquire_leases(&mut conn, &names, &owner, deliver::lease_ttl(&app.cfg))
+            .await?;
+    let held: Vec<String> = leased.iter().map(|h| h.destination.clone()).collect();
+    let ready = start(ctx, &mut conn, &owner, leased, batch).await;
+    let (probes, bodies, alone, requeue) = match ready {
+        Ok(r) => r,
+        Err(e) => {
+            // Give the leases back, so the scheduler's next job finds them free.
+            let held: Vec<&str> = held.iter().map(String::as_str).collect();
+            let _ = destinations::release_leases(&mut conn, &held, &owner).await;
+            return Err(e);
+        }
+    };
+    drop(conn);
+    let _ = sending.send(());
+    if !requeue.is_empty() {
+        app.queue.schedule_deliveries(&requeue).await?;
+    }
+    for (dest, permit) in alone {
+        let c = ctx.clone();
+        ctx.background.spawn(async move {
+            let _permit = permit;
+            if let Err(e) = deliver::drain_destination(&c, &dest, true).await {
+                tracing::warn!(destination = %dest, error = %e, "probing drain failed; the scheduler retries it");
+            }
+        });
+    }
+    // Every request at once; the answers are recorded in groups as they come.
+    let mut sends: futures::stream::FuturesUnordered<_> = probes
+        .into_iter()
+        .map(|p| {
+            let body = p.attempt.and_then(|_| bodies.get(&p.row.event_id).cloned());
+            let key = &key;
+            async move {
+                let previous = Previous {
+                    resent: false,
+                    forbidden_in_a_row: p.loaded.consecutive_forbidden.max(0) as u32,
+                };
+                let sent =
+                    deliver::send_row(ctx, &p.dest, key, p.row.clone(), body, p.attempt, previous)
+                        .await;
+                (p, sent)
+            }
+        })
+        .collect();
+    while let Some(first) = sends.next().await {
+        let mut group = vec![first];
+        while let Some(Some(more)) = sends.next().now_or_never() {
+            group.push(more);
+        }
+        if let Err(e) = record(ctx, &owner, group).await {
+            tracing::warn!(error = %e, "recording probe answers failed; their attempts are closed as interrupted by the next drain");
+        }
+    }
+    Ok(())
+}
+
+/// What a round sends: the probes with their attempts begun, the bodies, the
+/// destinations to drain alone (with their permits), those to hand back to the queue.
+type Ready = (
+    Vec<Probe>,
+    HashMap<String, Bytes>,
+    Vec<(ServerName, Ticket)>,
+    Vec<String>,
+);
+
+/// Plans the round (`prepare`), reads the probe events' bodies (one statement; new
+/// peers mostly share their probe event), begins an attempt for every request about
+/// to go (one), and gives back the leases of destinations not probed here (one).
+async fn start(
+    ctx: &Ctx,
+    conn: &mut parafed::store::PgConn,
+    owner: &str,
+    leased: Vec<Health>,
+    batch: Vec<(ServerName, Ticket)>,
+) -> Result<Ready, JobError> {
+    let plans = prepare(ctx, conn, &leased).await?;
+    let mut permits: HashMap<String, Ticket> = batch
+        .into_iter()
+        .map(|(d, p)| (d.as_str().to_owned(), p))
+        .collect();
+    let mut probes = Vec::new();
+    let (mut alone, mut requeue, mut free) = (Vec::new(), Vec::new(), Vec::new());
+    for (h, plan) in leased.into_iter().zip(plans) {
+        let (Some(permit), Ok(dest)) = (
+            permits.remove(&h.destination),
+            ServerName::parse(&h.destination),
+        ) else {
+            free.push(h.destination);
+            continue;
+        };
+        match plan {
+            Plan::Probe(row) => probes.push(Probe {
+                dest,
+                loaded: h,
+                row,
+                attempt: None,
+                _ticket: permit,
+            }),
+            Plan::Alone => {
+                free.push(h.destination);
+                alone.push((dest, permit));
+            }
+            Plan::Requeue => {
+                free.push(h.destination);
+                requeue.push(dest.to_string());
+            }
+            Plan::Leave => free.push(h.destination),
+        }
+    }
+    let mut ids: Vec<&str> = probes.iter().map(|p| p.row.event_id.as_str()).collect();
+    ids.sort_unstable();
+    ids.dedup();
+    let bodies: HashMap<String, Bytes> = events::envelopes(conn, &ids)
+        .await?
+        .into_iter()
+        .map(|(id, e)| (id, Bytes::from(e.to_wire())))
+        .collect();
+    let first: Vec<(i64, i32)> = probes
+        .iter()
+        .filter(|p| bodies.contains_key(&p.row.event_id))
+        .map(|p| (p.row.id, p.row.attempts + 1))
+        .collect();
+    let begun: HashMap<i64, i64> = attempts::begin(conn, &first)
+        .await?
+        .into_iter()
+        .map(|s| (s.outbound_id, s.id))
+        .collect();
+    for p in &mut probes {
+        p.attempt = begun.get(&p.row.id).copied();
+    }
+    tracing::debug!(
+        probes = probes.len(),
+        alone = alone.len(),
+        requeue = requeue.len(),
+        left = free.len() - alone.len() - requeue.len(),
+        "probe round"
+    );
+    let free: Vec<&str> = free.iter().map(String::as_str).collect();
+    destinations::release_leases(conn, &free, owner).await?;
+    Ok((probes, bodies, alone, requeue))
+}
+
+/// Decides, for each leased destination (in `leased`'s order), what the round does
+/// with it; reads the rows and deferrals of all in two statements.
+async fn prepare(
+    ctx: &Ctx,
+    conn: &mut parafed::store::PgConn,
+    leased: &[Health],
+) -> Result<Vec<Plan>, JobError> {
+    let policy = &ctx.policy;
+    let names: Vec<&str> = leased.iter().map(|h| h.destination.as_str()).collect();
+    // Nobody else sends to these while we hold their leases: an attempt still open was
+    // cut short by a sender that stopped.
+    let n = attempts::close_open_of(conn, &names).await?;
+    if n > 0 {
+        tracing::info!(attempts = n, "closed attempts a stopped worker left open");
+    }
+    let since = Utc::now()
+        - chrono::Duration::from_std(policy.dependency_wait)
+            .unwrap_or(chrono::Duration::minutes(5));
+    let deferred = deferrals::of_many(conn, &names).await?;
+    let mut waiting = outbound::waiting_of(conn, &names, ROWS_LOOKED_AT, since).await?;
+    let cutoff = Utc::now()
+        - chrono::Duration::from_std(policy.max_age).unwrap_or(chrono::Duration::days(1));
+    let mut plans = Vec::with_capacity(leased.len());
+    let mut known = deliver::Earlier::new();
+    for h in leased {
+        let destination = match Destination::from_row(h.clone()) {
+            Ok(d) => d,
+            Err(e) => {
+                tracing::warn!(destination = %h.destination, error = %e, "unreadable destination state");
+                plans.push(Plan::Leave);
+                continue;
+            }
+        };
+        match destination.sending(Utc::now()) {
+            Sending::Probe => {}
+            Sending::Window => {
+                plans.push(Plan::Requeue);
+                continue;
+            }
+            Sending::Wait | Sending::Recheck => {
+                plans.push(Plan::Leave);
+                continue;
+            }
+        }
+        let rows = waiting.remove(&h.destination).unwrap_or_default();
+        let owed = deferred.get(&h.destination).map_or(&[][..], Vec::as_slice);
+        let looked_at = rows.len();
+        let rows = deliver::held_back(rows, owed);
+        if rows.is_empty() {
+            // Nothing written to send: a deferral to catch up is the alone drain's work.
+            plans.push(if owed.is_empty() {
+                Plan::Leave
+            } else {
+                Plan::Alone
+            });
+            continue;
+        }
+        if rows.iter().any(|r| r.created_at < cutoff) {
+            plans.push(Plan::Alone);
+            continue;
+        }
+        let mut chosen = deliver::choose(ctx, conn, rows, 1, since, &mut known).await?;
+        plans.push(match chosen.pop() {
+            Some(row) => Plan::Probe(row),
+            None if looked_at as i64 >= ROWS_LOOKED_AT => Plan::Alone,
+            None => Plan::Leave,
+        });
+    }
+    Ok(plans)
+}
+
+/// Records a group of answers: the destinations' states (one statement), the attempts
+/// and rows (one), the leases given back (one); destinations that answered go back to
+/// the deliver queue for the rest of their backlog.
+async fn record(ctx: &Ctx, owner: &str, group: Vec<(Probe, Sent)>) -> Result<(), JobError> {
+    let app = &ctx.app;
+    let policy = &ctx.policy;
+    let now = Utc::now();
+    let mut results: Vec<Sent> = Vec::with_capacity(group.len());
+    let mut probes: Vec<Probe> = Vec::with_capacity(group.len());
+    for (p, mut sent) in group {
+        outcome::apply_forbidden_run(
+            [(sent.status.map(|c| c as u16), &mut sent.outcome)],
+            p.loaded.consecutive_forbidden.max(0) as u32,
+            policy,
+        );
+        probes.push(p);
+        results.push(sent);
+    }
+    let settled: Vec<deliver::Settlement> = probes
+        .iter()
+        .zip(&results)
+        .map(|(p, r)| deliver::settlement(&p.loaded, std::slice::from_ref(r), now))
+        .collect();
+    // The states first, as `deliver::settle` does.
+    let mut changes: HashMap<&str, &[DestinationEvent]> = HashMap::new();
+    let mut to_save = Vec::new();
+    for (p, s) in probes.iter().zip(&settled) {
+        if !s.unchanged {
+            changes.insert(p.loaded.destination.as_str(), &s.changes);
+            to_save.push(p.loaded.clone());
+        }
+    }
+    let mut conn = app.pool.get().await.map_err(StoreError::from)?;
+    destinations::update_many(&mut conn, to_save, |h| {
+        let mut d = Destination::from_row(h).map_err(StoreError::Corrupt)?;
+        let events = changes.get(d.name.as_str()).copied().unwrap_or_default();
+        for e in events {
+            d = d.apply(e.clone(), policy);
+        }
+        Ok(d.to_row())
+    })
+    .await?;
+    let finished: Vec<_> = settled
+        .iter()
+        .flat_map(|s| s.finished.iter().cloned())
+        .collect();
+    let rows: Vec<_> = settled
+        .iter()
+        .flat_map(|s| s.rows.iter().cloned())
+        .collect();
+    let dead = outbound::settle(&mut conn, &finished, &rows).await?;
+    let names: Vec<&str> = probes.iter().map(|p| p.dest.as_str()).collect();
+    destinations::release_leases(&mut conn, &names, owner).await?;
+    drop(conn);
+    let delivered: u64 = settled.iter().map(|s| s.delivered).sum();
+    let backoffs = settled.iter().filter(|s| s.backs_off).count();
+    deliver::count(delivered, dead, false);
+    metrics::counter!("parafed_destination_backoffs_total").increment(backoffs as u64);
+    let answered: Vec<String> = probes
+        .iter()
+        .zip(&settled)
+        .filter(|(_, s)| !s.backs_off)
+        .map(|(p, _)| p.dest.to_string())
+        .collect();
+    if !answered.is_empty() {
+        app.queue.schedule_deliveries(&answered).await?;
+    }
+    Ok(())
+}
