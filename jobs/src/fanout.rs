@@ -70,7 +70,7 @@ pub async fn run(ctx: &Ctx, job: &FanoutJob) -> Result<(), JobError> {
     let batch: Vec<&StoredEvent> = batch.iter().collect();
     let targets = targets(ctx, &batch).await?;
     let keys: Vec<order::OrderKeys> = batch.iter().map(|e| order::keys_of(&e.envelope)).collect();
-    let fanned = decide(ctx, &batch, &keys, targets).await?;
+    let fanned = decide(ctx, &batch, &keys, &targets).await?;
     let done: Vec<&str> = batch.iter().map(|e| e.envelope.event_id.as_str()).collect();
     let written = {
         let mut conn = app.pool.get().await?;
@@ -102,21 +102,45 @@ pub(crate) async fn schedule(ctx: &Ctx, written: &Enqueued) -> Result<(), JobErr
     Ok(())
 }
 
-/// The destinations of each event of `batch` (in storage order), in the same order: in
-/// a room hosted here, its joined servers (read once per room), but never us, the
-/// event's origin or the server that handed it to us; for our own event in a room
-/// hosted elsewhere, the host. Peers the operator refused are left out (their standing
-/// looked up once per batch).
-pub(crate) async fn targets(
+/// The destinations of a batch's events ([`targets`]): each distinct list once — a
+/// room's servers we may send to — and per event its list and the servers it leaves
+/// out. A batch of a room of a thousand servers is a thousand names, not a thousand per
+/// event: fan-out looks each one up once per batch ([`decide`]).
+pub(crate) struct Targets<'b> {
+    lists: Vec<Vec<String>>,
+    /// Per event: its list (`None`: nobody) and the servers left out of it (its origin,
+    /// the server that handed it to us).
+    events: Vec<(Option<usize>, [Option<&'b str>; 2])>,
+}
+
+impl Targets<'_> {
+    /// Event `i`'s destinations, each with its position in the event's list.
+    fn of(&self, i: usize) -> impl Iterator<Item = (usize, &str)> {
+        let (list, out) = self.events[i];
+        list.map(|l| self.lists[l].as_slice())
+            .unwrap_or_default()
+            .iter()
+            .enumerate()
+            .map(|(j, d)| (j, d.as_str()))
+            .filter(move |(_, d)| !out.contains(&Some(*d)))
+    }
+}
+
+/// The destinations of each event of `batch` (in storage order): in a room hosted here,
+/// its joined servers (read once per room), but never us, the event's origin or the
+/// server that handed it to us; for our own event in a room hosted elsewhere, the host.
+/// Peers the operator refused are left out (their standing looked up once per batch).
+pub(crate) async fn targets<'b>(
     ctx: &Ctx,
-    batch: &[&StoredEvent],
-) -> Result<Vec<Vec<String>>, JobError> {
+    batch: &[&'b StoredEvent],
+) -> Result<Targets<'b>, JobError> {
     let app = &ctx.app;
     let me = app.cfg.server_name.as_str();
     let hosted = |e: &StoredEvent| hosted_here(app, e);
-    if batch.is_empty() {
-        return Ok(Vec::new());
-    }
+    let mut t = Targets {
+        lists: Vec::new(),
+        events: Vec::with_capacity(batch.len()),
+    };
     let mut servers: HashMap<&str, Vec<String>> = HashMap::new();
     {
         let mut conn = app.pool.get().await?;
@@ -127,47 +151,59 @@ pub(crate) async fn targets(
             }
         }
     }
+    // Each room's list (a room hosted here: its servers; elsewhere: its host), once.
     // Trust lookups may need a connection of their own: none is held while asking.
-    let mut standing: HashMap<String, bool> = HashMap::new();
-    let mut targets: Vec<Vec<String>> = Vec::with_capacity(batch.len());
-    for e in batch {
+    let mut list_of: HashMap<(bool, &str), usize> = HashMap::new();
+    for &e in batch {
         let env = &e.envelope;
         let ours = env.origin_server.as_str() == me;
-        let candidates: Vec<&str> = if hosted(e) {
-            servers
-                .get(env.room_id.as_str())
-                .map(|v| v.iter().map(String::as_str).collect())
-                .unwrap_or_default()
+        let key = if hosted(e) {
+            Some((true, env.room_id.as_str()))
         } else if ours {
-            vec![env.room_id.domain()]
+            Some((false, env.room_id.domain()))
         } else {
-            Vec::new()
+            None
         };
-        let mut allowed = Vec::new();
-        for d in candidates {
-            if d == me || d == env.origin_server.as_str() || e.received_from.as_deref() == Some(d) {
-                continue;
-            }
-            let ok = match standing.get(d) {
-                Some(&ok) => ok,
+        let list = match key {
+            None => None,
+            Some(key) => Some(match list_of.get(&key) {
+                Some(&l) => l,
                 None => {
-                    let ok = match ServerName::parse(d) {
-                        Ok(name) => {
-                            !matches!(app.trust.standing(&name).await?, Standing::Refused { .. })
-                        }
-                        Err(_) => false,
+                    let candidates: Vec<&str> = match key {
+                        (true, room) => servers
+                            .get(room)
+                            .map(|v| v.iter().map(String::as_str).collect())
+                            .unwrap_or_default(),
+                        (false, host) => vec![host],
                     };
-                    standing.insert(d.to_owned(), ok);
-                    ok
+                    let mut allowed = Vec::with_capacity(candidates.len());
+                    for d in candidates {
+                        if d == me {
+                            continue;
+                        }
+                        let ok = match ServerName::parse(d) {
+                            Ok(name) => !matches!(
+                                app.trust.standing(&name).await?,
+                                Standing::Refused { .. }
+                            ),
+                            Err(_) => false,
+                        };
+                        if ok {
+                            allowed.push(d.to_owned());
+                        }
+                    }
+                    t.lists.push(allowed);
+                    list_of.insert(key, t.lists.len() - 1);
+                    t.lists.len() - 1
                 }
-            };
-            if ok {
-                allowed.push(d.to_owned());
-            }
-        }
-        targets.push(allowed);
+            }),
+        };
+        t.events.push((
+            list,
+            [Some(env.origin_server.as_str()), e.received_from.as_deref()],
+        ));
     }
-    Ok(targets)
+    Ok(t)
 }
 
 /// The fan-out of `batch`: each event (with its ordering keys, `keys`) and the
@@ -175,12 +211,12 @@ pub(crate) async fn targets(
 /// a deferral covers (`delivery::deferral::fan_out` decides each pair). Events of rooms
 /// hosted here stored less than `dependency_wait` ago may be deferred
 /// (`outbound::deferrable`); the destinations' states and deferrals are read for them in
-/// one statement.
+/// one statement, and looked up once per list and room, not per pair.
 pub(crate) async fn decide<'a>(
     ctx: &Ctx,
     batch: &[&'a StoredEvent],
     keys: &'a [order::OrderKeys],
-    targets: Vec<Vec<String>>,
+    targets: &Targets<'_>,
 ) -> Result<Fanned<'a>, JobError> {
     let now = chrono::Utc::now();
     let deferrable: Vec<bool> = batch
@@ -197,14 +233,20 @@ pub(crate) async fn decide<'a>(
         .collect();
     // The states of the destinations of deferrable events, and their deferrals.
     let (reach, open) = {
-        let mut names: Vec<&str> = Vec::new();
+        let mut lists: Vec<usize> = Vec::new();
         let mut rooms: Vec<&str> = Vec::new();
-        for ((e, to), &d) in batch.iter().zip(&targets).zip(&deferrable) {
-            if d && !to.is_empty() {
-                names.extend(to.iter().map(String::as_str));
+        for (i, (e, &d)) in batch.iter().zip(&deferrable).enumerate() {
+            if let (true, Some(l)) = (d, targets.events[i].0) {
+                lists.push(l);
                 rooms.push(e.envelope.room_id.as_str());
             }
         }
+        lists.sort_unstable();
+        lists.dedup();
+        let mut names: Vec<&str> = lists
+            .iter()
+            .flat_map(|&l| targets.lists[l].iter().map(String::as_str))
+            .collect();
         names.sort_unstable();
         names.dedup();
         rooms.sort_unstable();
@@ -216,7 +258,7 @@ pub(crate) async fn decide<'a>(
             deferrals::fan_out_view(&mut conn, &names, &rooms).await?
         }
     };
-    // Looked up per (destination, event) pair: by borrowed keys, nothing allocated.
+    // By borrowed keys, nothing allocated.
     let open: HashMap<(&str, &str), Open> = open
         .iter()
         .map(|((d, r), &(from_seq, until_seq))| {
@@ -229,49 +271,63 @@ pub(crate) async fn decide<'a>(
             )
         })
         .collect();
+    /// What a pair's decision needs of its destination: its state (healthy,
+    /// unreachable; `None`: new to us) and its deferral in the event's room.
+    type Inputs = Vec<(Option<(bool, bool)>, Option<Open>)>;
+    let mut inputs: HashMap<(usize, &str), Inputs> = HashMap::new();
     let mut fanned = Fanned::default();
-    let mut start: HashMap<(String, String), i64> = HashMap::new();
+    let mut start: HashMap<(&str, &str), i64> = HashMap::new();
     let mut covered: HashSet<&str> = HashSet::new();
     // Destinations new to us that got their probe (one row) in this batch.
-    let mut probed: HashSet<String> = HashSet::new();
-    for (((e, k), to), d) in batch.iter().zip(keys).zip(targets).zip(deferrable) {
+    let mut probed: HashSet<&str> = HashSet::new();
+    for (i, ((e, k), &d)) in batch.iter().zip(keys).zip(&deferrable).enumerate() {
         let room = e.envelope.room_id.as_str();
-        let mut send = Vec::with_capacity(to.len());
+        let mut send = Vec::new();
         let mut conditional = Vec::new();
-        for dest in to {
-            let state = reach.get(&dest).copied();
-            let answers = state.is_some_and(|(healthy, unreachable)| healthy && !unreachable);
-            let r = state.map(|(_, unreachable)| Reach { unreachable });
-            let o = open.get(&(dest.as_str(), room)).copied();
-            let new_probed = r.is_none() && probed.contains(&dest);
-            match deferral::fan_out(d, e.seq, r, o, new_probed) {
-                How::Send => {
-                    if r.is_none() {
-                        probed.insert(dest.clone());
-                    }
-                    send.push(dest)
-                }
-                How::Skip => {
-                    fanned.deferred += 1;
-                    // A destination that answers: its drain may end the deferral
-                    // meanwhile (`deferrals::Then::End`), and the row is then written
-                    // after all (`outbound::input_ctes`). One that does not answer
-                    // (most of a room's dead servers) cannot have it ended, and costs
-                    // the statement nothing.
-                    // Its drain writes the row, so it is scheduled like a destination
-                    // that got one. One that does not answer is not: its probe is in
-                    // flight or it backs off, and it comes back by itself.
-                    if answers {
-                        if let Some((known, _)) = reach.get_key_value(&dest) {
-                            covered.insert(known.as_str());
+        if let Some(l) = targets.events[i].0 {
+            let inputs = inputs.entry((l, room)).or_insert_with(|| {
+                targets.lists[l]
+                    .iter()
+                    .map(|dest| {
+                        (
+                            reach.get(dest.as_str()).copied(),
+                            open.get(&(dest.as_str(), room)).copied(),
+                        )
+                    })
+                    .collect()
+            });
+            for (j, dest) in targets.of(i) {
+                let (state, o) = inputs[j];
+                let answers = state.is_some_and(|(healthy, unreachable)| healthy && !unreachable);
+                let r = state.map(|(_, unreachable)| Reach { unreachable });
+                let new_probed = r.is_none() && probed.contains(dest);
+                match deferral::fan_out(d, e.seq, r, o, new_probed) {
+                    How::Send => {
+                        if r.is_none() {
+                            probed.insert(dest);
                         }
-                        conditional.push(dest);
+                        send.push(dest.to_owned())
                     }
-                }
-                How::Defer => {
-                    fanned.deferred += 1;
-                    let from = start.entry((dest, room.to_owned())).or_insert(i64::MAX);
-                    *from = (*from).min(e.seq - 1);
+                    How::Skip => {
+                        fanned.deferred += 1;
+                        // A destination that answers: its drain may end the deferral
+                        // meanwhile (`deferrals::Then::End`), and the row is then
+                        // written after all (`outbound::input_ctes`); its drain writes
+                        // the row, so it is scheduled like a destination that got one.
+                        // One that does not answer (most of a room's dead servers) cannot
+                        // have it ended, costs the statement nothing, and is not
+                        // scheduled: its probe is in flight or it backs off, and it comes
+                        // back by itself.
+                        if answers {
+                            covered.insert(dest);
+                            conditional.push(dest.to_owned());
+                        }
+                    }
+                    How::Defer => {
+                        fanned.deferred += 1;
+                        let from = start.entry((dest, room)).or_insert(i64::MAX);
+                        *from = (*from).min(e.seq - 1);
+                    }
                 }
             }
         }
@@ -279,7 +335,7 @@ pub(crate) async fn decide<'a>(
             NewOutbound {
                 event_id: e.envelope.event_id.as_str(),
                 event_seq: e.seq,
-                room_id: e.envelope.room_id.as_str(),
+                room_id: room,
                 provides: &k.provides,
                 waits: &k.waits,
             },
@@ -290,15 +346,15 @@ pub(crate) async fn decide<'a>(
     let mut start: Vec<Deferred> = start
         .into_iter()
         .map(|((destination, room_id), from_seq)| Deferred {
-            destination,
-            room_id,
+            destination: destination.to_owned(),
+            room_id: room_id.to_owned(),
             from_seq,
         })
         .collect();
     start.sort_by(|a, b| (&a.destination, &a.room_id).cmp(&(&b.destination, &b.room_id)));
     fanned.start = start;
     fanned.covered_healthy = covered.into_iter().map(str::to_owned).collect();
-    fanned.new = probed.into_iter().collect();
+    fanned.new = probed.into_iter().map(str::to_owned).collect();
     Ok(fanned)
 }
 

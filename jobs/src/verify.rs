@@ -288,7 +288,7 @@ async fn settle(ctx: &Ctx, judged: &[(StoredEvent, Result<(), String>)]) -> Resu
         .iter()
         .map(|e| order::keys_of(&e.envelope))
         .collect();
-    let fanned = fanout::decide(ctx, &relayed, &keys, targets).await?;
+    let fanned = fanout::decide(ctx, &relayed, &keys, &targets).await?;
     let rejected: Vec<(&str, i64, &str)> = judged
         .iter()
         .filter_map(|(e, v)| {
