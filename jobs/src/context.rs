@@ -21,7 +21,7 @@ pub struct Ctx {
     /// Drains that may probe at once (`worker.probe_concurrency`): see `deliver`.
     pub probes: Arc<tokio::sync::Semaphore>,
     /// Destinations handed over for a probe, each with its permit (`probe`).
-    pub probing: crate::probe::Probes,
+    pub probing: crate::probe_queue::Probes,
     /// The probe rounds and probing drains, which run outside any job: the fleet waits
     /// for them when it stops.
     pub background: tokio_util::task::TaskTracker,
@@ -42,7 +42,7 @@ impl Ctx {
             app,
             worker_id,
             control: crate::control::Control::default(),
-            probing: crate::probe::Probes::default(),
+            probing: crate::probe_queue::Probes::default(),
             background: tokio_util::task::TaskTracker::new(),
             stopping: Arc::default(),
         }

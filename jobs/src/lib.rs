@@ -10,5 +10,6 @@ pub mod fanout;
 pub mod fleet;
 pub mod gauges;
 pub mod probe;
+pub mod probe_queue;
 pub mod scheduler;
 pub mod verify;

@@ -18,12 +18,11 @@
 //! destination that answered goes back to the deliver queue: its backlog is drained in a
 //! job slot, with its window.
 
-use std::collections::{HashMap, HashSet};
-use std::sync::{Arc, Mutex};
+use std::collections::HashMap;
+use std::sync::Arc;
 
 use bytes::Bytes;
 use chrono::Utc;
-use futures::{FutureExt, StreamExt};
 use parafed::delivery::destination::Sending;
 use parafed::delivery::outcome::{self, Previous};
 use parafed::delivery::{Destination, DestinationEvent};
@@ -31,10 +30,10 @@ use parafed::protocol::ServerName;
 use parafed::store::destinations::{self, Health};
 use parafed::store::outbound::{self, Waiting};
 use parafed::store::{attempts, deferrals, events, StoreError};
-use tokio::sync::OwnedSemaphorePermit;
 
 use crate::context::{Ctx, JobError};
 use crate::deliver::{self, Sent};
+use crate::probe_queue::Ticket;
 
 /// Most destinations one round probes (its statements carry that many names).
 pub const ROUND: usize = 256;
@@ -43,44 +42,13 @@ pub const ROUND: usize = 256;
 /// when none of these may, the destination is drained alone (which looks further).
 const ROWS_LOOKED_AT: i64 = 8;
 
-/// Destinations handed over for a probe, each with its probe permit, until the prober
-/// takes them ([`run`]).
-#[derive(Default)]
-pub struct Probes {
-    queue: Mutex<Vec<(ServerName, Ticket)>>,
-    wake: tokio::sync::Notify,
-    /// Set while this process runs the deliver queue (and so a prober).
-    running: std::sync::atomic::AtomicBool,
-    /// Destinations handed over and not done yet (queued, in a round, or drained alone
-    /// after it): handed over again meanwhile, they are not probed twice.
-    busy: Arc<Mutex<HashSet<String>>>,
-}
-
-/// A destination's place in the prober: its probe permit, and its name in
-/// [`Probes::busy`] until dropped.
-pub struct Ticket {
-    _permit: OwnedSemaphorePermit,
-    name: String,
-    busy: Arc<Mutex<HashSet<String>>>,
-}
-
-impl Drop for Ticket {
-    fn drop(&mut self) {
-        self.busy
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&self.name);
-    }
-}
-
 /// Hands `destination` — new to us, its probe row just written by this worker's
 /// fan-out — straight to this worker's prober, without a deliver job. False when it
 /// must go through the deliver queue instead: this process does not deliver, every
 /// probe permit is taken, or the peer is not simply allowed (the deliver job applies a
 /// quarantine or a block).
 pub async fn hand_over(ctx: &Ctx, destination: &str) -> Result<bool, JobError> {
-    use std::sync::atomic::Ordering;
-    if !ctx.probing.running.load(Ordering::Relaxed) || ctx.is_stopping() {
+    if !ctx.probing.running() || ctx.is_stopping() {
         return Ok(false);
     }
     let Ok(dest) = ServerName::parse(destination) else {
@@ -100,40 +68,6 @@ pub async fn hand_over(ctx: &Ctx, destination: &str) -> Result<bool, JobError> {
     Ok(true)
 }
 
-impl Probes {
-    /// Hands `dest` over; the permit is held until its probe is recorded.
-    /// Hands `dest` over with its permit (held until its probe is recorded); false
-    /// when it is already handed over and not done (the permit is given back): that
-    /// probe's outcome brings the destination back, to the queue if it answered, to the
-    /// scheduler when its backoff ends.
-    pub fn push(&self, dest: ServerName, permit: OwnedSemaphorePermit) -> bool {
-        let name = dest.as_str().to_owned();
-        if !self
-            .busy
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(name.clone())
-        {
-            return false;
-        }
-        let ticket = Ticket {
-            _permit: permit,
-            name,
-            busy: self.busy.clone(),
-        };
-        self.queue
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push((dest, ticket));
-        self.wake.notify_one();
-        true
-    }
-
-    fn take(&self) -> Vec<(ServerName, Ticket)> {
-        std::mem::take(&mut *self.queue.lock().unwrap_or_else(|p| p.into_inner()))
-    }
-}
-
 /// The prober: runs until `stop`, starting a round (in the background, so the fleet
 /// waits for it when stopping) for every [`ROUND`] destinations handed over. One round
 /// prepares at a time (its statements up to the requests); what is handed over
@@ -141,15 +75,15 @@ impl Probes {
 /// themselves, and a lone probe waits for nobody. Destinations handed over after `stop`
 /// are left to the scheduler of a worker that runs.
 pub async fn run(ctx: Arc<Ctx>, mut stop: tokio::sync::watch::Receiver<bool>) {
-    use std::sync::atomic::Ordering;
-    ctx.probing.running.store(true, Ordering::Relaxed);
+    ctx.probing.set_running(true);
     loop {
         tokio::select! {
-            () = ctx.probing.wake.notified() => {}
+            biased;
             _ = stop.changed() => {
-                ctx.probing.running.store(false, Ordering::Relaxed);
+                ctx.probing.set_running(false);
                 return;
             }
+            () = ctx.probing.handed_over() => {}
         }
         let mut all = ctx.probing.take();
         let mut prepared = Vec::new();
@@ -222,9 +156,6 @@ async fn round(
     };
     drop(conn);
     let _ = sending.send(());
-    if !requeue.is_empty() {
-        app.queue.schedule_deliveries(&requeue).await?;
-    }
     for (dest, permit) in alone {
         let c = ctx.clone();
         ctx.background.spawn(async move {
@@ -234,32 +165,36 @@ async fn round(
             }
         });
     }
-    // Every request at once; the answers are recorded in groups as they come.
-    let mut sends: futures::stream::FuturesUnordered<_> = probes
-        .into_iter()
-        .map(|p| {
-            let body = p.attempt.and_then(|_| bodies.get(&p.row.event_id).cloned());
-            let key = &key;
-            async move {
-                let previous = Previous {
-                    resent: false,
-                    forbidden_in_a_row: p.loaded.consecutive_forbidden.max(0) as u32,
-                };
-                let sent =
-                    deliver::send_row(ctx, &p.dest, key, p.row.clone(), body, p.attempt, previous)
-                        .await;
-                (p, sent)
-            }
-        })
-        .collect();
-    while let Some(first) = sends.next().await {
+    if !requeue.is_empty() {
+        if let Err(e) = app.queue.schedule_deliveries(&requeue).await {
+            tracing::warn!(error = %e, "queueing destinations that answered meanwhile failed; the scheduler brings them back");
+        }
+    }
+    // Every request at once, each in a task of its own (so a request's time is not
+    // spent waiting while a group is recorded); the answers are recorded in groups as
+    // they come.
+    let (answers, mut answered) = tokio::sync::mpsc::unbounded_channel();
+    for p in probes {
+        let body = p.attempt.and_then(|_| bodies.get(&p.row.event_id).cloned());
+        let (c, key, answers) = (ctx.clone(), key.clone(), answers.clone());
+        ctx.background.spawn(async move {
+            let previous = Previous {
+                resent: false,
+                forbidden_in_a_row: p.loaded.consecutive_forbidden.max(0) as u32,
+            };
+            let sent =
+                deliver::send_row(&c, &p.dest, &key, p.row.clone(), body, p.attempt, previous)
+                    .await;
+            let _ = answers.send((p, sent));
+        });
+    }
+    drop(answers);
+    while let Some(first) = answered.recv().await {
         let mut group = vec![first];
-        while let Some(Some(more)) = sends.next().now_or_never() {
+        while let Ok(more) = answered.try_recv() {
             group.push(more);
         }
-        if let Err(e) = record(ctx, &owner, group).await {
-            tracing::warn!(error = %e, "recording probe answers failed; their attempts are closed as interrupted by the next drain");
-        }
+        record(ctx, &owner, group).await;
     }
     Ok(())
 }
@@ -423,8 +358,10 @@ async fn prepare(
 
 /// Records a group of answers: the destinations' states (one statement), the attempts
 /// and rows (one), the leases given back (one); destinations that answered go back to
-/// the deliver queue for the rest of their backlog.
-async fn record(ctx: &Ctx, owner: &str, group: Vec<(Probe, Sent)>) -> Result<(), JobError> {
+/// the deliver queue for the rest of their backlog. When recording fails, the leases
+/// are given back all the same (the attempts stay open: the next drain closes them as
+/// interrupted, as after a crash) and those that answered are queued.
+async fn record(ctx: &Ctx, owner: &str, group: Vec<(Probe, Sent)>) {
     let app = &ctx.app;
     let policy = &ctx.policy;
     let now = Utc::now();
@@ -444,16 +381,64 @@ async fn record(ctx: &Ctx, owner: &str, group: Vec<(Probe, Sent)>) -> Result<(),
         .zip(&results)
         .map(|(p, r)| deliver::settlement(&p.loaded, std::slice::from_ref(r), now))
         .collect();
-    // The states first, as `deliver::settle` does.
+    let names: Vec<&str> = probes.iter().map(|p| p.dest.as_str()).collect();
+    let saved = save(ctx, owner, &probes, &settled, &names).await;
+    if let Err(e) = &saved {
+        tracing::warn!(destinations = names.len(), error = %e, "recording probe answers failed; their attempts are closed as interrupted by the next drain");
+        if let Ok(mut conn) = app.pool.get().await {
+            let _ = destinations::release_leases(&mut conn, &names, owner).await;
+        }
+    }
+    let delivered: u64 = settled.iter().map(|s| s.delivered).sum();
+    let backoffs = settled.iter().filter(|s| s.backs_off).count();
+    deliver::count(delivered, saved.unwrap_or(0), false);
+    metrics::counter!("parafed_destination_backoffs_total").increment(backoffs as u64);
+    for (p, s) in probes.iter().zip(&settled).filter(|(_, s)| s.backs_off) {
+        let error = s.changes.iter().find_map(|c| match c {
+            DestinationEvent::Failed { reason, .. } => Some(reason.as_str()),
+            _ => None,
+        });
+        tracing::debug!(destination = %p.dest, error, "probe failed; destination backing off");
+    }
+    if backoffs > 0 {
+        tracing::info!(
+            destinations = backoffs,
+            "probes failed; those destinations back off"
+        );
+    }
+    let answered: Vec<String> = probes
+        .iter()
+        .zip(&settled)
+        .filter(|(_, s)| !s.backs_off)
+        .map(|(p, _)| p.dest.to_string())
+        .collect();
+    if !answered.is_empty() {
+        if let Err(e) = app.queue.schedule_deliveries(&answered).await {
+            tracing::warn!(error = %e, "queueing destinations that answered failed; the scheduler brings them back");
+        }
+    }
+}
+
+/// The database part of [`record`]: states first (as `deliver::settle` does: whoever
+/// sees a row settled sees the state its answer led to), then attempts and rows, then
+/// the leases. Returns how many rows turned dead.
+async fn save(
+    ctx: &Ctx,
+    owner: &str,
+    probes: &[Probe],
+    settled: &[deliver::Settlement<'_>],
+    names: &[&str],
+) -> Result<usize, JobError> {
     let mut changes: HashMap<&str, &[DestinationEvent]> = HashMap::new();
     let mut to_save = Vec::new();
-    for (p, s) in probes.iter().zip(&settled) {
+    for (p, s) in probes.iter().zip(settled) {
         if !s.unchanged {
             changes.insert(p.loaded.destination.as_str(), &s.changes);
             to_save.push(p.loaded.clone());
         }
     }
-    let mut conn = app.pool.get().await.map_err(StoreError::from)?;
+    let policy = &ctx.policy;
+    let mut conn = ctx.app.pool.get().await.map_err(StoreError::from)?;
     destinations::update_many(&mut conn, to_save, |h| {
         let mut d = Destination::from_row(h).map_err(StoreError::Corrupt)?;
         let events = changes.get(d.name.as_str()).copied().unwrap_or_default();
@@ -472,21 +457,6 @@ async fn record(ctx: &Ctx, owner: &str, group: Vec<(Probe, Sent)>) -> Result<(),
         .flat_map(|s| s.rows.iter().cloned())
         .collect();
     let dead = outbound::settle(&mut conn, &finished, &rows).await?;
-    let names: Vec<&str> = probes.iter().map(|p| p.dest.as_str()).collect();
-    destinations::release_leases(&mut conn, &names, owner).await?;
-    drop(conn);
-    let delivered: u64 = settled.iter().map(|s| s.delivered).sum();
-    let backoffs = settled.iter().filter(|s| s.backs_off).count();
-    deliver::count(delivered, dead, false);
-    metrics::counter!("parafed_destination_backoffs_total").increment(backoffs as u64);
-    let answered: Vec<String> = probes
-        .iter()
-        .zip(&settled)
-        .filter(|(_, s)| !s.backs_off)
-        .map(|(p, _)| p.dest.to_string())
-        .collect();
-    if !answered.is_empty() {
-        app.queue.schedule_deliveries(&answered).await?;
-    }
-    Ok(())
+    destinations::release_leases(&mut conn, names, owner).await?;
+    Ok(dead)
 }

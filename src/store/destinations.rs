@@ -264,20 +264,9 @@ pub async fn acquire_lease(
     owner: &str,
     ttl: chrono::Duration,
 ) -> Result<Option<Health>, StoreError> {
-    let now = Utc::now();
-    Ok(diesel::update(
-        dh::table.filter(dh::destination.eq(destination)).filter(
-            dh::lease_until
-                .is_null()
-                .or(dh::lease_until.lt(now))
-                .or(dh::lease_owner.eq(owner)),
-        ),
-    )
-    .set((dh::lease_owner.eq(owner), dh::lease_until.eq(now + ttl)))
-    .returning(Health::as_returning())
-    .get_result(conn)
-    .await
-    .optional()?)
+    Ok(acquire_leases(conn, &[destination], owner, ttl)
+        .await?
+        .pop())
 }
 
 /// [`acquire_lease`] for many destinations in one statement (a probe round: see the
@@ -338,18 +327,7 @@ pub async fn release_lease(
     destination: &str,
     owner: &str,
 ) -> Result<(), StoreError> {
-    diesel::update(
-        dh::table
-            .filter(dh::destination.eq(destination))
-            .filter(dh::lease_owner.eq(owner)),
-    )
-    .set((
-        dh::lease_owner.eq(None::<String>),
-        dh::lease_until.eq(None::<DateTime<Utc>>),
-    ))
-    .execute(conn)
-    .await?;
-    Ok(())
+    release_leases(conn, &[destination], owner).await
 }
 
 #[derive(QueryableByName)]

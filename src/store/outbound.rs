@@ -407,6 +407,17 @@ pub struct Enqueued {
 // The hot queries below are written as SQL with the status as a literal: bound as a
 // parameter, a cached generic plan could not use the partial indexes on `status`.
 
+/// The columns of [`Waiting`], over a waiting row `o` and its event `e`; `$2` bounds the
+/// earlier events looked at (`unsettled_since`).
+const WAITING_COLUMNS: &str = "o.id, o.event_id, o.attempts, o.created_at, o.event_seq, \
+    o.order_provides, o.order_waits, e.room_id, e.received_at, \
+    EXISTS (SELECT 1 FROM federation_events p \
+            WHERE p.room_id = e.room_id AND p.seq < o.event_seq \
+              AND p.received_at > $2 \
+              AND (p.status IN ('pending', 'held') \
+                   OR (p.status = 'accepted' AND p.fanned_out_at IS NULL))) \
+      AS earlier_unsettled";
+
 /// The oldest waiting rows of a destination, in event order, at most `limit`.
 pub async fn waiting(
     conn: &mut AsyncPgConnection,
@@ -423,14 +434,7 @@ pub async fn waiting(
     // plan also needs fresh statistics of outbound_queue: see the migration
     // `2026-11-30-000004_queue_statistics`.)
     Ok(diesel::sql_query(format!(
-        "SELECT o.id, o.event_id, o.attempts, o.created_at, o.event_seq, o.order_provides, \
-                o.order_waits, e.room_id, e.received_at, \
-                EXISTS (SELECT 1 FROM federation_events p \
-                        WHERE p.room_id = e.room_id AND p.seq < o.event_seq \
-                          AND p.received_at > $2 \
-                          AND (p.status IN ('pending', 'held') \
-                               OR (p.status = 'accepted' AND p.fanned_out_at IS NULL))) \
-                  AS earlier_unsettled \
+        "SELECT {WAITING_COLUMNS} \
          FROM (SELECT * FROM outbound_queue \
                WHERE destination = $1 AND status = 'pending' \
                ORDER BY event_seq, id LIMIT {limit}) o \
@@ -466,14 +470,7 @@ pub async fn waiting_of(
     }
     // The limit is written into the statement, as in `waiting`.
     let rows: Vec<Row> = diesel::sql_query(format!(
-        "SELECT o.destination, o.id, o.event_id, o.attempts, o.created_at, o.event_seq, \
-                o.order_provides, o.order_waits, e.room_id, e.received_at, \
-                EXISTS (SELECT 1 FROM federation_events p \
-                        WHERE p.room_id = e.room_id AND p.seq < o.event_seq \
-                          AND p.received_at > $2 \
-                          AND (p.status IN ('pending', 'held') \
-                               OR (p.status = 'accepted' AND p.fanned_out_at IS NULL))) \
-                  AS earlier_unsettled \
+        "SELECT o.destination, {WAITING_COLUMNS} \
          FROM UNNEST($1::text[]) AS d(name) \
          CROSS JOIN LATERAL (SELECT * FROM outbound_queue \
                WHERE destination = d.name AND status = 'pending' \
