@@ -42,11 +42,13 @@ pub const ROUND: usize = 256;
 /// when none of these may, the destination is drained alone (which looks further).
 const ROWS_LOOKED_AT: i64 = 8;
 
-/// Hands `destination` — new to us, its probe row just written by this worker's
-/// fan-out — straight to this worker's prober, without a deliver job. False when it
-/// must go through the deliver queue instead: this process does not deliver, every
-/// probe permit is taken, or the peer is not simply allowed (the deliver job applies a
-/// quarantine or a block).
+/// Hands `destination` — one whose next step is a probe: new to us, its probe row just
+/// written by this worker's fan-out, or due again after a backoff (the scheduler) —
+/// straight to this worker's prober, without a deliver job. False when it must go
+/// through the deliver queue instead: this process does not deliver, every probe permit
+/// is taken, or the peer is not simply allowed (the deliver job applies a quarantine or
+/// a block). In a fleet, several workers may hand over one destination: the lease
+/// decides which round probes it.
 pub async fn hand_over(ctx: &Ctx, destination: &str) -> Result<bool, JobError> {
     if !ctx.probing.running() || ctx.is_stopping() {
         return Ok(false);

@@ -2,7 +2,8 @@
 //!
 //! * **retry / drain** — destinations whose backoff ended, and destinations with waiting
 //!   rows and no drain in progress, get a deliver job (deduplicated in Redis; the drain
-//!   lease keeps one drain per destination);
+//!   lease keeps one drain per destination), or, when their next step is a probe, go
+//!   straight to this worker's prober (`probe`);
 //! * **reconcile** — events stored but never verified, and accepted events never fanned
 //!   out, whose job Redis lost (it is older than `stale_after` and than every job still
 //!   in its stream; see [`reconcile`]), are pushed again (rows are claimed with
@@ -19,6 +20,8 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use parafed::delivery::destination::Sending;
+use parafed::delivery::Destination;
 use parafed::queue::{FanoutJob, QueueName, VerifyJob};
 use parafed::store::{destinations, events, retention};
 
@@ -68,6 +71,11 @@ pub async fn run(ctx: Arc<Ctx>, mut stop: tokio::sync::watch::Receiver<bool>) {
     }
 }
 
+/// Brings back the destinations that are due: those whose next step is a probe (their
+/// backoff ended, or they never answered) go straight to this worker's prober, as a
+/// fan-out hands over new ones (`probe::hand_over`: a thousand dead peers' backoff steps
+/// are then a few statements per round, not a deliver job each); the others (and those
+/// the prober cannot take) get a deliver job.
 async fn schedule_due(ctx: &Ctx) -> Result<(), crate::context::JobError> {
     let due = {
         let mut conn = ctx.app.pool.get().await?;
@@ -77,7 +85,16 @@ async fn schedule_due(ctx: &Ctx) -> Result<(), crate::context::JobError> {
         );
         destinations::due(&mut conn, 1000, pass_before).await?
     };
-    ctx.app.queue.schedule_deliveries(&due).await?;
+    let now = chrono::Utc::now();
+    let mut queued = Vec::with_capacity(due.len());
+    for h in due {
+        let probe =
+            Destination::from_row(h.clone()).is_ok_and(|d| d.sending(now) == Sending::Probe);
+        if !probe || !crate::probe::hand_over(ctx, &h.destination).await? {
+            queued.push(h.destination);
+        }
+    }
+    ctx.app.queue.schedule_deliveries(&queued).await?;
     Ok(())
 }
 

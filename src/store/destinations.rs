@@ -17,7 +17,7 @@ use super::schema::destination_health as dh;
 use super::StoreError;
 
 /// A destination's stored state, column for column.
-#[derive(Clone, Debug, PartialEq, Queryable, Selectable, serde::Serialize)]
+#[derive(Clone, Debug, PartialEq, Queryable, QueryableByName, Selectable, serde::Serialize)]
 #[diesel(table_name = dh, check_for_backend(diesel::pg::Pg))]
 pub struct Health {
     pub destination: String,
@@ -330,24 +330,22 @@ pub async fn release_lease(
     release_leases(conn, &[destination], owner).await
 }
 
-#[derive(QueryableByName)]
-struct DestRow {
-    #[diesel(sql_type = Text)]
-    destination: String,
-}
-
 /// Destinations with waiting rows (or a deferral with something to do:
 /// `deferrals::has_work`, `pass_before` as there) that nobody is draining and that are
-/// healthy, or whose backoff or hold has ended: what the scheduler pushes deliver jobs
-/// for.
+/// healthy, or whose backoff or hold has ended, with their state rows (at most
+/// `limit`, those whose backoff ended longest ago first): what the scheduler brings
+/// back.
 pub async fn due(
     conn: &mut AsyncPgConnection,
     limit: i64,
     pass_before: DateTime<Utc>,
-) -> Result<Vec<String>, StoreError> {
-    let rows: Vec<DestRow> = prepared(
+) -> Result<Vec<Health>, StoreError> {
+    Ok(prepared(
         diesel::sql_query(format!(
-            "SELECT h.destination FROM destination_health h \
+            "SELECT h.destination, h.state, h.consecutive_failures, h.consecutive_forbidden, \
+                h.backoff_until, h.last_success_at, h.last_error_at, h.last_error, \
+                h.last_status_code, h.paused_reason, h.paused_by, h.version \
+           FROM destination_health h \
          WHERE (h.state = 'healthy' \
                 OR (h.state IN ('backing_off', 'held') AND h.backoff_until <= now())) \
            AND (h.lease_until IS NULL OR h.lease_until < now()) \
@@ -361,6 +359,5 @@ pub async fn due(
         .bind::<diesel::sql_types::Timestamptz, _>(pass_before),
     )
     .load(conn)
-    .await?;
-    Ok(rows.into_iter().map(|r| r.destination).collect())
+    .await?)
 }
