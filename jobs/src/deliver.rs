@@ -38,6 +38,7 @@ use parafed::store::{deferrals, events, retention, StoreError};
 use parafed::trust::Standing;
 
 use crate::context::{Ctx, JobError};
+use crate::probe_queue::Handover;
 
 enum Drain {
     /// Nothing left to send.
@@ -90,8 +91,13 @@ pub async fn run(ctx: &Arc<Ctx>, job: &DeliverJob) -> Result<(), JobError> {
         tracing::debug!(destination = %dest, "every probe permit is taken; the scheduler brings it back");
         return Ok(());
     };
-    if !ctx.probing.push(dest, permit) {
-        tracing::debug!("already being probed here");
+    let name = dest.to_string();
+    match ctx.probing.push(dest, permit) {
+        Handover::Queued => {}
+        Handover::Busy => tracing::debug!(destination = %name, "already being probed here"),
+        Handover::NoProber => {
+            tracing::debug!(destination = %name, "no prober runs here; the scheduler brings it back")
+        }
     }
     Ok(())
 }
@@ -384,7 +390,7 @@ pub(crate) fn held_back(rows: Vec<Waiting>, deferred: &[deferrals::Stored]) -> V
 }
 
 /// Whether `r` is after its room's deferral cursor.
-pub(crate) fn behind(r: &Waiting, deferred: &[deferrals::Stored]) -> bool {
+fn behind(r: &Waiting, deferred: &[deferrals::Stored]) -> bool {
     deferred
         .iter()
         .any(|d| d.room_id == r.room_id && r.event_seq > d.from_seq)
@@ -484,7 +490,7 @@ async fn settle(
     let mut conn = app.pool.get().await.map_err(StoreError::from)?;
     let n_dead = outbound::settle(&mut conn, &s.finished, &s.rows).await?;
     drop(conn);
-    count(s.delivered, n_dead, s.backs_off);
+    count(s.delivered, n_dead, u64::from(s.backs_off));
     if s.backs_off {
         if let Some(h) = saved {
             tracing::info!(destination = %dest, error = ?h.last_error, until = ?h.backoff_until, "destination backing off");
@@ -493,13 +499,12 @@ async fn settle(
     Ok(s.backs_off)
 }
 
-/// The metrics of settled rounds: deliveries, rows turned dead, backoffs.
-pub(crate) fn count(delivered: u64, dead: usize, backs_off: bool) {
+/// The metrics of settled rounds: deliveries, rows turned dead, destinations that
+/// backed off.
+pub(crate) fn count(delivered: u64, dead: usize, backoffs: u64) {
     metrics::counter!("parafed_deliveries_total", "outcome" => "delivered").increment(delivered);
     metrics::counter!("parafed_deliveries_total", "outcome" => "dead").increment(dead as u64);
-    if backs_off {
-        metrics::counter!("parafed_destination_backoffs_total").increment(1);
-    }
+    metrics::counter!("parafed_destination_backoffs_total").increment(backoffs);
 }
 
 /// What a round's results mean: the attempts to complete, each row settled, the

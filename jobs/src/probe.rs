@@ -33,7 +33,7 @@ use parafed::store::{attempts, deferrals, events, StoreError};
 
 use crate::context::{Ctx, JobError};
 use crate::deliver::{self, Sent};
-use crate::probe_queue::Ticket;
+use crate::probe_queue::{Handover, Ticket};
 
 /// Most destinations one round probes (its statements carry that many names).
 pub const ROUND: usize = 256;
@@ -66,8 +66,7 @@ pub async fn hand_over(ctx: &Ctx, destination: &str) -> Result<bool, JobError> {
         return Ok(false);
     };
     // Already handed over: its probe stands for this one too.
-    ctx.probing.push(dest, permit);
-    Ok(true)
+    Ok(ctx.probing.push(dest, permit) != Handover::NoProber)
 }
 
 /// The prober: runs until `stop`, starting a round (in the background, so the fleet
@@ -158,10 +157,10 @@ async fn round(
     };
     drop(conn);
     let _ = sending.send(());
-    for (dest, permit) in alone {
+    for (dest, ticket) in alone {
         let c = ctx.clone();
         ctx.background.spawn(async move {
-            let _permit = permit;
+            let _ticket = ticket;
             if let Err(e) = deliver::drain_destination(&c, &dest, true).await {
                 tracing::warn!(destination = %dest, error = %e, "probing drain failed; the scheduler retries it");
             }
@@ -221,15 +220,15 @@ async fn start(
     batch: Vec<(ServerName, Ticket)>,
 ) -> Result<Ready, JobError> {
     let plans = prepare(ctx, conn, &leased).await?;
-    let mut permits: HashMap<String, Ticket> = batch
+    let mut tickets: HashMap<String, Ticket> = batch
         .into_iter()
         .map(|(d, p)| (d.as_str().to_owned(), p))
         .collect();
     let mut probes = Vec::new();
     let (mut alone, mut requeue, mut free) = (Vec::new(), Vec::new(), Vec::new());
     for (h, plan) in leased.into_iter().zip(plans) {
-        let (Some(permit), Ok(dest)) = (
-            permits.remove(&h.destination),
+        let (Some(ticket), Ok(dest)) = (
+            tickets.remove(&h.destination),
             ServerName::parse(&h.destination),
         ) else {
             free.push(h.destination);
@@ -241,11 +240,11 @@ async fn start(
                 loaded: h,
                 row,
                 attempt: None,
-                _ticket: permit,
+                _ticket: ticket,
             }),
             Plan::Alone => {
                 free.push(h.destination);
-                alone.push((dest, permit));
+                alone.push((dest, ticket));
             }
             Plan::Requeue => {
                 free.push(h.destination);
@@ -393,8 +392,7 @@ async fn record(ctx: &Ctx, owner: &str, group: Vec<(Probe, Sent)>) {
     }
     let delivered: u64 = settled.iter().map(|s| s.delivered).sum();
     let backoffs = settled.iter().filter(|s| s.backs_off).count();
-    deliver::count(delivered, saved.unwrap_or(0), false);
-    metrics::counter!("parafed_destination_backoffs_total").increment(backoffs as u64);
+    deliver::count(delivered, saved.unwrap_or(0), backoffs as u64);
     for (p, s) in probes.iter().zip(&settled).filter(|(_, s)| s.backs_off) {
         let error = s.changes.iter().find_map(|c| match c {
             DestinationEvent::Failed { reason, .. } => Some(reason.as_str()),

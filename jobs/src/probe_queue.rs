@@ -43,6 +43,20 @@ impl Drop for Ticket {
     }
 }
 
+/// What [`Probes::push`] did with a destination.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Handover {
+    /// Queued for the next round.
+    Queued,
+    /// Already handed over and not done: that probe's outcome brings the destination
+    /// back (to the deliver queue if it answered, to the scheduler when its backoff
+    /// ends); rows written meanwhile wait for that, or for the scheduler's next tick.
+    Busy,
+    /// No prober runs here (this process does not deliver, or stops): a worker that
+    /// runs one brings the destination back.
+    NoProber,
+}
+
 impl Probes {
     /// Whether a prober takes what is handed over (this process runs the deliver
     /// queue and is not stopping).
@@ -60,17 +74,11 @@ impl Probes {
         self.wake.notified().await
     }
 
-    /// Hands `dest` over; the permit is held until its probe is recorded.
-    /// Hands `dest` over with its permit (held until its probe is recorded); false
-    /// when it is already handed over and not done (the permit is given back): that
-    /// probe's outcome brings the destination back, to the queue if it answered, to the
-    /// scheduler when its backoff ends (rows written meanwhile wait for that, or for the
-    /// scheduler's next tick). Also false when no prober runs here.
-    pub fn push(&self, dest: ServerName, permit: OwnedSemaphorePermit) -> bool {
+    /// Hands `dest` over with its permit, held until its probe is recorded (see
+    /// [`Handover`] for when it is not taken; the permit is then given back).
+    pub fn push(&self, dest: ServerName, permit: OwnedSemaphorePermit) -> Handover {
         if !self.running.load(Ordering::Relaxed) {
-            // No prober takes it (this process stops): the scheduler of a worker that
-            // runs brings the destination back.
-            return false;
+            return Handover::NoProber;
         }
         let name = dest.as_str().to_owned();
         if !self
@@ -79,7 +87,7 @@ impl Probes {
             .unwrap_or_else(|p| p.into_inner())
             .insert(name.clone())
         {
-            return false;
+            return Handover::Busy;
         }
         let ticket = Ticket {
             _permit: permit,
@@ -91,7 +99,7 @@ impl Probes {
             .unwrap_or_else(|p| p.into_inner())
             .push((dest, ticket));
         self.wake.notify_one();
-        true
+        Handover::Queued
     }
 
     /// Everything handed over so far, for a round.
