@@ -15,7 +15,10 @@
 //!   quarantines past their end time end (their held events are processed);
 //!   attempts, finished rows and local transactions older than `retention_secs` are
 //!   deleted (replay entries expire in Redis by themselves; acknowledged jobs are deleted
-//!   from their stream at once).
+//!   from their stream at once);
+//! * **statistics** — the fast-growing tables are analyzed once they may have doubled or
+//!   emptied since their statistics were taken, every `STATISTICS_EVERY`, without
+//!   waiting for autovacuum (`store::statistics`).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -23,11 +26,14 @@ use std::time::{Duration, Instant};
 use parafed::delivery::destination::Sending;
 use parafed::delivery::Destination;
 use parafed::queue::{FanoutJob, QueueName, VerifyJob};
-use parafed::store::{destinations, events, retention};
+use parafed::store::{destinations, events, retention, statistics};
 
 use crate::context::Ctx;
 
 const EXPIRE_EVERY: Duration = Duration::from_secs(60);
+/// How often the tables' change counters are looked at (`store::statistics`): one read
+/// of `pg_stat_user_tables`, whose counters Postgres itself updates about once a second.
+const STATISTICS_EVERY: Duration = Duration::from_secs(1);
 
 pub async fn run(ctx: Arc<Ctx>, mut stop: tokio::sync::watch::Receiver<bool>) {
     let cfg = &ctx.app.cfg.worker;
@@ -35,6 +41,7 @@ pub async fn run(ctx: Arc<Ctx>, mut stop: tokio::sync::watch::Receiver<bool>) {
     let reconcile_every = Duration::from_millis(cfg.reconcile_interval_ms.max(10));
     let mut last_reconcile = Instant::now() - reconcile_every;
     let mut last_expire = Instant::now() - EXPIRE_EVERY;
+    let mut last_statistics = Instant::now();
     let gauges_every = Duration::from_millis(cfg.gauges_interval_ms.max(100));
     let mut last_gauges = Instant::now() - gauges_every;
     loop {
@@ -62,12 +69,32 @@ pub async fn run(ctx: Arc<Ctx>, mut stop: tokio::sync::watch::Receiver<bool>) {
                 Err(e) => tracing::warn!(error = %e, "reconcile failed"),
             }
         }
+        if last_statistics.elapsed() >= STATISTICS_EVERY {
+            last_statistics = Instant::now();
+            refresh_statistics(&ctx).await;
+        }
         if last_expire.elapsed() >= EXPIRE_EVERY {
             last_expire = Instant::now();
             if let Err(e) = expire(&ctx).await {
                 tracing::warn!(error = %e, "expiring old rows failed");
             }
         }
+    }
+}
+
+/// Takes the statistics of the tables that outgrew them (`store::statistics`); a failure
+/// is logged and tried again at the next look.
+async fn refresh_statistics(ctx: &Ctx) {
+    let analyzed = match ctx.app.pool.get().await {
+        Ok(mut conn) => statistics::refresh(&mut conn).await,
+        Err(e) => Err(parafed::store::StoreError::from(e)),
+    };
+    match analyzed {
+        Ok(tables) if !tables.is_empty() => {
+            tracing::debug!(?tables, "analyzed tables that outgrew their statistics")
+        }
+        Ok(_) => {}
+        Err(e) => tracing::warn!(error = %e, "taking the tables' statistics failed"),
     }
 }
 

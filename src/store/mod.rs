@@ -21,6 +21,7 @@ pub mod prepared;
 pub mod retention;
 pub mod rooms;
 pub mod schema;
+pub mod statistics;
 pub mod status;
 
 use diesel_async::pooled_connection::deadpool::{self, Pool};

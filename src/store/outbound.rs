@@ -70,9 +70,10 @@ pub struct Waiting {
     /// When the event was stored here (end-to-end latency starts there).
     #[diesel(sql_type = Timestamptz)]
     pub received_at: DateTime<Utc>,
-    /// An earlier event of the same room, stored after `unsettled_since`, is not yet
-    /// verified, held, or not yet fanned out (it may still get a row here): see
-    /// `events::unsettled_before`.
+    /// An event of the room of one of the list's rows, stored before that row's event
+    /// and after `unsettled_since`, is not yet verified, held, or not yet fanned out (it
+    /// may still get a row here): see `events::unsettled_before`. The same for every row
+    /// of one read (of one destination): it says whether the list needs that look.
     #[diesel(sql_type = diesel::sql_types::Bool)]
     pub earlier_unsettled: bool,
 }
@@ -409,14 +410,33 @@ pub struct Enqueued {
 
 /// The columns of [`Waiting`], over a waiting row `o` and its event `e`; `$2` bounds the
 /// earlier events looked at (`unsettled_since`).
-const WAITING_COLUMNS: &str = "o.id, o.event_id, o.attempts, o.created_at, o.event_seq, \
-    o.order_provides, o.order_waits, e.room_id, e.received_at, \
-    EXISTS (SELECT 1 FROM federation_events p \
-            WHERE p.room_id = e.room_id AND p.seq < o.event_seq \
-              AND p.received_at > $2 \
-              AND (p.status IN ('pending', 'held') \
-                   OR (p.status = 'accepted' AND p.fanned_out_at IS NULL))) \
-      AS earlier_unsettled";
+/// The statement over `rows` — a query of `outbound_queue` rows, `$2` the unsettled
+/// horizon — that reads [`Waiting`]s (with their `destination`), ordered by `order`.
+///
+/// Whether an earlier event is unsettled is asked once per room and last row, not per
+/// row: the answer is the same for every row of a list up to its room's last (the only
+/// use is "any row", `jobs::deliver::choose`), and each ask walks the room's part of
+/// `federation_events_unsettled_room`, whose entries for events settled since the last
+/// VACUUM are dead but still there. Asked per row, a backlog's read of 64 rows walked
+/// them 64 times: 6–13 ms a round over 100 000 events (docs/performance.md, sixth round).
+fn waiting_statement(rows: &str, order: &str) -> String {
+    format!(
+        "WITH o AS ({rows}), \
+         w AS (SELECT o.destination, o.id, o.event_id, o.attempts, o.created_at, o.event_seq, \
+                      o.order_provides, o.order_waits, e.room_id, e.received_at \
+                 FROM o JOIN federation_events e ON e.event_id = o.event_id), \
+         l AS (SELECT destination, room_id, max(event_seq) AS last FROM w GROUP BY 1, 2), \
+         r AS (SELECT x.room_id, x.last FROM (SELECT DISTINCT room_id, last FROM l) x \
+                WHERE EXISTS (SELECT 1 FROM federation_events p \
+                               WHERE p.room_id = x.room_id AND p.seq < x.last \
+                                 AND p.received_at > $2 \
+                                 AND (p.status IN ('pending', 'held') \
+                                      OR (p.status = 'accepted' AND p.fanned_out_at IS NULL)))), \
+         late AS (SELECT DISTINCT l.destination FROM l JOIN r USING (room_id, last)) \
+         SELECT w.*, w.destination IN (SELECT destination FROM late) AS earlier_unsettled \
+           FROM w ORDER BY {order}"
+    )
+}
 
 /// The oldest waiting rows of a destination, in event order, at most `limit`.
 pub async fn waiting(
@@ -433,14 +453,13 @@ pub async fn waiting(
     // events qualified. Its parse costs a few µs per delivery at a window of 32. (Its
     // plan also needs fresh statistics of outbound_queue: see the migration
     // `2026-11-30-000004_queue_statistics`.)
-    Ok(diesel::sql_query(format!(
-        "SELECT {WAITING_COLUMNS} \
-         FROM (SELECT * FROM outbound_queue \
-               WHERE destination = $1 AND status = 'pending' \
-               ORDER BY event_seq, id LIMIT {limit}) o \
-         JOIN federation_events e ON e.event_id = o.event_id \
-         ORDER BY o.event_seq, o.id",
-        limit = limit.clamp(1, 10_000)
+    Ok(diesel::sql_query(waiting_statement(
+        &format!(
+            "SELECT * FROM outbound_queue WHERE destination = $1 AND status = 'pending' \
+             ORDER BY event_seq, id LIMIT {}",
+            limit.clamp(1, 10_000)
+        ),
+        "w.event_seq, w.id",
     ))
     .bind::<Text, _>(destination)
     .bind::<Timestamptz, _>(unsettled_since)
@@ -469,15 +488,15 @@ pub async fn waiting_of(
         return Ok(by);
     }
     // The limit is written into the statement, as in `waiting`.
-    let rows: Vec<Row> = diesel::sql_query(format!(
-        "SELECT o.destination, {WAITING_COLUMNS} \
-         FROM UNNEST($1::text[]) AS d(name) \
-         CROSS JOIN LATERAL (SELECT * FROM outbound_queue \
-               WHERE destination = d.name AND status = 'pending' \
-               ORDER BY event_seq, id LIMIT {limit}) o \
-         JOIN federation_events e ON e.event_id = o.event_id \
-         ORDER BY o.destination, o.event_seq, o.id",
-        limit = limit.clamp(1, 10_000)
+    let rows: Vec<Row> = diesel::sql_query(waiting_statement(
+        &format!(
+            "SELECT q.* FROM UNNEST($1::text[]) AS d(name) \
+             CROSS JOIN LATERAL (SELECT * FROM outbound_queue \
+                   WHERE destination = d.name AND status = 'pending' \
+                   ORDER BY event_seq, id LIMIT {}) q",
+            limit.clamp(1, 10_000)
+        ),
+        "w.destination, w.event_seq, w.id",
     ))
     .bind::<Array<Text>, _>(destinations)
     .bind::<Timestamptz, _>(unsettled_since)

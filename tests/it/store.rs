@@ -454,3 +454,57 @@ async fn many_destination_states_are_saved_at_once_without_undoing_a_concurrent_
     assert_eq!(stored_b.consecutive_failures, 1);
     assert_eq!(stored_b.version, b.version + 2);
 }
+
+/// A watched table that grew past what its statistics say is analyzed by parafed itself
+/// (without waiting for autovacuum's next look), and only once: the next look finds its
+/// statistics fresh.
+#[tokio::test]
+async fn a_table_that_outgrew_its_statistics_is_analyzed_once() {
+    use diesel_async::RunQueryDsl;
+    use parafed::store::statistics;
+    let url = support::pg::migrated_db().await;
+    let pool = parafed::store::pool(&url, 1).unwrap();
+    let mut c = pool.get().await.unwrap();
+    #[derive(diesel::QueryableByName)]
+    struct Analyzed {
+        #[diesel(sql_type = diesel::sql_types::Bool)]
+        analyzed: bool,
+    }
+    let analyzed = async |c: &mut parafed::store::PgConn| -> bool {
+        diesel::sql_query(
+            "SELECT last_analyze IS NOT NULL AS analyzed FROM pg_stat_user_tables \
+              WHERE relname = 'outbound_deferrals'",
+        )
+        .get_result::<Analyzed>(c)
+        .await
+        .unwrap()
+        .analyzed
+    };
+    // Autovacuum would analyze it too, at a moment of its own choosing.
+    diesel::sql_query("ALTER TABLE outbound_deferrals SET (autovacuum_enabled = false)")
+        .execute(&mut c)
+        .await
+        .unwrap();
+    diesel::sql_query(format!(
+        "INSERT INTO outbound_deferrals (destination, room_id, from_seq) \
+         SELECT 'd' || n || '.test', '!r:alpha.test', 0 \
+           FROM generate_series(1, {}) AS n",
+        statistics::MIN_CHANGES
+    ))
+    .execute(&mut c)
+    .await
+    .unwrap();
+    // The counters reach the shared statistics when the writer flushes them.
+    diesel::sql_query("SELECT pg_stat_force_next_flush()")
+        .execute(&mut c)
+        .await
+        .unwrap();
+    assert!(!analyzed(&mut c).await, "nothing analyzed the table yet");
+    let tables = statistics::refresh(&mut c).await.unwrap();
+    assert_eq!(tables, vec!["outbound_deferrals"]);
+    assert!(analyzed(&mut c).await);
+    assert_eq!(
+        statistics::refresh(&mut c).await.unwrap(),
+        Vec::<&str>::new()
+    );
+}
