@@ -5,7 +5,7 @@
 //! Two statements, each answered from an index or a small table: destinations are one
 //! row each (a `GROUP BY` over `destination_health`, joined to the operator's
 //! `peer_trust` decisions); the waiting and held counts use the partial indexes
-//! `outbound_queue_waiting_created` and `federation_events_held`. Every worker runs them
+//! `outbound_queue_destination_waiting` and `federation_events_held`. Every worker runs them
 //! every `worker.gauges_interval_ms` (docs/operations.md gives the cost).
 
 use std::collections::BTreeMap;

@@ -12,6 +12,8 @@ use super::StoreError;
 pub const EXPIRED: &str = "expired: not delivered within max_age";
 
 /// Waiting rows created before `cutoff` become dead ([`EXPIRED`]); returns how many.
+/// Read through the index `outbound_queue_expiry`, whose predicate only this condition
+/// implies (see its migration).
 pub async fn expire(
     conn: &mut AsyncPgConnection,
     cutoff: DateTime<Utc>,
