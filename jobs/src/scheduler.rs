@@ -42,6 +42,7 @@ pub async fn run(ctx: Arc<Ctx>, mut stop: tokio::sync::watch::Receiver<bool>) {
     let mut last_reconcile = Instant::now() - reconcile_every;
     let mut last_expire = Instant::now() - EXPIRE_EVERY;
     let mut last_statistics = Instant::now();
+    let mut statistics_task = None;
     let gauges_every = Duration::from_millis(cfg.gauges_interval_ms.max(100));
     let mut last_gauges = Instant::now() - gauges_every;
     loop {
@@ -71,7 +72,7 @@ pub async fn run(ctx: Arc<Ctx>, mut stop: tokio::sync::watch::Receiver<bool>) {
         }
         if last_statistics.elapsed() >= STATISTICS_EVERY {
             last_statistics = Instant::now();
-            refresh_statistics(&ctx).await;
+            refresh_statistics(&ctx, &mut statistics_task);
         }
         if last_expire.elapsed() >= EXPIRE_EVERY {
             last_expire = Instant::now();
@@ -82,20 +83,40 @@ pub async fn run(ctx: Arc<Ctx>, mut stop: tokio::sync::watch::Receiver<bool>) {
     }
 }
 
-/// Takes the statistics of the tables that outgrew them (`store::statistics`); a failure
-/// is logged and tried again at the next look.
-async fn refresh_statistics(ctx: &Ctx) {
-    let analyzed = match ctx.app.pool.get().await {
-        Ok(mut conn) => statistics::refresh(&mut conn).await,
-        Err(e) => Err(parafed::store::StoreError::from(e)),
-    };
-    match analyzed {
-        Ok(tables) if !tables.is_empty() => {
-            tracing::debug!(?tables, "analyzed tables that outgrew their statistics")
-        }
-        Ok(_) => {}
-        Err(e) => tracing::warn!(error = %e, "taking the tables' statistics failed"),
+/// Takes the statistics of the tables that outgrew them (`store::statistics`), in a task
+/// of its own: an `ANALYZE` of a big table takes a fraction of a second, which the
+/// scheduler's other duties and the heartbeat do not wait for. `running` is the previous
+/// look's task: while it runs, no other starts. A failure is logged and tried again at
+/// the next look; tables this role does not own are reported once per process.
+fn refresh_statistics(ctx: &Arc<Ctx>, running: &mut Option<tokio::task::JoinHandle<()>>) {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    static SAID_NOT_OWNED: AtomicBool = AtomicBool::new(false);
+    if running.as_ref().is_some_and(|t| !t.is_finished()) {
+        return;
     }
+    let ctx = ctx.clone();
+    *running = Some(tokio::spawn(async move {
+        let refreshed = match ctx.app.pool.get().await {
+            Ok(mut conn) => statistics::refresh(&mut conn).await,
+            Err(e) => Err(parafed::store::StoreError::from(e)),
+        };
+        match refreshed {
+            Ok(r) => {
+                if !r.analyzed.is_empty() {
+                    tracing::debug!(tables = ?r.analyzed, "analyzed tables that outgrew their statistics");
+                }
+                if !r.not_owned.is_empty() && !SAID_NOT_OWNED.swap(true, Ordering::Relaxed) {
+                    tracing::warn!(
+                        tables = ?r.not_owned,
+                        "these tables belong to another role, so parafed cannot keep their \
+                         planner statistics fresh; set autovacuum_naptime = 10s \
+                         (docs/operations.md, \"Postgres settings\")"
+                    );
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "taking the tables' statistics failed"),
+        }
+    }));
 }
 
 /// Brings back the destinations that are due: those whose next step is a probe (their

@@ -72,8 +72,10 @@ pub struct Waiting {
     pub received_at: DateTime<Utc>,
     /// An event of the room of one of the list's rows, stored before that row's event
     /// and after `unsettled_since`, is not yet verified, held, or not yet fanned out (it
-    /// may still get a row here): see `events::unsettled_before`. The same for every row
-    /// of one read (of one destination): it says whether the list needs that look.
+    /// may still get a row here): see `events::unsettled_before`. From [`waiting`] the
+    /// same for every row of the read — true when any row of it has such an event, so a
+    /// subset of the rows may be flagged without one (the look it calls for is then one
+    /// too many, never one too few); from [`waiting_of`], per row.
     #[diesel(sql_type = diesel::sql_types::Bool)]
     pub earlier_unsettled: bool,
 }
