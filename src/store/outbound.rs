@@ -410,40 +410,6 @@ pub struct Enqueued {
 // The hot queries below are written as SQL with the status as a literal: bound as a
 // parameter, a cached generic plan could not use the partial indexes on `status`.
 
-/// The columns of [`Waiting`], over a waiting row `o` and its event `e`; `$2` bounds the
-/// earlier events looked at (`unsettled_since`).
-/// The statement over `rows` — a query of one destination's `outbound_queue` rows, `$2`
-/// the unsettled horizon — that reads [`Waiting`]s, ordered by `order`.
-///
-/// Whether an earlier event is unsettled is asked once per room and last row, not per
-/// row: the answer is the same for every row of a list up to its room's last (the only
-/// use is "any row", `jobs::deliver::choose`), and each ask walks the room's part of
-/// `federation_events_unsettled_room`, whose entries for events settled since the last
-/// VACUUM are dead but still there. Asked per row, a backlog's read of 64 rows walked
-/// them 64 times: 6–13 ms a round over 100 000 events (docs/performance.md, sixth round).
-/// The ask is a `LATERAL … LIMIT 1`, not an `EXISTS`: Postgres may turn an `EXISTS`
-/// into a semi-join that applies the seq bound as a filter, not as a bound of the index
-/// scan.
-fn waiting_statement(rows: &str, order: &str) -> String {
-    format!(
-        "WITH o AS ({rows}), \
-         w AS (SELECT o.destination, o.id, o.event_id, o.attempts, o.created_at, o.event_seq, \
-                      o.order_provides, o.order_waits, e.room_id, e.received_at \
-                 FROM o JOIN federation_events e ON e.event_id = o.event_id), \
-         l AS (SELECT destination, room_id, max(event_seq) AS last FROM w GROUP BY 1, 2), \
-         r AS (SELECT x.room_id, x.last FROM (SELECT DISTINCT room_id, last FROM l) x \
-                CROSS JOIN LATERAL (SELECT 1 FROM federation_events p \
-                               WHERE p.room_id = x.room_id AND p.seq < x.last \
-                                 AND p.received_at > $2 \
-                                 AND (p.status IN ('pending', 'held') \
-                                      OR (p.status = 'accepted' AND p.fanned_out_at IS NULL)) \
-                               LIMIT 1) u), \
-         late AS (SELECT DISTINCT l.destination FROM l JOIN r USING (room_id, last)) \
-         SELECT w.*, w.destination IN (SELECT destination FROM late) AS earlier_unsettled \
-           FROM w ORDER BY {order}"
-    )
-}
-
 /// The oldest waiting rows of a destination, in event order, at most `limit`.
 pub async fn waiting(
     conn: &mut AsyncPgConnection,
@@ -459,13 +425,35 @@ pub async fn waiting(
     // events qualified. Its parse costs a few µs per delivery at a window of 32. (Its
     // plan also needs fresh statistics of outbound_queue: see the migration
     // `2026-11-30-000004_queue_statistics`.)
-    Ok(diesel::sql_query(waiting_statement(
-        &format!(
-            "SELECT * FROM outbound_queue WHERE destination = $1 AND status = 'pending' \
-             ORDER BY event_seq, id LIMIT {}",
-            limit.clamp(1, 10_000)
-        ),
-        "w.event_seq, w.id",
+    //
+    // Whether an earlier event is unsettled is asked once per room of the read, at its
+    // last row, not per row: the answer is only used as "any row" (`jobs::deliver::
+    // choose`), and each ask walks the room's part of `federation_events_unsettled_room`,
+    // whose entries for events settled since the last VACUUM are dead but still there.
+    // Asked per row, a backlog's read of 64 rows walked them 64 times: 6–13 ms a round
+    // over 100 000 events (docs/performance.md, sixth round). The ask is a `LATERAL …
+    // LIMIT 1`, not an `EXISTS`: Postgres may turn an `EXISTS` into a semi-join that
+    // applies the seq bound as a filter, not as a bound of the index scan.
+    Ok(diesel::sql_query(format!(
+        "WITH w AS (SELECT o.id, o.event_id, o.attempts, o.created_at, o.event_seq, \
+                           o.order_provides, o.order_waits, e.room_id, e.received_at \
+                      FROM (SELECT * FROM outbound_queue \
+                             WHERE destination = $1 AND status = 'pending' \
+                             ORDER BY event_seq, id LIMIT {limit}) o \
+                      JOIN federation_events e ON e.event_id = o.event_id), \
+              late AS (SELECT 1 FROM (SELECT room_id, max(event_seq) AS last \
+                                        FROM w GROUP BY room_id) x \
+                       CROSS JOIN LATERAL (SELECT 1 FROM federation_events p \
+                              WHERE p.room_id = x.room_id AND p.seq < x.last \
+                                AND p.received_at > $2 \
+                                AND (p.status IN ('pending', 'held') \
+                                     OR (p.status = 'accepted' \
+                                         AND p.fanned_out_at IS NULL)) \
+                              LIMIT 1) u \
+                       LIMIT 1) \
+         SELECT w.*, EXISTS (SELECT 1 FROM late) AS earlier_unsettled \
+           FROM w ORDER BY w.event_seq, w.id",
+        limit = limit.clamp(1, 10_000)
     ))
     .bind::<Text, _>(destination)
     .bind::<Timestamptz, _>(unsettled_since)
@@ -495,8 +483,8 @@ pub async fn waiting_of(
     }
     // The limit is written into the statement, as in `waiting`. Here the check for
     // earlier unsettled events stays per row (at most a few rows per destination): as
-    // one check per list (`waiting_statement`), the planner joined it back to every
-    // destination of the round, and the round's read took 9–25 ms instead of 3–4.
+    // one check per destination's list, the planner joined it back to every destination
+    // of the round, and the round's read took 9–25 ms instead of 3–4.
     let rows: Vec<Row> = diesel::sql_query(format!(
         "SELECT o.destination, o.id, o.event_id, o.attempts, o.created_at, o.event_seq, \
                 o.order_provides, o.order_waits, e.room_id, e.received_at, \
