@@ -47,16 +47,47 @@ struct NotYet(String);
 /// What the origin says of an event: its envelope signature and its sender. `Ok(Err(reason))`
 /// rejects it (the reason is kept in `reject_reason`); a `NotYet` error leaves it
 /// pending for a later run.
-async fn judge_origin(
-    ctx: &Ctx,
-    env: &Envelope,
-    received_at: chrono::DateTime<chrono::Utc>,
-) -> Result<Result<(), String>, JobError> {
+///
+/// The signature of an event the ingress verified before storing it
+/// (`StoredEvent::signature_checked`; the rule: PROTOCOL.md "Event envelope") is not
+/// checked again: the same rule over the same keys, a few milliseconds later, was a
+/// second ed25519 verification per event — a quarter of the worker's CPU.
+async fn judge_origin(ctx: &Ctx, e: &StoredEvent) -> Result<Result<(), String>, JobError> {
     let app = &ctx.app;
-    let may_wait = chrono::Utc::now() - received_at < UNREACHABLE_WAIT;
+    let env = &e.envelope;
+    let may_wait = chrono::Utc::now() - e.received_at < UNREACHABLE_WAIT;
     // An authenticated peer handed us this event: finding its origin is not subject to
     // the lookup budget that made-up names in unauthenticated requests draw on.
     let endpoint = app.directory.resolve_trusted(&env.origin_server).await;
+    if !e.signature_checked {
+        if let Err(reason) = judge_signature(ctx, env, may_wait).await? {
+            return Ok(Err(reason));
+        }
+    }
+    let domain = match endpoint {
+        Ok(p) => Some(p.domain),
+        Err(e @ parafed::remote::directory::DirectoryError::Discovery(..)) if may_wait => {
+            return Err(NotYet(e.to_string()).into())
+        }
+        Err(_) => None,
+    };
+    if !env.sender_belongs_to_origin(domain.as_deref()) {
+        return Ok(Err(format!(
+            "sender {} is not a user of {}",
+            env.sender, env.origin_server
+        )));
+    }
+    Ok(Ok(()))
+}
+
+/// The envelope signature against the origin's keys (fetched when missing): `Ok(Err)`
+/// rejects the event, `NotYet` leaves it pending while the origin may still answer.
+async fn judge_signature(
+    ctx: &Ctx,
+    env: &Envelope,
+    may_wait: bool,
+) -> Result<Result<(), String>, JobError> {
+    let app = &ctx.app;
     // Keys first: a peer that is unreachable now is a reason to retry, not to reject.
     for kid in env.signing_key_ids().iter().take(4) {
         match app.keyring.key(&env.origin_server, kid).await {
@@ -80,19 +111,6 @@ async fn judge_origin(
             )))
         }
         Err(e) => return Ok(Err(e.to_string())),
-    }
-    let domain = match endpoint {
-        Ok(p) => Some(p.domain),
-        Err(e @ parafed::remote::directory::DirectoryError::Discovery(..)) if may_wait => {
-            return Err(NotYet(e.to_string()).into())
-        }
-        Err(_) => None,
-    };
-    if !env.sender_belongs_to_origin(domain.as_deref()) {
-        return Ok(Err(format!(
-            "sender {} is not a user of {}",
-            env.sender, env.origin_server
-        )));
     }
     Ok(Ok(()))
 }
@@ -121,7 +139,7 @@ pub async fn run(ctx: &Ctx, job: &VerifyJob) -> Result<(), JobError> {
     let mut judged: Vec<(StoredEvent, Result<(), String>)> = Vec::with_capacity(pending.len());
     let mut not_yet: Option<JobError> = None;
     for e in pending {
-        match judge_origin(ctx, &e.envelope, e.received_at).await {
+        match judge_origin(ctx, &e).await {
             Ok(v) => judged.push((e, v)),
             Err(err) if err.is::<NotYet>() => {
                 not_yet.get_or_insert(err);
@@ -151,7 +169,7 @@ async fn look_up_origins(ctx: &Ctx, events: &[StoredEvent]) {
     let app = &ctx.app;
     let mut missing: HashMap<&parafed::protocol::ServerName, Vec<parafed::protocol::KeyId>> =
         HashMap::new();
-    for e in events {
+    for e in events.iter().filter(|e| !e.signature_checked) {
         let env = &e.envelope;
         for kid in env.signing_key_ids().into_iter().take(4) {
             if app

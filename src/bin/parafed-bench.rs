@@ -21,6 +21,14 @@
 //! (per process, per delivery) and what Postgres did (`pg_stat_statements`: statements
 //! and commits per delivery, the costliest statements in the JSON).
 //!
+//! The events are signed before the clock starts; each request's transport signature
+//! (which carries the time) is made when it is sent. `--ingest-alone` starts the worker
+//! only once every event is posted, so ingest is measured without verify, fan-out and
+//! delivery on the same cores; `--warm` first sends one event to every sink, so the run
+//! starts with peers alpha has reached, as in a federation that has been running. Every
+//! run also splits the time inside alpha by the rows' own times (stored → accepted →
+//! first request sent → answered, p50/p99 for the first sink).
+//!
 //! Output: a markdown table on stdout, and with `--json FILE` the same figures as JSON.
 //! `--small` is the CI smoke run: it checks counts — every event accepted, every sink
 //! got every event exactly once, every signature valid — and exits 1 if not; it never
@@ -83,6 +91,17 @@ struct Cli {
     /// The CI smoke run: 200 events, 2 peers; checks counts only.
     #[arg(long)]
     small: bool,
+    /// Start the worker only once every event is posted: ingest measured alone, without
+    /// verify, fan-out and delivery sharing the cores with it; delivery is then timed
+    /// from the worker's start.
+    #[arg(long)]
+    ingest_alone: bool,
+    /// Before the measured run, post one event and wait until every sink has it: the
+    /// sinks are then peers alpha knows and has reached, as in a federation that has been
+    /// running (without it, the run includes the first contact, when a new peer's
+    /// events go through a deferral until the room is quiet: `delivery::deferral`).
+    #[arg(long, conflicts_with = "ingest_alone")]
+    warm: bool,
     /// Post at this steady rate (events per second) instead of as fast as the
     /// concurrency allows: the end-to-end latency measurement.
     #[arg(long)]
@@ -116,6 +135,21 @@ struct Sinks {
     submitted: Mutex<HashMap<String, Instant>>,
     /// End-to-end latency of every delivery: posted to alpha → received by a sink (ms).
     end_to_end_ms: Mutex<Vec<f64>>,
+}
+
+impl Sinks {
+    /// Forgets what the sinks received (after the warm-up).
+    fn reset(&self) {
+        fn clear<T: Default>(m: &Mutex<T>) {
+            *m.lock().unwrap_or_else(|p| p.into_inner()) = T::default();
+        }
+        clear(&self.received);
+        clear(&self.last_arrival);
+        clear(&self.first_accepted);
+        clear(&self.submitted);
+        clear(&self.end_to_end_ms);
+        self.deliveries.store(0, Ordering::Relaxed);
+    }
 }
 
 /// The keys the sinks check with.
@@ -439,6 +473,45 @@ async fn owed_to(
     Ok(o.n)
 }
 
+/// Where an event's time went inside alpha, from the rows' own times (ms, p50 and p99
+/// over every event delivered to the first sink): stored → accepted (`received_at` →
+/// `verified_at`: the verify job's wait and run), accepted → sent (→ the first attempt's
+/// `attempted_at`: fan-out, the destination's drain), sent → answered (the attempt's
+/// `finished_at`: the request and the sink's answer).
+#[derive(Default, diesel::QueryableByName)]
+struct Stages {
+    #[diesel(sql_type = diesel::sql_types::Array<diesel::sql_types::Double>)]
+    accepted: Vec<f64>,
+    #[diesel(sql_type = diesel::sql_types::Array<diesel::sql_types::Double>)]
+    sent: Vec<f64>,
+    #[diesel(sql_type = diesel::sql_types::Array<diesel::sql_types::Double>)]
+    answered: Vec<f64>,
+}
+
+async fn stages(url: &str) -> anyhow::Result<Stages> {
+    use diesel_async::{AsyncConnection, RunQueryDsl};
+    let mut c = diesel_async::AsyncPgConnection::establish(url).await?;
+    Ok(diesel::sql_query(
+        "WITH t AS ( \
+           SELECT extract(epoch FROM e.verified_at - e.received_at) * 1000 AS accepted, \
+                  extract(epoch FROM a.attempted_at - e.verified_at) * 1000 AS sent, \
+                  extract(epoch FROM a.finished_at - a.attempted_at) * 1000 AS answered \
+             FROM federation_events e \
+             JOIN delivery_attempts a ON a.event_id = e.event_id AND a.attempt = 1 \
+            WHERE a.destination = 'sink0.test' AND a.request_kind = 'event' \
+              AND e.event_id LIKE '$bench%') \
+         SELECT coalesce(percentile_cont(ARRAY[0.5, 0.99]) WITHIN GROUP (ORDER BY accepted), \
+                         ARRAY[0, 0]::float8[]) AS accepted, \
+                coalesce(percentile_cont(ARRAY[0.5, 0.99]) WITHIN GROUP (ORDER BY sent), \
+                         ARRAY[0, 0]::float8[]) AS sent, \
+                coalesce(percentile_cont(ARRAY[0.5, 0.99]) WITHIN GROUP (ORDER BY answered), \
+                         ARRAY[0, 0]::float8[]) AS answered \
+           FROM t",
+    )
+    .get_result(&mut c)
+    .await?)
+}
+
 /// CPU seconds this process has used (user + system).
 fn own_cpu_secs() -> f64 {
     // SAFETY: getrusage writes into the struct we pass and reads nothing else.
@@ -459,8 +532,13 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
 }
 
 fn event(source: &Keypair, n: u64) -> anyhow::Result<Vec<u8>> {
+    event_tagged(source, "bench", n)
+}
+
+/// The `n`th message of the source, with event id `${tag}{n}:source.test`.
+fn event_tagged(source: &Keypair, tag: &str, n: u64) -> anyhow::Result<Vec<u8>> {
     let mut e = Envelope {
-        event_id: EventId::parse(&format!("$bench{n}:source.test"))?,
+        event_id: EventId::parse(&format!("${tag}{n}:source.test"))?,
         room_id: RoomId::parse(ROOM)?,
         event_type: EventType::parse("m.message")?,
         sender: UserId::parse("@s:source.test")?,
@@ -547,6 +625,31 @@ async fn dead_peers() -> anyhow::Result<(String, String)> {
         }
     });
     Ok((format!("http://{refused}"), format!("http://{addr}")))
+}
+
+/// Posts one event to alpha as the source, transport-signed; the answer's status (0 if
+/// none came).
+async fn post_signed(
+    client: &HttpClient,
+    source: &Keypair,
+    name: &ServerName,
+    url: &str,
+    body: Bytes,
+) -> u16 {
+    let t = TransportHeaders::sign(
+        source,
+        name,
+        "POST",
+        "/_paracord/federation/v1/event",
+        parafed::time::now_ms(),
+        &body,
+    );
+    let mut headers: Vec<(&str, String)> = t.to_header_pairs().into_iter().collect();
+    headers.push(("content-type", "application/json".into()));
+    client
+        .send(Method::POST, url, &headers, body, 4096)
+        .await
+        .map_or(0, |r| r.status.as_u16())
 }
 
 async fn run(cli: &Cli) -> anyhow::Result<(bool, serde_json::Value)> {
@@ -644,7 +747,12 @@ async fn run(cli: &Cli) -> anyhow::Result<(bool, serde_json::Value)> {
     let cfg_path = dir.join("alpha.toml");
     std::fs::write(&cfg_path, cfg)?;
     let mut serve = spawn(&serve_bin, &["serve"], &cfg_path, &dir.join("serve.log"))?;
-    let mut worker = spawn(&worker_bin, &[], &cfg_path, &dir.join("worker.log"))?;
+    let start_worker = || spawn(&worker_bin, &[], &cfg_path, &dir.join("worker.log"));
+    let worker = if cli.ingest_alone {
+        None
+    } else {
+        Some(start_worker()?)
+    };
     let alpha = format!("http://127.0.0.1:{port}");
     let client = HttpClient::new(Duration::from_secs(2), Duration::from_secs(30));
     {
@@ -666,50 +774,65 @@ async fn run(cli: &Cli) -> anyhow::Result<(bool, serde_json::Value)> {
     // (or at the stated steady rate).
     let url = format!("{alpha}/_paracord/federation/v1/event");
     let name = ServerName::parse("source.test")?;
+    if cli.warm {
+        let body = event_tagged(&source, "warm", 0)?;
+        let status = post_signed(&client, &source, &name, &url, body.into()).await;
+        if status != 202 {
+            bail!("the warm-up event was answered {status}");
+        }
+        devservers::wait_until(
+            "every sink to have the warm-up event",
+            Duration::from_secs(120),
+            || {
+                let sinks = sinks.clone();
+                async move {
+                    (sinks.deliveries.load(Ordering::Relaxed) >= u64::from(cli.peers)).then_some(())
+                }
+            },
+        )
+        .await?;
+        sinks.reset();
+    }
     let commits_before = db_work_start(&db).await?;
     let pg_pid = pg.pid().unwrap_or(0);
     let redis_pid = redis.pid().unwrap_or(0);
+    let worker_cpu = |w: &Option<Child>| w.as_ref().map_or(0.0, |w| process_cpu_secs(w.id()));
     let cpu_at_start = [
         process_cpu_secs(serve.id()),
-        process_cpu_secs(worker.id()),
+        worker_cpu(&worker),
         tree_cpu_secs(pg_pid),
         process_cpu_secs(redis_pid),
     ];
+    // The events are signed before the clock starts (an envelope signature has no
+    // freshness), so the generator's CPU in the run is its requests: their transport
+    // signatures (which carry the time) and HTTP.
+    let events: Arc<Vec<(String, Bytes)>> = Arc::new(
+        (0..cli.events)
+            .map(|n| Ok((format!("$bench{n}:source.test"), event(&source, n)?.into())))
+            .collect::<anyhow::Result<_>>()?,
+    );
     let cpu_before = own_cpu_secs();
     let started = Instant::now();
     let post = |n: u64| {
-        let (client, source, name, url, sinks) = (
+        let (client, source, name, url, sinks, events) = (
             client.clone(),
             source.clone(),
             name.clone(),
             url.clone(),
             sinks.clone(),
+            events.clone(),
         );
         async move {
-            let Ok(body) = event(&source, n) else {
+            let Some((id, body)) = events.get(n as usize).cloned() else {
                 return (0, 0.0);
             };
-            let path = "/_paracord/federation/v1/event";
-            let t = TransportHeaders::sign(
-                &source,
-                &name,
-                "POST",
-                path,
-                parafed::time::now_ms(),
-                &body,
-            );
-            let mut headers: Vec<(&str, String)> = t.to_header_pairs().into_iter().collect();
-            headers.push(("content-type", "application/json".into()));
             let sent = Instant::now();
             sinks
                 .submitted
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
-                .insert(format!("$bench{n}:source.test"), sent);
-            let status = client
-                .send(Method::POST, &url, &headers, Bytes::from(body), 4096)
-                .await
-                .map_or(0, |r| r.status.as_u16());
+                .insert(id, sent);
+            let status = post_signed(&client, &source, &name, &url, body).await;
             (status, sent.elapsed().as_secs_f64() * 1000.0)
         }
     };
@@ -740,6 +863,24 @@ async fn run(cli: &Cli) -> anyhow::Result<(bool, serde_json::Value)> {
     let ingest_secs = started.elapsed().as_secs_f64();
     let generator_cpu = own_cpu_secs() - cpu_before;
     let accepted = results.iter().filter(|(s, _)| *s == 202).count() as u64;
+    // Where the CPU went while posting, per accepted event.
+    let ingest_cpu: Vec<f64> = [
+        process_cpu_secs(serve.id()),
+        worker_cpu(&worker),
+        tree_cpu_secs(pg_pid),
+        process_cpu_secs(redis_pid),
+    ]
+    .iter()
+    .zip(cpu_at_start)
+    .map(|(e, s)| e - s)
+    .chain([generator_cpu])
+    .map(|s| s * 1000.0 / accepted.max(1) as f64)
+    .collect();
+    // With `--ingest-alone`, delivery starts now.
+    let (mut worker, delivery_from) = match worker {
+        Some(w) => (w, started),
+        None => (start_worker()?, Instant::now()),
+    };
     let mut latencies: Vec<f64> = results.iter().map(|(_, l)| *l).collect();
     latencies.sort_by(|a, b| a.total_cmp(b));
 
@@ -802,7 +943,10 @@ async fn run(cli: &Cli) -> anyhow::Result<(bool, serde_json::Value)> {
         .lock()
         .unwrap_or_else(|p| p.into_inner())
         .unwrap_or(started);
-    let delivery_secs = last.duration_since(started).as_secs_f64().max(1e-9);
+    let delivery_secs = last
+        .saturating_duration_since(delivery_from)
+        .as_secs_f64()
+        .max(1e-9);
     let delivered = sinks.deliveries.load(Ordering::Relaxed);
     // The backlog run: from the sinks' return to their first success (the destination's
     // backoff ending), and from then to the last delivery.
@@ -837,6 +981,21 @@ async fn run(cli: &Cli) -> anyhow::Result<(bool, serde_json::Value)> {
             DbWork::default()
         }
     };
+    let stages = stages(&db).await.unwrap_or_else(|e| {
+        eprintln!("the stage times are unreadable: {e:#}");
+        Stages::default()
+    });
+    let stage = |v: &[f64]| {
+        (
+            v.first().copied().unwrap_or(0.0),
+            v.get(1).copied().unwrap_or(0.0),
+        )
+    };
+    let stage_figures = [
+        ("stored_to_accepted", stage(&stages.accepted)),
+        ("accepted_to_sent", stage(&stages.sent)),
+        ("sent_to_answered", stage(&stages.answered)),
+    ];
     let mut e2e = std::mem::take(
         &mut *sinks
             .end_to_end_ms
@@ -878,6 +1037,11 @@ async fn run(cli: &Cli) -> anyhow::Result<(bool, serde_json::Value)> {
             "latency_ms_p50": percentile(&latencies, 0.5),
             "latency_ms_p99": percentile(&latencies, 0.99),
             "generator_cpu_seconds": generator_cpu,
+            "alone": cli.ingest_alone,
+            "cpu_ms_per_event": {
+                "serve": ingest_cpu[0], "worker": ingest_cpu[1], "postgres": ingest_cpu[2],
+                "redis": ingest_cpu[3], "generator": ingest_cpu[4],
+            },
         },
         "delivery": {
             "delivered": delivered,
@@ -893,6 +1057,7 @@ async fn run(cli: &Cli) -> anyhow::Result<(bool, serde_json::Value)> {
             "p50": percentile(&e2e, 0.5),
             "p99": percentile(&e2e, 0.99),
             "max": e2e.last().copied().unwrap_or(0.0),
+            "stages": stage_figures.iter().map(|(name, (p50, p99))| (name.to_string(), json!({"p50": p50, "p99": p99}))).collect::<serde_json::Map<_, _>>(),
         },
         "backlog": backlog.as_ref().map(|(probe, drain)| json!({
             "deliveries": want,
@@ -932,8 +1097,18 @@ async fn run(cli: &Cli) -> anyhow::Result<(bool, serde_json::Value)> {
     );
     println!("| generator CPU | {generator_cpu:.2} s |");
     println!(
-        "| delivered to {} peer(s) | {delivered} of {want} in {delivery_secs:.2} s = {:.0} deliveries/s |",
+        "| ingest CPU ms per event{}: serve / worker / postgres / redis / generator | {:.3} / {:.3} / {:.3} / {:.3} / {:.3} |",
+        if cli.ingest_alone { " (worker not started)" } else { "" },
+        ingest_cpu[0],
+        ingest_cpu[1],
+        ingest_cpu[2],
+        ingest_cpu[3],
+        ingest_cpu[4]
+    );
+    println!(
+        "| delivered to {} peer(s){} | {delivered} of {want} in {delivery_secs:.2} s = {:.0} deliveries/s |",
         cli.peers,
+        if cli.ingest_alone { ", from the worker's start" } else { "" },
         delivered as f64 / delivery_secs
     );
     println!("| bad signatures at the sinks | {bad} |");
@@ -952,6 +1127,14 @@ async fn run(cli: &Cli) -> anyhow::Result<(bool, serde_json::Value)> {
             .map_or(String::new(), |r| format!(" at {r} events/s")),
         percentile(&e2e, 0.5),
         percentile(&e2e, 0.99)
+    );
+    println!(
+        "| inside alpha, p50 / p99 (first sink): stored → accepted / accepted → sent / sent → answered | {} |",
+        stage_figures
+            .iter()
+            .map(|(_, (p50, p99))| format!("{p50:.1} / {p99:.1} ms"))
+            .collect::<Vec<_>>()
+            .join(" · ")
     );
     let per = |s: f64| s * 1000.0 / delivered.max(1) as f64;
     println!(

@@ -69,6 +69,7 @@ struct Row {
     received_at: chrono::DateTime<chrono::Utc>,
     received_from: Option<String>,
     released_at: Option<chrono::DateTime<chrono::Utc>>,
+    signature_checked: bool,
 }
 
 /// A stored event with its status.
@@ -88,6 +89,9 @@ pub struct StoredEvent {
     /// It was held (its origin or relayer quarantined) and released: fan-out never
     /// defers it (`outbound::deferrable`).
     pub released: bool,
+    /// Its envelope signature was verified against the origin's key before it was
+    /// stored (`NewEvent::signature_checked`): the verify job does not check it again.
+    pub signature_checked: bool,
 }
 
 fn corrupt(id: &str, what: &str) -> StoreError {
@@ -123,6 +127,7 @@ fn from_row(r: Row) -> Result<StoredEvent, StoreError> {
         received_at: r.received_at,
         received_from: r.received_from,
         released: r.released_at.is_some(),
+        signature_checked: r.signature_checked,
     })
 }
 

@@ -134,3 +134,109 @@ async fn a_peer_whose_keys_cannot_be_fetched_gets_503_with_retry_after() {
     assert!(r.header("retry-after").is_some(), "503 carries Retry-After");
     assert_eq!(r.json()["code"], "KEYS_UNREACHABLE");
 }
+
+/// An event whose envelope signature the ingress verified is judged without the
+/// origin's keys: a worker that cannot have them (the origin's key server down, none
+/// stored) accepts it at once, with no fetch of its own, instead of waiting up to
+/// `verify::UNREACHABLE_WAIT` for keys that would only check the signature again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_the_ingress_checked_is_accepted_without_the_origins_keys() {
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    use std::time::Duration;
+
+    use diesel::prelude::*;
+    use diesel_async::RunQueryDsl;
+    use parafed::protocol::envelope::Signatures;
+    use parafed::protocol::{Envelope, EventId, EventType, RoomId, ServerName, UserId};
+    use parafed::store::schema::federation_events as fe;
+    use support::app::{json_signed, keys_document, WorkerProcess};
+
+    const EVENT: &str = "/_paracord/federation/v1/event";
+    let peer = Peer::new("peer.test", "ed25519:auto", [31; 32]);
+    let down = Arc::new(AtomicBool::new(false));
+    let fetches = Arc::new(AtomicU64::new(0));
+    let (l, url) = support::app::reserve_listener();
+    let (p, d, n) = (peer.clone(), down.clone(), fetches.clone());
+    let _keys = FnPeer::start(l, move |_r: FakeRequest| {
+        let (p, d, n) = (p.clone(), d.clone(), n.clone());
+        async move {
+            n.fetch_add(1, Ordering::SeqCst);
+            if AtomicBool::load(&d, Ordering::SeqCst) {
+                return FakeAnswer::json(503, json!({"error": "down"}));
+            }
+            FakeAnswer::json(200, keys_document(&p))
+        }
+    })
+    .await;
+    let s = TestServer::start(Options {
+        peers: vec![("peer.test".into(), url)],
+        extra_toml: format!(
+            "\n[federation]\ndiscovery = false\nrate_limit_per_minute = 0\n{}",
+            support::app::FAST_WORKER_TOML
+        ),
+        ..Options::default()
+    })
+    .await;
+    let mut e = Envelope {
+        event_id: EventId::parse("$checked:peer.test").unwrap(),
+        room_id: RoomId::parse("!r:peer.test").unwrap(),
+        event_type: EventType::parse("m.message").unwrap(),
+        sender: UserId::parse("@p:peer.test").unwrap(),
+        origin_server: ServerName::parse("peer.test").unwrap(),
+        origin_ts: 1_800_000_000_000,
+        content: json!({"body": "checked at the door", "message_id": "1"}),
+        depth: 1,
+        state_key: None,
+        signatures: Signatures::default(),
+    };
+    e.sign(&peer.key);
+    let body = e.to_wire();
+    let r = send(
+        s.addr,
+        "POST",
+        EVENT,
+        &json_signed(&peer, EVENT, &body),
+        &body,
+    )
+    .await;
+    assert_eq!(r.status, 202, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(
+        AtomicU64::load(&fetches, Ordering::SeqCst),
+        1,
+        "the ingress fetched the keys"
+    );
+    // The origin's key server goes down, and its keys are nowhere else: not in the
+    // database (where a worker would load them from), not in the worker's memory (a
+    // process of its own, started now). Judging the event must not need them.
+    down.store(true, Ordering::SeqCst);
+    {
+        use parafed::store::schema::federation_server_keys as fsk;
+        let gone = diesel::delete(fsk::table.filter(fsk::server_name.eq("peer.test")))
+            .execute(&mut *s.db().await)
+            .await
+            .unwrap();
+        assert!(gone > 0, "the ingress stored the keys it fetched");
+    }
+    let _worker = WorkerProcess::start(&s);
+    let status = support::wait_for(
+        "the event to be judged",
+        Duration::from_secs(30),
+        || async {
+            let st: Option<String> = fe::table
+                .filter(fe::event_id.eq("$checked:peer.test"))
+                .select(fe::status)
+                .first(&mut *s.db().await)
+                .await
+                .optional()
+                .unwrap();
+            st.filter(|st| st != "pending")
+        },
+    )
+    .await;
+    assert_eq!(status, "accepted");
+    assert_eq!(
+        AtomicU64::load(&fetches, Ordering::SeqCst),
+        1,
+        "the worker did not fetch the keys again"
+    );
+}
