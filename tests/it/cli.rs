@@ -256,3 +256,38 @@ fn the_load_tool_small_mode_delivers_everything_exactly_once() {
     assert_eq!(v["delivery"]["bad_signatures"], 0);
     assert_eq!(v["delivery"]["every_peer_got_every_event_once"], true);
 }
+
+/// The load tool's other starts count the same: `--warm` (one event to every sink first,
+/// then forgotten) and `--ingest-alone` (the worker started after the last post) each
+/// deliver exactly the 200 events of the run to both sinks, and the time inside alpha
+/// is split by stage from the rows of those events.
+#[test]
+fn the_load_tool_counts_only_the_run_when_warm_or_ingesting_alone() {
+    for flag in ["--warm", "--ingest-alone"] {
+        let dir = tempfile::tempdir().unwrap();
+        let json_path = dir.path().join("bench.json");
+        let out = Command::new(env!("CARGO_BIN_EXE_parafed-bench"))
+            .args(["--small", flag, "--json", json_path.to_str().unwrap()])
+            .env("PARAFED_LOG", "warn")
+            .output()
+            .expect("run parafed-bench");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "{flag}: {stdout}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let v: Value = serde_json::from_str(&std::fs::read_to_string(&json_path).unwrap()).unwrap();
+        assert_eq!(v["ingest"]["accepted"], 200, "{flag}");
+        assert_eq!(v["delivery"]["delivered"], 400, "{flag}");
+        assert_eq!(
+            v["delivery"]["every_peer_got_every_event_once"], true,
+            "{flag}"
+        );
+        let stages = &v["end_to_end_ms"]["stages"];
+        for stage in ["stored_to_accepted", "accepted_to_sent", "sent_to_answered"] {
+            let p50 = stages[stage]["p50"].as_f64().unwrap_or(0.0);
+            assert!(p50 > 0.0, "{flag}: {stage} {stages}");
+        }
+    }
+}
