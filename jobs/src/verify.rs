@@ -1,8 +1,9 @@
 //! verify: decide whether stored inbound events are accepted, and apply them.
 //!
 //! A job carries a batch (the events of one group commit at the ingress), judged in
-//! storage order. Each envelope signature is checked against its origin's keys (fetched
-//! when missing); the sender must be a user of the origin; in a room hosted here, a
+//! storage order. Each envelope signature not checked at the door (`signature_checked`)
+//! is checked against its origin's keys (fetched when missing); the sender must be a
+//! user of the origin; in a room hosted here, a
 //! member event changes membership and every other event needs its sender to be a
 //! joined member. Accepted events join the inbound feed, and in a room hosted here are
 //! relayed: their outbound rows are written in the transaction that accepts them.
@@ -48,10 +49,13 @@ struct NotYet(String);
 /// rejects it (the reason is kept in `reject_reason`); a `NotYet` error leaves it
 /// pending for a later run.
 ///
-/// The signature of an event the ingress verified before storing it
-/// (`StoredEvent::signature_checked`; the rule: PROTOCOL.md "Event envelope") is not
-/// checked again: the same rule over the same keys, a few milliseconds later, was a
-/// second ed25519 verification per event — a quarter of the worker's CPU.
+/// The signature is judged when the event is received: one the ingress verified before
+/// storing it (`StoredEvent::signature_checked`; the rule: PROTOCOL.md "Event
+/// envelope") is not checked again here — that was a second ed25519 verification per
+/// event, a quarter of the worker's CPU, and a worker without the origin's keys had to
+/// fetch them first. Except for a held event that was released (`released`): it may
+/// have been held for days, and is judged against the keys its origin lists now, like
+/// any event that arrives now.
 async fn judge_origin(ctx: &Ctx, e: &StoredEvent) -> Result<Result<(), String>, JobError> {
     let app = &ctx.app;
     let env = &e.envelope;
@@ -59,7 +63,7 @@ async fn judge_origin(ctx: &Ctx, e: &StoredEvent) -> Result<Result<(), String>, 
     // An authenticated peer handed us this event: finding its origin is not subject to
     // the lookup budget that made-up names in unauthenticated requests draw on.
     let endpoint = app.directory.resolve_trusted(&env.origin_server).await;
-    if !e.signature_checked {
+    if !judged_at_the_door(e) {
         if let Err(reason) = judge_signature(ctx, env, may_wait).await? {
             return Ok(Err(reason));
         }
@@ -78,6 +82,12 @@ async fn judge_origin(ctx: &Ctx, e: &StoredEvent) -> Result<Result<(), String>, 
         )));
     }
     Ok(Ok(()))
+}
+
+/// Whether the ingress's check of the event's signature stands: it checked it, and the
+/// event was not held and released since (see [`judge_origin`]).
+fn judged_at_the_door(e: &StoredEvent) -> bool {
+    e.signature_checked && !e.released
 }
 
 /// The envelope signature against the origin's keys (fetched when missing): `Ok(Err)`
@@ -159,7 +169,9 @@ pub async fn run(ctx: &Ctx, job: &VerifyJob) -> Result<(), JobError> {
 const ORIGIN_LOOKUPS: usize = 16;
 
 /// Looks up, all at once (at most [`ORIGIN_LOOKUPS`] at a time), the origins whose keys
-/// a run's events need and this process does not hold: their endpoints and those keys.
+/// this process does not hold: their endpoints, and the keys that a run's events whose
+/// signature is still to be checked need (an event checked at the door needs only its
+/// origin's endpoint, for its sender).
 /// A run holds the events of many origins (jobs read together are joined), and
 /// [`judge_origin`] goes through them one after the other: one origin slow to answer
 /// (a connect timeout, a hanging `/keys`) would hold every lookup behind it. What is
@@ -169,8 +181,9 @@ async fn look_up_origins(ctx: &Ctx, events: &[StoredEvent]) {
     let app = &ctx.app;
     let mut missing: HashMap<&parafed::protocol::ServerName, Vec<parafed::protocol::KeyId>> =
         HashMap::new();
-    for e in events.iter().filter(|e| !e.signature_checked) {
+    for e in events {
         let env = &e.envelope;
+        let keys_needed = !judged_at_the_door(e);
         for kid in env.signing_key_ids().into_iter().take(4) {
             if app
                 .keyring
@@ -178,7 +191,7 @@ async fn look_up_origins(ctx: &Ctx, events: &[StoredEvent]) {
                 .is_none()
             {
                 let kids = missing.entry(&env.origin_server).or_default();
-                if !kids.contains(&kid) {
+                if keys_needed && !kids.contains(&kid) {
                     kids.push(kid);
                 }
             }

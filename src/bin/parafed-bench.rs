@@ -96,7 +96,8 @@ struct Cli {
     /// from the worker's start.
     #[arg(long)]
     ingest_alone: bool,
-    /// Before the measured run, post one event and wait until every sink has it: the
+    /// Before the measured run, post one event and wait until every sink has it (then
+    /// forget it; with `--backlog` the sinks go down after it): the
     /// sinks are then peers alpha knows and has reached, as in a federation that has been
     /// running (without it, the run includes the first contact, when a new peer's
     /// events go through a deferral until the room is quiet: `delivery::deferral`).
@@ -473,11 +474,15 @@ async fn owed_to(
     Ok(o.n)
 }
 
-/// Where an event's time went inside alpha, from the rows' own times (ms, p50 and p99
-/// over every event delivered to the first sink): stored → accepted (`received_at` →
-/// `verified_at`: the verify job's wait and run), accepted → sent (→ the first attempt's
-/// `attempted_at`: fan-out, the destination's drain), sent → answered (the attempt's
-/// `finished_at`: the request and the sink's answer).
+/// Where an event's time went inside alpha, from the rows' own times: each field is
+/// `[p50, p99]` in ms (`[0, 0]` without rows) over the run's events that had a first
+/// attempt to the first sink (answered or not: in the backlog run, the 503s). Stored →
+/// accepted (`received_at` → `verified_at`: the verify job's wait and run); accepted →
+/// sent (→ the first attempt's `attempted_at`, written just before its request goes
+/// out: fan-out, the destination's drain); sent → answered (→ its `finished_at`, when
+/// the answer was recorded with its round's: the request, the sink's answer and the
+/// round's other requests). With `--ingest-alone` the first two include the wait for
+/// the worker.
 #[derive(Default, diesel::QueryableByName)]
 struct Stages {
     #[diesel(sql_type = diesel::sql_types::Array<diesel::sql_types::Double>)]
@@ -544,7 +549,7 @@ fn event_tagged(source: &Keypair, tag: &str, n: u64) -> anyhow::Result<Vec<u8>> 
         sender: UserId::parse("@s:source.test")?,
         origin_server: ServerName::parse("source.test")?,
         origin_ts: parafed::time::now_ms(),
-        content: json!({"body": format!("load {n}"), "message_id": format!("bench{n}")}),
+        content: json!({"body": format!("load {n}"), "message_id": format!("{tag}{n}")}),
         depth: n as i64,
         state_key: None,
         signatures: Signatures::default(),
@@ -711,7 +716,10 @@ async fn run(cli: &Cli) -> anyhow::Result<(bool, serde_json::Value)> {
         alpha: alpha_key,
         source: source.clone(),
     });
-    sinks.down.store(cli.backlog, Ordering::Relaxed);
+    // With `--warm`, the sinks go down (the backlog run) after the warm-up.
+    sinks
+        .down
+        .store(cli.backlog && !cli.warm, Ordering::Relaxed);
     let (refused_url, blackhole_url) = dead_peers().await?;
     let peers_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let peers_base = format!("http://{}", peers_listener.local_addr()?);
@@ -786,12 +794,20 @@ async fn run(cli: &Cli) -> anyhow::Result<(bool, serde_json::Value)> {
             || {
                 let sinks = sinks.clone();
                 async move {
-                    (sinks.deliveries.load(Ordering::Relaxed) >= u64::from(cli.peers)).then_some(())
+                    let received = sinks.received.lock().unwrap_or_else(|p| p.into_inner());
+                    (0..cli.peers)
+                        .all(|k| {
+                            received
+                                .get(&format!("sink{k}"))
+                                .is_some_and(|m| m.contains_key("$warm0:source.test"))
+                        })
+                        .then_some(())
                 }
             },
         )
         .await?;
         sinks.reset();
+        sinks.down.store(cli.backlog, Ordering::Relaxed);
     }
     let commits_before = db_work_start(&db).await?;
     let pg_pid = pg.pid().unwrap_or(0);
@@ -1040,13 +1056,14 @@ async fn run(cli: &Cli) -> anyhow::Result<(bool, serde_json::Value)> {
             "alone": cli.ingest_alone,
             "cpu_ms_per_event": {
                 "serve": ingest_cpu[0], "worker": ingest_cpu[1], "postgres": ingest_cpu[2],
-                "redis": ingest_cpu[3], "generator": ingest_cpu[4],
+                "redis": ingest_cpu[3], "generator_and_sinks": ingest_cpu[4],
             },
         },
         "delivery": {
             "delivered": delivered,
             "expected": want,
-            "seconds_from_first_post": delivery_secs,
+            "seconds": delivery_secs,
+            "timed_from": if cli.ingest_alone { "worker_start" } else { "first_post" },
             "deliveries_per_second": delivered as f64 / delivery_secs,
             "events_per_second_per_peer": delivered as f64 / delivery_secs / f64::from(cli.peers.max(1)),
             "bad_signatures": bad,
@@ -1097,7 +1114,7 @@ async fn run(cli: &Cli) -> anyhow::Result<(bool, serde_json::Value)> {
     );
     println!("| generator CPU | {generator_cpu:.2} s |");
     println!(
-        "| ingest CPU ms per event{}: serve / worker / postgres / redis / generator | {:.3} / {:.3} / {:.3} / {:.3} / {:.3} |",
+        "| ingest CPU ms per event{}: serve / worker / postgres / redis / generator and sinks | {:.3} / {:.3} / {:.3} / {:.3} / {:.3} |",
         if cli.ingest_alone { " (worker not started)" } else { "" },
         ingest_cpu[0],
         ingest_cpu[1],

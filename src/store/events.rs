@@ -90,7 +90,8 @@ pub struct StoredEvent {
     /// defers it (`outbound::deferrable`).
     pub released: bool,
     /// Its envelope signature was verified against the origin's key before it was
-    /// stored (`NewEvent::signature_checked`): the verify job does not check it again.
+    /// stored (`NewEvent::signature_checked`): the verify job does not check it again,
+    /// unless it was held and released since (`released`).
     pub signature_checked: bool,
 }
 

@@ -226,12 +226,77 @@ async fn an_unchecked_held_copy_does_not_block_the_correctly_signed_event() {
     .await;
 }
 
+/// A held event is judged again when it is released: the ingress checked its signature
+/// when it arrived, but it may have been held for days, and its origin may have stopped
+/// listing the key since. Released, it is checked against the keys listed now — here
+/// the key it was signed with is gone — and rejected.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_released_event_is_checked_against_the_keys_listed_now() {
+    let w = world().await;
+    // Signed with a key relay.test listed when the event arrived, and lists no more.
+    let retired = Peer::new("relay.test", "ed25519:auto", [9; 32]);
+    let held = envelope(&retired, "relay.test", "held for days");
+    parafed::store::events::insert(
+        &mut *w.alpha.db().await,
+        &[parafed::store::events::NewEvent {
+            envelope: &held,
+            received_from: Some(&w.relay.name),
+            status: parafed::store::events::EventStatus::Held,
+            signature_checked: true,
+        }],
+    )
+    .await
+    .unwrap();
+    let released = parafed::store::events::release_held(&mut *w.alpha.db().await, "relay.test")
+        .await
+        .unwrap();
+    assert_eq!(released, vec![ID.to_owned()]);
+    // The reconciler pushes its verify job.
+    let _worker = TestWorker::start(&w.alpha);
+    let (_, status) = wait_for(
+        "the released event judged",
+        Duration::from_secs(30),
+        || async { stored_body(&w).await.filter(|(_, s)| s != "pending") },
+    )
+    .await;
+    assert_eq!(status, "rejected");
+}
+
 /// A host relays an event whose origin is briefly unreachable: the event is stored
 /// unchecked, and the verify job waits for the origin's keys instead of rejecting it —
 /// its relayer was told it arrived and will not send it again, so a rejection would lose
 /// it. Once the origin answers, it is accepted.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_relayed_event_waits_for_an_unreachable_origin_instead_of_being_rejected() {
+    let origin = Peer::new("origin.test", "ed25519:auto", [22; 32]);
+    let (status, reason, origin_fetches) =
+        relayed_while_the_origin_is_down("$777:origin.test", &origin).await;
+    assert_eq!(status, "accepted", "{reason:?}");
+    assert!(origin_fetches >= 3);
+}
+
+/// The same, with an envelope signed by a key the origin does not hold: stored
+/// unchecked at the door (the origin's keys could not be had), it is checked by the
+/// verify job once they can, and rejected.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relayed_event_stored_unchecked_with_a_bad_signature_is_rejected_by_the_job() {
+    let forger = Peer::new("origin.test", "ed25519:auto", [23; 32]);
+    let (status, reason, _) = relayed_while_the_origin_is_down("$778:origin.test", &forger).await;
+    assert_eq!(status, "rejected");
+    assert!(
+        reason.as_deref().is_some_and(|r| r.contains("signature")),
+        "{reason:?}"
+    );
+}
+
+/// host.test relays origin.test's event `id`, signed by `signer`, while origin.test's
+/// key server is down (its first two fetches get 503); a worker judges it. Returns the
+/// event's status once judged, its reject reason, and how often origin.test's keys
+/// were fetched.
+async fn relayed_while_the_origin_is_down(
+    id: &str,
+    signer: &Peer,
+) -> (String, Option<String>, u64) {
     use std::sync::atomic::{AtomicU64, Ordering};
     let host = Peer::new("host.test", "ed25519:auto", [21; 32]);
     let origin = Peer::new("origin.test", "ed25519:auto", [22; 32]);
@@ -275,18 +340,18 @@ async fn a_relayed_event_waits_for_an_unreachable_origin_instead_of_being_reject
     .await;
     let _worker = TestWorker::start(&alpha);
     let mut e = Envelope {
-        event_id: EventId::parse("$777:origin.test").unwrap(),
+        event_id: EventId::parse(id).unwrap(),
         room_id: RoomId::parse("!r:host.test").unwrap(),
         event_type: EventType::parse("m.message").unwrap(),
         sender: UserId::parse("@o:origin.test").unwrap(),
         origin_server: parafed::protocol::ServerName::parse("origin.test").unwrap(),
         origin_ts: 1_800_000_000_000,
-        content: json!({"body": "through the host", "message_id": "777"}),
+        content: json!({"body": "through the host", "message_id": id}),
         depth: 1,
         state_key: None,
         signatures: Signatures::default(),
     };
-    e.sign(&origin.key);
+    e.sign(&signer.key);
     let body = e.to_wire();
     let r = send(
         alpha.addr,
@@ -297,21 +362,24 @@ async fn a_relayed_event_waits_for_an_unreachable_origin_instead_of_being_reject
     )
     .await;
     assert_eq!(r.status, 202, "{:?}", r.json());
-    let status = wait_for(
+    let (status, reason) = wait_for(
         "the relayed event is judged",
         Duration::from_secs(60),
         || async {
-            let s: Option<String> = fe::table
-                .filter(fe::event_id.eq("$777:origin.test"))
-                .select(fe::status)
+            let s: Option<(String, Option<String>)> = fe::table
+                .filter(fe::event_id.eq(id))
+                .select((fe::status, fe::reject_reason))
                 .first(&mut *alpha.db().await)
                 .await
                 .optional()
                 .unwrap();
-            s.filter(|s| s != "pending")
+            s.filter(|(s, _)| s != "pending")
         },
     )
     .await;
-    assert_eq!(status, "accepted");
-    assert!(AtomicU64::load(&origin_fetches, Ordering::SeqCst) >= 3);
+    (
+        status,
+        reason,
+        AtomicU64::load(&origin_fetches, Ordering::SeqCst),
+    )
 }
