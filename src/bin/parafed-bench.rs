@@ -120,6 +120,22 @@ struct Cli {
 
 const ROOM: &str = "!bench:alpha.test";
 
+/// What the binaries were built for, as far as their figures depend on it: the
+/// instruction sets compiled in (`-C target-cpu=native` on a CPU with AVX-512 IFMA lets
+/// curve25519-dalek's fastest backend inline, about 40 % off every ed25519
+/// verification: docs/performance.md, eighth round). The load tool is built by the same
+/// `cargo build` as the two parafed binaries, with the same flags.
+const BUILD: &str = if cfg!(all(
+    target_feature = "avx512ifma",
+    target_feature = "avx512vl"
+)) {
+    "for CPUs with AVX-512 IFMA (host CPU)"
+} else if cfg!(target_feature = "avx2") {
+    "for CPUs with AVX2"
+} else {
+    "portable (curve25519-dalek picks its AVX2 code at run time)"
+};
+
 /// What the sinks saw.
 #[derive(Default)]
 struct Sinks {
@@ -1043,6 +1059,7 @@ async fn run(cli: &Cli) -> anyhow::Result<(bool, serde_json::Value)> {
     let ok = accepted == cli.events && exact && bad == 0;
 
     let figures = json!({
+        "build": BUILD,
         "events": cli.events,
         "concurrency": cli.concurrency,
         "peers": cli.peers,
@@ -1099,6 +1116,7 @@ async fn run(cli: &Cli) -> anyhow::Result<(bool, serde_json::Value)> {
         },
     });
     println!("| measure | value |\n| --- | --- |");
+    println!("| build | {BUILD} |");
     println!(
         "| events posted (concurrency) | {} ({}) |",
         cli.events, cli.concurrency

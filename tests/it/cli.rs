@@ -236,25 +236,37 @@ fn demo_federates_two_servers_with_the_real_binaries() {
 /// 200 events; it checks counts, never speed.
 #[test]
 fn the_load_tool_small_mode_delivers_everything_exactly_once() {
-    let dir = tempfile::tempdir().unwrap();
-    let json_path = dir.path().join("bench.json");
-    let out = Command::new(env!("CARGO_BIN_EXE_parafed-bench"))
-        .args(["--small", "--json", json_path.to_str().unwrap()])
-        .env("PARAFED_LOG", "warn")
-        .output()
-        .expect("run parafed-bench");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let (stdout, v) = small_load_run(&[]);
     assert!(stdout.contains("| ingest accepted |"), "{stdout}");
-    let v: Value = serde_json::from_str(&std::fs::read_to_string(&json_path).unwrap()).unwrap();
+    // The table and the JSON say what the binaries were built for.
+    assert!(stdout.contains("| build | "), "{stdout}");
+    assert!(v["build"].as_str().is_some_and(|b| !b.is_empty()), "{v}");
     assert_eq!(v["ingest"]["accepted"], 200);
     assert_eq!(v["delivery"]["delivered"], 400);
     assert_eq!(v["delivery"]["bad_signatures"], 0);
     assert_eq!(v["delivery"]["every_peer_got_every_event_once"], true);
+}
+
+/// Runs the load tool's small mode (200 events, 2 sinks) with `flags`; asserts it
+/// succeeded and returns its table and its JSON figures.
+fn small_load_run(flags: &[&str]) -> (String, Value) {
+    let dir = tempfile::tempdir().unwrap();
+    let json_path = dir.path().join("bench.json");
+    let out = Command::new(env!("CARGO_BIN_EXE_parafed-bench"))
+        .arg("--small")
+        .args(flags)
+        .args(["--json", json_path.to_str().unwrap()])
+        .env("PARAFED_LOG", "warn")
+        .output()
+        .expect("run parafed-bench");
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{flags:?}: {stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: Value = serde_json::from_str(&std::fs::read_to_string(&json_path).unwrap()).unwrap();
+    (stdout, v)
 }
 
 /// The load tool's other starts count the same: `--warm` (one event to every sink first,
@@ -264,20 +276,7 @@ fn the_load_tool_small_mode_delivers_everything_exactly_once() {
 #[test]
 fn the_load_tool_counts_only_the_run_when_warm_or_ingesting_alone() {
     for flag in ["--warm", "--ingest-alone"] {
-        let dir = tempfile::tempdir().unwrap();
-        let json_path = dir.path().join("bench.json");
-        let out = Command::new(env!("CARGO_BIN_EXE_parafed-bench"))
-            .args(["--small", flag, "--json", json_path.to_str().unwrap()])
-            .env("PARAFED_LOG", "warn")
-            .output()
-            .expect("run parafed-bench");
-        let stdout = String::from_utf8_lossy(&out.stdout);
-        assert!(
-            out.status.success(),
-            "{flag}: {stdout}\n{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let v: Value = serde_json::from_str(&std::fs::read_to_string(&json_path).unwrap()).unwrap();
+        let (_, v) = small_load_run(&[flag]);
         assert_eq!(v["ingest"]["accepted"], 200, "{flag}");
         assert_eq!(v["delivery"]["delivered"], 400, "{flag}");
         assert_eq!(
