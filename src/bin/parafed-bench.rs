@@ -121,15 +121,16 @@ struct Cli {
 const ROOM: &str = "!bench:alpha.test";
 
 /// What the binaries were built for, as far as their figures depend on it: the
-/// instruction sets compiled in (`-C target-cpu=native` on a CPU with AVX-512 IFMA lets
-/// curve25519-dalek's fastest backend inline, about 40 % off every ed25519
-/// verification: docs/performance.md, eighth round). The load tool is built by the same
-/// `cargo build` as the two parafed binaries, with the same flags.
+/// instruction sets compiled in. Built for a CPU with AVX-512 IFMA (`RUSTFLAGS='-C
+/// target-cpu=native'` on one), curve25519-dalek inlines its fastest routines: about
+/// 40 % off every ed25519 verification (docs/performance.md, eighth round;
+/// docs/operations.md, "Building for the host CPU"). The load tool is built by the
+/// same `cargo build` as the two parafed binaries, with the same flags.
 const BUILD: &str = if cfg!(all(
     target_feature = "avx512ifma",
     target_feature = "avx512vl"
 )) {
-    "for CPUs with AVX-512 IFMA (host CPU)"
+    "for CPUs with AVX-512 IFMA (e.g. `-C target-cpu=native` on one)"
 } else if cfg!(target_feature = "avx2") {
     "for CPUs with AVX2"
 } else {
