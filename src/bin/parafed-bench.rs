@@ -134,7 +134,7 @@ const BUILD: &str = if cfg!(all(
 } else if cfg!(target_feature = "avx2") {
     "for CPUs with AVX2"
 } else {
-    "portable (curve25519-dalek picks its AVX2 code at run time)"
+    "portable (curve25519-dalek picks its AVX2 code at run time if the CPU has it)"
 };
 
 /// What the sinks saw.
