@@ -196,6 +196,8 @@ pub struct DeliveryConfig {
     pub max_age_secs: u64,
     /// Requests in flight to one destination at most (1 to 256, the HTTP client's idle
     /// connections per peer: each request of a window reuses a kept-alive connection).
+    /// Default 64: measured against 32, 128 and 256 (docs/performance.md, ninth round);
+    /// each request in flight costs the worker memory (about 25–85 KB).
     #[serde(deserialize_with = "flex::u32")]
     pub window: u32,
     #[serde(deserialize_with = "flex::u64")]
@@ -210,7 +212,7 @@ impl Default for DeliveryConfig {
             backoff_base_ms: 2_000,
             backoff_cap_ms: 3_600_000,
             max_age_secs: 24 * 3600,
-            window: 32,
+            window: 64,
             connect_timeout_ms: 5_000,
             request_timeout_ms: 30_000,
         }

@@ -60,12 +60,15 @@ fn main() -> ExitCode {
     if queues.is_empty() {
         queues = QueueName::ALL.to_vec();
     }
-    // Every drain and probe in flight holds a connection: up to the hard limit on open
-    // files, not the (often 1 024) soft one.
+    // Every request in flight holds a connection: up to `delivery.window` for each of
+    // `worker.deliver_concurrency` drains, one for each probe. So the worker asks for the
+    // hard limit on open files, not the (often 1 024) soft one.
+    let connections = u64::from(cfg.worker.deliver_concurrency) * u64::from(cfg.delivery.window)
+        + u64::from(cfg.worker.probe_concurrency);
     match rlimit::increase_nofile_limit(u64::MAX) {
-        Ok(n) if n < u64::from(cfg.worker.probe_concurrency) + 1024 => {
-            tracing::warn!(open_files = n, probe_concurrency = cfg.worker.probe_concurrency,
-                "the open-file limit is low for worker.probe_concurrency; raise it (LimitNOFILE) or lower the setting");
+        Ok(n) if n < connections + 1024 => {
+            tracing::warn!(open_files = n, connections,
+                "the open-file limit is low for the connections the worker may hold (worker.deliver_concurrency × delivery.window + worker.probe_concurrency); raise it (LimitNOFILE) or lower those settings");
         }
         Ok(_) => {}
         Err(e) => tracing::warn!(error = %e, "could not raise the open-file limit"),
