@@ -197,7 +197,7 @@ pub struct DeliveryConfig {
     /// Requests in flight to one destination at most (1 to 256, the HTTP client's idle
     /// connections per peer: each request of a window reuses a kept-alive connection).
     /// Default 64: measured against 32, 128 and 256 (docs/performance.md, ninth round);
-    /// each request in flight costs the worker memory (about 25–85 KB).
+    /// each request in flight costs the worker memory (about 25–100 KB).
     #[serde(deserialize_with = "flex::u32")]
     pub window: u32,
     #[serde(deserialize_with = "flex::u64")]

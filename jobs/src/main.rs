@@ -60,15 +60,21 @@ fn main() -> ExitCode {
     if queues.is_empty() {
         queues = QueueName::ALL.to_vec();
     }
-    // Every request in flight holds a connection: up to `delivery.window` for each of
-    // `worker.deliver_concurrency` drains, one for each probe. So the worker asks for the
-    // hard limit on open files, not the (often 1 024) soft one.
-    let connections = u64::from(cfg.worker.deliver_concurrency) * u64::from(cfg.delivery.window)
-        + u64::from(cfg.worker.probe_concurrency);
+    // Every delivery request in flight holds a connection: up to `delivery.window` for
+    // each of `worker.deliver_concurrency` drains, one for each probe. So the worker asks
+    // for the hard limit on open files, not the (often 1 024) soft one, and wants those
+    // connections plus 1 024 for everything else (the database pool, Redis, logs).
+    let connections = if queues.contains(&QueueName::Deliver) {
+        u64::from(cfg.worker.deliver_concurrency) * u64::from(cfg.delivery.window)
+            + u64::from(cfg.worker.probe_concurrency)
+    } else {
+        0
+    };
+    let needed = connections + 1024;
     match rlimit::increase_nofile_limit(u64::MAX) {
-        Ok(n) if n < connections + 1024 => {
-            tracing::warn!(open_files = n, connections,
-                "the open-file limit is low for the connections the worker may hold (worker.deliver_concurrency × delivery.window + worker.probe_concurrency); raise it (LimitNOFILE) or lower those settings");
+        Ok(n) if n < needed => {
+            tracing::warn!(open_files = n, needed,
+                "the open-file limit is below what this worker may need: worker.deliver_concurrency × delivery.window + worker.probe_concurrency connections, plus 1024; raise it (LimitNOFILE) or lower those settings");
         }
         Ok(_) => {}
         Err(e) => tracing::warn!(error = %e, "could not raise the open-file limit"),
