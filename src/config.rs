@@ -505,6 +505,21 @@ impl Config {
         Ok(())
     }
 
+    /// Open files a worker process may need: one connection per delivery request in
+    /// flight — `delivery.window` for each of `worker.deliver_concurrency` drains, one
+    /// per probe (`worker.probe_concurrency`) — if it runs the deliver queue, plus 1 024
+    /// for everything else (the database pool, Redis, logs). The validated bounds keep
+    /// it far below `u64::MAX`.
+    pub fn worker_open_files(&self, delivers: bool) -> u64 {
+        let connections = if delivers {
+            u64::from(self.worker.deliver_concurrency) * u64::from(self.delivery.window)
+                + u64::from(self.worker.probe_concurrency)
+        } else {
+            0
+        };
+        connections + 1024
+    }
+
     /// The domain our ids use.
     pub fn domain(&self) -> &str {
         self.domain.as_deref().unwrap_or(self.server_name.as_str())
@@ -792,6 +807,18 @@ pub fn mask_url_password(url: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_worker_needs_a_file_per_delivery_connection_plus_a_margin() {
+        let mut cfg = Config::from_toml_and_env(BASE, "t", env(&[])).unwrap();
+        // Defaults: 64 drains × a window of 64 + 1 024 probes + 1 024.
+        assert_eq!(cfg.worker_open_files(true), 64 * 64 + 1024 + 1024);
+        assert_eq!(cfg.worker_open_files(false), 1024);
+        cfg.delivery.window = 8;
+        cfg.worker.deliver_concurrency = 3;
+        cfg.worker.probe_concurrency = 5;
+        assert_eq!(cfg.worker_open_files(true), 3 * 8 + 5 + 1024);
+    }
 
     /// docs/configuration.md lists every setting with its default and environment name;
     /// this fails when the page and the code disagree, and prints the rows the code has.

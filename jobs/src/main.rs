@@ -60,17 +60,9 @@ fn main() -> ExitCode {
     if queues.is_empty() {
         queues = QueueName::ALL.to_vec();
     }
-    // Every delivery request in flight holds a connection: up to `delivery.window` for
-    // each of `worker.deliver_concurrency` drains, one for each probe. So the worker asks
-    // for the hard limit on open files, not the (often 1 024) soft one, and wants those
-    // connections plus 1 024 for everything else (the database pool, Redis, logs).
-    let connections = if queues.contains(&QueueName::Deliver) {
-        u64::from(cfg.worker.deliver_concurrency) * u64::from(cfg.delivery.window)
-            + u64::from(cfg.worker.probe_concurrency)
-    } else {
-        0
-    };
-    let needed = connections + 1024;
+    // Every delivery request in flight holds a connection: the worker asks for the hard
+    // limit on open files, not the (often 1 024) soft one.
+    let needed = cfg.worker_open_files(queues.contains(&QueueName::Deliver));
     match rlimit::increase_nofile_limit(u64::MAX) {
         Ok(n) if n < needed => {
             tracing::warn!(open_files = n, needed,

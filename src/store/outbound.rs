@@ -422,9 +422,9 @@ pub async fn waiting(
     // looking the few rows up by key (measured: 17 ms against 0.8 ms with 100 000 events).
     // Not kept prepared either (`store::prepared`): a generic plan would not know that
     // `$2` is minutes ago and could plan the earlier-event check as if a third of the
-    // events qualified. Its parse costs a few µs per delivery at a window of 32, less at larger ones. (Its
-    // plan also needs fresh statistics of outbound_queue: see the migration
-    // `2026-11-30-000004_queue_statistics`.)
+    // events qualified. Its parse costs a few µs per delivery at a window of 32, less at
+    // larger ones. (Its plan also needs fresh statistics of outbound_queue: see the
+    // migration `2026-11-30-000004_queue_statistics`.)
     //
     // Whether an earlier event is unsettled is asked once per room of the read, at its
     // last row, not per row: the answer is only used as "any row" (`jobs::deliver::
