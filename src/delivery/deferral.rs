@@ -62,14 +62,17 @@ pub enum How {
     /// No row: the destination's deferral in the room covers the event (its drain writes
     /// the row, in order).
     Skip,
-    /// No row, and a deferral starting just before the event.
+    /// No row, and a deferral starting just before the event (an open one that starts
+    /// later is moved there: `outbound::input_ctes` keeps the lower start).
     Defer,
 }
 
 /// The fan-out rule for one (destination, event) pair: an event that is not
 /// `deferrable` (`outbound::deferrable`) always gets a row; one that a deferral of the
 /// room covers (open, and the event after its cursor) gets none; otherwise a destination
-/// that cannot be reached ([`Reach::unreachable`]) gets a deferral, and any other a row —
+/// that cannot be reached ([`Reach::unreachable`]) gets a deferral — its open deferral
+/// moved to start before the event, when the event is an earlier one fanned out after a
+/// later one started it (fan-outs run concurrently) — and any other a row —
 /// but a destination new to us (`reach` is `None`) gets a row for its first event of the
 /// batch only (its probe: `probed` is false) and a deferral for the others, so a batch to
 /// a room of a thousand new servers, most of them dead, is not a thousand rows per
@@ -86,6 +89,10 @@ pub fn fan_out(
     }
     match (open, reach) {
         (Some(o), _) if o.until_seq.is_none() && seq > o.from_seq => How::Skip,
+        // An earlier event fanned out late (fan-outs run concurrently and finish out of
+        // order): a destination that cannot be reached gets no row for it either, the
+        // deferral starts lower instead (`outbound::input_ctes` keeps the lower start).
+        (Some(o), Some(r)) if o.until_seq.is_none() && r.unreachable => How::Defer,
         (Some(_), _) => How::Send,
         (None, Some(r)) if r.unreachable => How::Defer,
         (None, Some(_)) => How::Send,
@@ -274,7 +281,12 @@ mod tests {
             (true, 11, down, None, false, How::Defer),
             (true, 11, up, open, false, How::Skip),
             (true, 11, down, open, false, How::Skip),
-            (true, 10, down, open, false, How::Send),
+            // Fanned out after a later event started the deferral.
+            (true, 10, down, open, false, How::Defer),
+            (true, 3, down, open, false, How::Defer),
+            (true, 10, up, open, false, How::Send),
+            (true, 10, None, open, false, How::Send),
+            (true, 10, down, closed, false, How::Send),
             (true, 11, down, closed, false, How::Send),
         ];
         for (deferrable, seq, reach, o, probed, want) in table {

@@ -554,10 +554,43 @@ async fn an_unreachable_peer_is_owed_by_a_deferral_and_gets_everything_in_order_
     assert_eq!(count("deferrals").await, 1, "one deferral for the room");
     // The probe's row only: a probe writes a deferral's rows only when nothing else
     // waits, and the first row waits.
+    let rows: Vec<(String, i64, String)> = oq::table
+        .filter(oq::destination.eq("beta.test"))
+        .select((oq::event_id, oq::event_seq, oq::status))
+        .order(oq::event_seq)
+        .load(&mut *alpha.db().await)
+        .await
+        .unwrap();
+    let deferral: Vec<(i64, Option<i64>)> = od::table
+        .filter(od::destination.eq("beta.test"))
+        .select((od::from_seq, od::until_seq))
+        .load(&mut *alpha.db().await)
+        .await
+        .unwrap();
+    let submitted: Vec<(usize, i64)> = {
+        use parafed::store::schema::federation_events as fe;
+        let seqs: HashMap<String, i64> = fe::table
+            .filter(fe::event_id.eq_any(&all))
+            .select((fe::event_id, fe::seq))
+            .load::<(String, i64)>(&mut *alpha.db().await)
+            .await
+            .unwrap()
+            .into_iter()
+            .collect();
+        all.iter()
+            .enumerate()
+            .map(|(i, id)| (i, seqs[id]))
+            .collect()
+    };
+    let named: Vec<(Option<usize>, i64, String)> = rows
+        .into_iter()
+        .map(|(id, seq, status)| (all.iter().position(|a| *a == id), seq, status))
+        .collect();
     assert_eq!(
-        count("rows").await,
+        named.len(),
         1,
-        "rows written for an unreachable peer"
+        "rows written for an unreachable peer (submitted index, seq, status): {named:?}; \
+         deferral (from, until): {deferral:?}; submitted (index, seq): {submitted:?}"
     );
 
     // Back: it listens again, on the same address, and checks the order.
@@ -622,6 +655,92 @@ async fn an_unreachable_peer_is_owed_by_a_deferral_and_gets_everything_in_order_
             "events of message {m} out of order"
         );
     }
+}
+
+/// Fan-outs run concurrently and finish in any order: an earlier event fanned out after
+/// a later one started a deferral for an unreachable peer gets no row either — the
+/// deferral starts before it instead (`delivery::deferral::fan_out`) — and the peer's
+/// drain later writes every row, in storage order. (Before, each late event got a row
+/// at once: with a thousand dead servers in a room, a thousand rows per late event.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_earlier_event_fanned_out_late_moves_an_unreachable_peers_deferral_back() {
+    use diesel_async::SimpleAsyncConnection;
+    use parafed::store::schema::federation_events as fe;
+    let (lp, up) = reserve_listener();
+    drop(lp); // refused
+              // No worker: the fan-out jobs wait in the stream and are run below, out of order.
+    let alpha = alpha_with_member_cfg("beta.test", &up, FAST_WORKER_TOML).await;
+    // beta failed without an HTTP answer and backs off for an hour: unreachable.
+    alpha
+        .db()
+        .await
+        .batch_execute(
+            "INSERT INTO destination_health \
+               (destination, state, consecutive_failures, backoff_until, last_error_at, last_error) \
+             VALUES ('beta.test', 'backing_off', 1, now() + interval '1 hour', now(), \
+                     'connecting failed: connection refused')",
+        )
+        .await
+        .unwrap();
+    let mut ids = Vec::new();
+    for i in 0..3 {
+        ids.push(
+            submit(
+                &alpha,
+                &format!("late{i}"),
+                "m.message",
+                "@alice:alpha.test",
+                json!({"message_id": format!("late{i}"), "channel_id": "1", "body": i}),
+            )
+            .await,
+        );
+    }
+    let seqs: Vec<i64> = fe::table
+        .filter(fe::event_id.eq_any(&ids))
+        .order(fe::seq)
+        .select(fe::seq)
+        .load(&mut *alpha.db().await)
+        .await
+        .unwrap();
+    let ctx = parafed_jobs::context::Ctx::new(alpha.app.clone(), "late-fanout-test".into());
+    // The last event first, then the others, latest to earliest.
+    for id in ids.iter().rev() {
+        let job = parafed::queue::jobs::FanoutJob {
+            event_ids: vec![id.clone()],
+        };
+        parafed_jobs::fanout::run(&ctx, &job).await.unwrap();
+    }
+    async fn rows(c: &mut diesel_async::AsyncPgConnection) -> QueryResult<Vec<String>> {
+        oq::table
+            .filter(oq::destination.eq("beta.test"))
+            .order(oq::event_seq)
+            .select(oq::event_id)
+            .load::<String>(c)
+            .await
+    }
+    assert_eq!(
+        rows(&mut *alpha.db().await).await.unwrap(),
+        Vec::<String>::new(),
+        "no rows for an unreachable peer"
+    );
+    let from: Vec<i64> = od::table
+        .filter(od::destination.eq("beta.test"))
+        .select(od::from_seq)
+        .load(&mut *alpha.db().await)
+        .await
+        .unwrap();
+    assert_eq!(
+        from,
+        vec![seqs[0] - 1],
+        "one deferral, from before the first event"
+    );
+    // The drain's backfill (as the admin's) writes them all, in storage order.
+    let mut c = alpha.db().await;
+    let written = parafed::backfill::all(&mut c, "beta.test", Duration::from_secs(300))
+        .await
+        .unwrap();
+    assert_eq!(written, 3);
+    assert_eq!(rows(&mut c).await.unwrap(), ids);
 }
 
 /// Peers new to us are probed together (`jobs/src/probe.rs`): in a room with a healthy
