@@ -433,8 +433,25 @@ pub async fn waiting(
     // Asked per row, a backlog's read of 64 rows walked them 64 times: 6–13 ms a round
     // over 100 000 events (docs/performance.md, sixth round). The ask is a `LATERAL …
     // LIMIT 1`, not an `EXISTS`: Postgres may turn an `EXISTS` into a semi-join that
-    // applies the seq bound as a filter, not as a bound of the index scan.
-    Ok(diesel::sql_query(format!(
+    // applies the seq bound as a filter, not as a bound of the index scan. It is ordered
+    // by `seq`, the index's order: statistics taken while a burst was being verified say
+    // a third of the room is unsettled, and without an order the planner then expects a
+    // sequential scan to meet one within a few rows and walks the whole table when none
+    // is left (10 ms a round over 30 000 events, a third of Postgres' CPU in a drain:
+    // docs/performance.md, tenth round). Newest first: an unsettled event is most likely
+    // among the latest.
+    Ok(diesel::sql_query(waiting_statement(limit))
+        .bind::<Text, _>(destination)
+        .bind::<Timestamptz, _>(unsettled_since)
+        .load(conn)
+        .await?)
+}
+
+/// The statement [`waiting`] runs for a read of at most `limit` rows (clamped to
+/// 1..=10 000): `$1` the destination, `$2` the time before which unsettled events no
+/// longer hold rows back. Public so that its plan can be checked (`EXPLAIN`).
+pub fn waiting_statement(limit: i64) -> String {
+    format!(
         "WITH w AS (SELECT o.id, o.event_id, o.attempts, o.created_at, o.event_seq, \
                            o.order_provides, o.order_waits, e.room_id, e.received_at \
                       FROM (SELECT * FROM outbound_queue \
@@ -449,16 +466,12 @@ pub async fn waiting(
                                 AND (p.status IN ('pending', 'held') \
                                      OR (p.status = 'accepted' \
                                          AND p.fanned_out_at IS NULL)) \
-                              LIMIT 1) u \
+                              ORDER BY p.seq DESC LIMIT 1) u \
                        LIMIT 1) \
          SELECT w.*, EXISTS (SELECT 1 FROM late) AS earlier_unsettled \
            FROM w ORDER BY w.event_seq, w.id",
         limit = limit.clamp(1, 10_000)
-    ))
-    .bind::<Text, _>(destination)
-    .bind::<Timestamptz, _>(unsettled_since)
-    .load(conn)
-    .await?)
+    )
 }
 
 /// [`waiting`] for many destinations in one statement (a probe round): each
@@ -484,15 +497,33 @@ pub async fn waiting_of(
     // The limit is written into the statement, as in `waiting`. Here the check for
     // earlier unsettled events stays per row (at most a few rows per destination): as
     // one check per destination's list, the planner joined it back to every destination
-    // of the round, and the round's read took 9–25 ms instead of 3–4.
-    let rows: Vec<Row> = diesel::sql_query(format!(
+    // of the round, and the round's read took 9–25 ms instead of 3–4. The check is
+    // ordered by `seq` for the reason given in `waiting`; in a subquery of its own,
+    // since Postgres drops the `ORDER BY` of an `EXISTS`.
+    let rows: Vec<Row> = diesel::sql_query(waiting_of_statement(limit))
+        .bind::<Array<Text>, _>(destinations)
+        .bind::<Timestamptz, _>(unsettled_since)
+        .load(conn)
+        .await?;
+    for r in rows {
+        by.entry(r.destination).or_default().push(r.row);
+    }
+    Ok(by)
+}
+
+/// The statement [`waiting_of`] runs for reads of at most `limit` rows each (clamped
+/// to 1..=10 000): `$1` the destinations, `$2` as in [`waiting_statement`]. Public so
+/// that its plan can be checked (`EXPLAIN`).
+pub fn waiting_of_statement(limit: i64) -> String {
+    format!(
         "SELECT o.destination, o.id, o.event_id, o.attempts, o.created_at, o.event_seq, \
                 o.order_provides, o.order_waits, e.room_id, e.received_at, \
-                EXISTS (SELECT 1 FROM federation_events p \
+                EXISTS (SELECT 1 FROM (SELECT 1 FROM federation_events p \
                         WHERE p.room_id = e.room_id AND p.seq < o.event_seq \
                           AND p.received_at > $2 \
                           AND (p.status IN ('pending', 'held') \
-                               OR (p.status = 'accepted' AND p.fanned_out_at IS NULL))) \
+                               OR (p.status = 'accepted' AND p.fanned_out_at IS NULL)) \
+                        ORDER BY p.seq DESC LIMIT 1) u) \
                   AS earlier_unsettled \
          FROM UNNEST($1::text[]) AS d(name) \
          CROSS JOIN LATERAL (SELECT * FROM outbound_queue \
@@ -501,15 +532,7 @@ pub async fn waiting_of(
          JOIN federation_events e ON e.event_id = o.event_id \
          ORDER BY o.destination, o.event_seq, o.id",
         limit = limit.clamp(1, 10_000)
-    ))
-    .bind::<Array<Text>, _>(destinations)
-    .bind::<Timestamptz, _>(unsettled_since)
-    .load(conn)
-    .await?;
-    for r in rows {
-        by.entry(r.destination).or_default().push(r.row);
-    }
-    Ok(by)
+    )
 }
 
 #[derive(QueryableByName)]

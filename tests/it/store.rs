@@ -532,3 +532,69 @@ async fn a_table_that_outgrew_its_statistics_is_analyzed_once() {
     let again = statistics::refresh(&mut c).await.unwrap();
     assert_eq!(again.analyzed, Vec::<&str>::new());
 }
+
+/// The drain's read of waiting rows (`outbound::waiting`) asks for earlier unsettled
+/// events through the partial index whatever the statistics say. Taken while a burst
+/// was still being verified, they claim most of the room is unsettled; a plan that
+/// trusts them expects a sequential scan to meet one within a few rows, and when none
+/// is left it walks the whole table once per round (docs/performance.md, tenth round).
+#[tokio::test]
+async fn the_drains_read_looks_for_earlier_unsettled_events_by_index_after_a_burst() {
+    use diesel_async::SimpleAsyncConnection;
+    let url = support::pg::migrated_db().await;
+    let mut c = AsyncPgConnection::establish(&url).await.unwrap();
+    // A burst of 30 000 events stored, analyzed while they all waited for verify, then
+    // verified and fanned out; the newest 64 wait for one destination. Autovacuum
+    // stays out so the statistics stay those of the burst.
+    c.batch_execute(
+        "ALTER TABLE federation_events SET (autovacuum_enabled = false); \
+         INSERT INTO federation_events (event_id, room_id, event_type, sender, \
+             origin_server, origin_ts, content, depth, signatures, status) \
+         SELECT '$e' || n || ':alpha.test', '!r:alpha.test', 'm.message', '@a:alpha.test', \
+                'alpha.test', 0, '{}', n, '{}', 'pending' \
+           FROM generate_series(1, 30000) AS n; \
+         ANALYZE federation_events; \
+         UPDATE federation_events SET status = 'accepted', verified_at = now(), \
+             fanned_out_at = now(); \
+         INSERT INTO outbound_queue (destination, event_id, event_seq) \
+         SELECT 'sink.test', event_id, seq FROM federation_events \
+          ORDER BY seq DESC LIMIT 64; \
+         CREATE FUNCTION plan_of(q text) RETURNS SETOF text LANGUAGE plpgsql AS $$ \
+           DECLARE line text; \
+           BEGIN FOR line IN EXECUTE 'EXPLAIN ' || q LOOP RETURN NEXT line; END LOOP; END $$;",
+    )
+    .await
+    .unwrap();
+    // The parameters as the drains bind them: the destination(s), and five minutes ago.
+    let statements = [
+        (
+            "waiting",
+            parafed::store::outbound::waiting_statement(128).replace("$1", "'sink.test'"),
+        ),
+        (
+            "waiting_of (a probe round)",
+            parafed::store::outbound::waiting_of_statement(1)
+                .replace("$1", "ARRAY['sink.test', 'other.test']"),
+        ),
+    ];
+    for (name, statement) in statements {
+        let statement = statement.replace("$2", "now() - interval '5 minutes'");
+        let plan = names(
+            &mut c,
+            &format!(
+                "SELECT plan_of AS name FROM plan_of('{}')",
+                statement.replace('\'', "''")
+            ),
+        )
+        .await;
+        let plan = plan.join("\n");
+        assert!(
+            !plan.contains("Seq Scan on federation_events"),
+            "{name} walks federation_events:\n{plan}"
+        );
+        assert!(
+            plan.contains("federation_events_unsettled_room"),
+            "{name} does not use the unsettled-events index:\n{plan}"
+        );
+    }
+}
