@@ -592,6 +592,36 @@ impl Settled {
     }
 }
 
+/// The statement [`settle`] runs: `$1`–`$5` the attempts' ids, status codes, error
+/// classes, latencies (ms) and response excerpts; `$6`–`$8` the rows' ids, new statuses
+/// and reasons. Public so that its plan can be checked (`EXPLAIN`).
+///
+/// An attempt is looked up by its key, and only then checked to be open. The check is
+/// written `(finished_at IS NULL) IS TRUE`, which means the same but does not match the
+/// predicate of the open-attempt index (`delivery_attempts_open`): the statistics count
+/// a few open attempts, so the planner would rather read that whole index than look up
+/// the round's ids — but until VACUUM the index still holds every attempt begun since,
+/// and reading it took 3–4 ms a round at four busy destinations, against a few µs per
+/// id by key (docs/performance.md, tenth round).
+pub const SETTLE_STATEMENT: &str = "\
+    WITH finished AS ( \
+      UPDATE delivery_attempts a SET status_code = r.status, error_class = r.class, \
+        latency_ms = r.latency, response_excerpt = r.excerpt, finished_at = now() \
+      FROM UNNEST($1::bigint[], $2::int[], $3::text[], $4::int[], $5::text[]) \
+        AS r(id, status, class, latency, excerpt) \
+      WHERE a.id = r.id AND (a.finished_at IS NULL) IS TRUE \
+      RETURNING a.outbound_id), \
+    settled AS ( \
+      UPDATE outbound_queue o SET status = r.status, \
+        attempts = o.attempts + (SELECT count(*) FROM finished f WHERE f.outbound_id = o.id), \
+        delivered_at = CASE WHEN r.status = 'delivered' THEN now() ELSE o.delivered_at END, \
+        dead_reason = CASE WHEN r.status = 'dead' THEN r.reason ELSE o.dead_reason END, \
+        last_error = COALESCE(r.reason, o.last_error), updated_at = now() \
+      FROM UNNEST($6::bigint[], $7::text[], $8::text[]) AS r(id, status, reason) \
+      WHERE o.id = r.id AND o.status = 'pending' \
+      RETURNING o.status) \
+    SELECT count(*) FILTER (WHERE status = 'dead') AS dead FROM settled";
+
 /// Records a drain round in one statement (one commit): the attempts completed with
 /// their results, and each row `(id, what happened)` settled — delivered, dead with its
 /// reason, or still waiting with its last error — its attempt count raised by the
@@ -626,33 +656,15 @@ pub async fn settle(
     let status: Vec<&str> = rows.iter().map(|r| r.1.status()).collect();
     let reasons: Vec<Option<&str>> = rows.iter().map(|r| r.1.reason()).collect();
     let r: Dead = prepared(
-        diesel::sql_query(
-            "WITH finished AS ( \
-           UPDATE delivery_attempts a SET status_code = r.status, error_class = r.class, \
-             latency_ms = r.latency, response_excerpt = r.excerpt, finished_at = now() \
-           FROM UNNEST($1::bigint[], $2::int[], $3::text[], $4::int[], $5::text[]) \
-             AS r(id, status, class, latency, excerpt) \
-           WHERE a.id = r.id AND a.finished_at IS NULL \
-           RETURNING a.outbound_id), \
-         settled AS ( \
-           UPDATE outbound_queue o SET status = r.status, \
-             attempts = o.attempts + (SELECT count(*) FROM finished f WHERE f.outbound_id = o.id), \
-             delivered_at = CASE WHEN r.status = 'delivered' THEN now() ELSE o.delivered_at END, \
-             dead_reason = CASE WHEN r.status = 'dead' THEN r.reason ELSE o.dead_reason END, \
-             last_error = COALESCE(r.reason, o.last_error), updated_at = now() \
-           FROM UNNEST($6::bigint[], $7::text[], $8::text[]) AS r(id, status, reason) \
-           WHERE o.id = r.id AND o.status = 'pending' \
-           RETURNING o.status) \
-         SELECT count(*) FILTER (WHERE status = 'dead') AS dead FROM settled",
-        )
-        .bind::<Array<BigInt>, _>(a_ids)
-        .bind::<Array<Nullable<Integer>>, _>(a_status)
-        .bind::<Array<Nullable<Text>>, _>(a_class)
-        .bind::<Array<Integer>, _>(a_latency)
-        .bind::<Array<Nullable<Text>>, _>(a_excerpt)
-        .bind::<Array<BigInt>, _>(ids)
-        .bind::<Array<Text>, _>(status)
-        .bind::<Array<Nullable<Text>>, _>(reasons),
+        diesel::sql_query(SETTLE_STATEMENT)
+            .bind::<Array<BigInt>, _>(a_ids)
+            .bind::<Array<Nullable<Integer>>, _>(a_status)
+            .bind::<Array<Nullable<Text>>, _>(a_class)
+            .bind::<Array<Integer>, _>(a_latency)
+            .bind::<Array<Nullable<Text>>, _>(a_excerpt)
+            .bind::<Array<BigInt>, _>(ids)
+            .bind::<Array<Text>, _>(status)
+            .bind::<Array<Nullable<Text>>, _>(reasons),
     )
     .get_result(conn)
     .await?;

@@ -558,10 +558,7 @@ async fn the_drains_read_looks_for_earlier_unsettled_events_by_index_after_a_bur
              fanned_out_at = now(); \
          INSERT INTO outbound_queue (destination, event_id, event_seq) \
          SELECT 'sink.test', event_id, seq FROM federation_events \
-          ORDER BY seq DESC LIMIT 64; \
-         CREATE FUNCTION plan_of(q text) RETURNS SETOF text LANGUAGE plpgsql AS $$ \
-           DECLARE line text; \
-           BEGIN FOR line IN EXECUTE 'EXPLAIN ' || q LOOP RETURN NEXT line; END LOOP; END $$;",
+          ORDER BY seq DESC LIMIT 64;;",
     )
     .await
     .unwrap();
@@ -579,15 +576,7 @@ async fn the_drains_read_looks_for_earlier_unsettled_events_by_index_after_a_bur
     ];
     for (name, statement) in statements {
         let statement = statement.replace("$2", "now() - interval '5 minutes'");
-        let plan = names(
-            &mut c,
-            &format!(
-                "SELECT plan_of AS name FROM plan_of('{}')",
-                statement.replace('\'', "''")
-            ),
-        )
-        .await;
-        let plan = plan.join("\n");
+        let plan = plan_of(&mut c, &statement).await;
         assert!(
             !plan.contains("Seq Scan on federation_events"),
             "{name} walks federation_events:\n{plan}"
@@ -597,4 +586,101 @@ async fn the_drains_read_looks_for_earlier_unsettled_events_by_index_after_a_bur
             "{name} does not use the unsettled-events index:\n{plan}"
         );
     }
+}
+
+/// The plan Postgres picks for `statement` (`EXPLAIN`, parameters written in), one line
+/// of text per node.
+async fn plan_of(c: &mut AsyncPgConnection, statement: &str) -> String {
+    use diesel_async::SimpleAsyncConnection;
+    c.batch_execute(
+        "CREATE OR REPLACE FUNCTION plan_of(q text) RETURNS SETOF text LANGUAGE plpgsql AS $$ \
+           DECLARE line text; \
+           BEGIN FOR line IN EXECUTE 'EXPLAIN ' || q LOOP RETURN NEXT line; END LOOP; END $$;",
+    )
+    .await
+    .unwrap();
+    names(
+        c,
+        &format!(
+            "SELECT plan_of AS name FROM plan_of('{}')",
+            statement.replace('\'', "''")
+        ),
+    )
+    .await
+    .join("\n")
+}
+
+/// A drain round's settle (`outbound::settle`) finds the round's attempts by key. The
+/// statistics count few open attempts, but the open-attempt index holds every attempt
+/// begun since the last VACUUM: a plan that reads it instead of the keys reads them all
+/// once per round (docs/performance.md, tenth round).
+#[tokio::test]
+async fn a_rounds_settle_finds_its_attempts_by_key_however_many_began_since_vacuum() {
+    use diesel_async::SimpleAsyncConnection;
+    let url = support::pg::migrated_db().await;
+    let mut c = AsyncPgConnection::establish(&url).await.unwrap();
+    // 20 000 deliveries recorded and analyzed; then 1 000 more begun, all but the last
+    // round's 64 finished, with no VACUUM since.
+    c.batch_execute(
+        "ALTER TABLE delivery_attempts SET (autovacuum_enabled = false); \
+         INSERT INTO federation_events (event_id, room_id, event_type, sender, \
+             origin_server, origin_ts, content, depth, signatures, status, fanned_out_at) \
+         SELECT '$e' || n || ':alpha.test', '!r:alpha.test', 'm.message', '@a:alpha.test', \
+                'alpha.test', 0, '{}', n, '{}', 'accepted', now() \
+           FROM generate_series(1, 21000) AS n; \
+         INSERT INTO outbound_queue (destination, event_id, event_seq) \
+         SELECT 'sink.test', event_id, seq FROM federation_events ORDER BY seq; \
+         INSERT INTO delivery_attempts (outbound_id, destination, event_id, request_kind, \
+             attempt, latency_ms, finished_at) \
+         SELECT id, destination, event_id, 'event', 1, 1, now() FROM outbound_queue \
+          ORDER BY id LIMIT 20000; \
+         ANALYZE; \
+         INSERT INTO delivery_attempts (outbound_id, destination, event_id, request_kind, \
+             attempt) \
+         SELECT id, destination, event_id, 'event', 1 FROM outbound_queue \
+          ORDER BY id OFFSET 20000; \
+         UPDATE delivery_attempts SET finished_at = now(), latency_ms = 1 \
+          WHERE id IN (SELECT id FROM delivery_attempts WHERE finished_at IS NULL \
+                        ORDER BY id LIMIT 936);",
+    )
+    .await
+    .unwrap();
+    #[derive(QueryableByName)]
+    struct Open {
+        #[diesel(sql_type = diesel::sql_types::BigInt)]
+        id: i64,
+        #[diesel(sql_type = diesel::sql_types::BigInt)]
+        outbound_id: i64,
+    }
+    let open: Vec<Open> = diesel::sql_query(
+        "SELECT id, outbound_id FROM delivery_attempts WHERE finished_at IS NULL ORDER BY id",
+    )
+    .load(&mut c)
+    .await
+    .unwrap();
+    assert_eq!(open.len(), 64);
+    let list = |v: Vec<String>| format!("ARRAY[{}]", v.join(", "));
+    let n = open.len();
+    // The round's results as the drain binds them: every request answered 202.
+    let statement = parafed::store::outbound::SETTLE_STATEMENT
+        .replace("$1", &list(open.iter().map(|o| o.id.to_string()).collect()))
+        .replace("$2", &list(vec!["202".into(); n]))
+        .replace("$3", &format!("{}::text[]", list(vec!["NULL".into(); n])))
+        .replace("$4", &list(vec!["3".into(); n]))
+        .replace("$5", &format!("{}::text[]", list(vec!["NULL".into(); n])))
+        .replace(
+            "$6",
+            &list(open.iter().map(|o| o.outbound_id.to_string()).collect()),
+        )
+        .replace("$7", &list(vec!["'delivered'".into(); n]))
+        .replace("$8", &format!("{}::text[]", list(vec!["NULL".into(); n])));
+    let plan = plan_of(&mut c, &statement).await;
+    assert!(
+        !plan.contains("delivery_attempts_open"),
+        "the settle reads the open-attempt index:\n{plan}"
+    );
+    assert!(
+        plan.contains("delivery_attempts_pkey"),
+        "the settle does not look the attempts up by key:\n{plan}"
+    );
 }
