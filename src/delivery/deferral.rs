@@ -10,8 +10,10 @@
 //!
 //! The destination's drain, once it may send, reads the room's events after the cursor
 //! in storage order and [`plan`]s them: the rows to write, and how far the cursor moves.
-//! Rows after the cursor (an old event fanned out late gets a row at once) are held back
-//! until the cursor passed them, so the room's events still leave in storage order.
+//! Rows after the cursor (an old event fanned out late gets a row at once when its
+//! destination answers; for one that does not, the deferral moves back to start before
+//! it) are held back until the cursor passed them, so the room's events still leave in
+//! storage order.
 //!
 //! A deferral of a destination that answers ends once its drain caught it up (every
 //! event of the room after the cursor decided): its later events get rows from fan-out

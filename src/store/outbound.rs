@@ -6,6 +6,8 @@
 //! read oldest first and `delivery::order` can tell which rows may be in flight together.
 //! The destination's own state is in `store::destinations`.
 
+use std::collections::HashSet;
+
 use chrono::{DateTime, Utc};
 use diesel::prelude::*;
 use diesel::sql_types::{Array, BigInt, Integer, Nullable, Text, Timestamptz};
@@ -30,8 +32,9 @@ pub struct NewOutbound<'a> {
 
 /// Whether an event stored at `received_at` may be deferred when fanned out at `now`
 /// (a destination that is not healthy gets a deferral instead of a row; an older event
-/// fanned out late — re-queued by the reconciler — always gets rows): a drain passes over an unsettled event only once
-/// it is older than twice `dependency_wait` (`delivery::deferral`), so an event younger
+/// fanned out late — re-queued by the reconciler — always gets rows): a drain passes
+/// over an unsettled event only once it is older than twice `dependency_wait`
+/// (`delivery::deferral`), so an event younger
 /// than one `dependency_wait` cannot have been passed over, even by a drain whose clock
 /// runs ahead by almost that much. A held event is passed over at once, so a `released`
 /// one is never deferred.
@@ -204,7 +207,9 @@ pub(crate) fn statements(batch: &[(NewOutbound<'_>, Vec<String>)]) -> Vec<std::o
 /// lower start). `touched` bumps the deferral of each conditional pair (a healthy destination
 /// skipped because of it; locked first, in key order, so two fan-outs cannot deadlock on
 /// them); a pair whose deferral is gone or no longer covers the event (a drain ended it:
-/// `deferrals::advance`) gets its row here.
+/// `deferrals::advance`) gets its row here. A start below a deferral's cursor moves the
+/// cursor back (an earlier event fanned out after a later one started it:
+/// `delivery::deferral::fan_out`).
 pub(crate) fn input_ctes(n: usize, filter: &str) -> String {
     let p = |i: usize| format!("${}", n + i);
     format!(
@@ -371,9 +376,23 @@ pub async fn enqueue(
     let last = runs.len() - 1;
     for (i, run) in runs.into_iter().enumerate() {
         let marked: &[&str] = if i == last { fanned_out } else { &[] };
-        let start: &[Deferred] = if i == 0 { &fanned.start } else { &[] };
+        // Each statement starts the deferrals of the rooms it has events of: its
+        // `starts` keeps no other (`input_ctes`), and a room whose events all fall in a
+        // later statement would otherwise lose its deferral, and the destination those
+        // events. A room spread over several statements starts it in each, the same
+        // start (the lower one is kept).
+        let rooms: HashSet<&str> = fanned.rows[run.clone()]
+            .iter()
+            .map(|(e, _)| e.room_id)
+            .collect();
+        let start: Vec<Deferred> = fanned
+            .start
+            .iter()
+            .filter(|d| rooms.contains(d.room_id.as_str()))
+            .cloned()
+            .collect();
         let cond = fanned.conditional.get(run.clone()).unwrap_or(&[]);
-        let c = Columns::of(&fanned.rows[run], cond, start);
+        let c = Columns::of(&fanned.rows[run], cond, &start);
         let got: Vec<Written> = prepared(bind_columns!(
             diesel::sql_query(format!(
                 "WITH {input}, \

@@ -667,8 +667,9 @@ async fn an_earlier_event_fanned_out_late_moves_an_unreachable_peers_deferral_ba
     use diesel_async::SimpleAsyncConnection;
     use parafed::store::schema::federation_events as fe;
     let (lp, up) = reserve_listener();
-    drop(lp); // refused
-              // No worker: the fan-out jobs wait in the stream and are run below, out of order.
+    // Refused. No worker: the fan-out jobs wait in the stream and are run below, out
+    // of order.
+    drop(lp);
     let alpha = alpha_with_member_cfg("beta.test", &up, FAST_WORKER_TOML).await;
     // beta failed without an HTTP answer and backs off for an hour: unreachable.
     alpha
