@@ -14,7 +14,7 @@
 //! Every request has an attempt row written *before* it is sent; a row left open by a
 //! worker that died mid-request is closed as interrupted by the next drain.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
@@ -234,6 +234,25 @@ async fn may_send(ctx: &Ctx, dest: &ServerName) -> Result<Option<Health>, JobErr
     }
 }
 
+/// A round read and chosen: the rows to send now, their envelopes, and the
+/// destination's state as the round's lease renewal found it. Its attempts are not
+/// begun yet (an attempt row stands for a request sent).
+struct Round {
+    key: parafed::protocol::Keypair,
+    health: Health,
+    destination: Destination,
+    /// A full window (the destination answers), not a probe's one request.
+    window: bool,
+    chosen: Vec<Waiting>,
+    bodies: HashMap<String, parafed::protocol::Envelope>,
+}
+
+/// What reading the next round came to.
+enum Next {
+    Round(Box<Round>),
+    Done(Drain),
+}
+
 async fn drain(
     ctx: &Ctx,
     dest: &ServerName,
@@ -251,119 +270,90 @@ async fn drain(
         let mut conn = app.pool.get().await.map_err(StoreError::from)?;
         deferrals::of(&mut conn, dest.as_str()).await?
     };
+    let reading = Reading {
+        ctx,
+        dest,
+        owner,
+        lease_ttl,
+        started,
+        probing,
+    };
+    let none = HashSet::new();
+    let mut next = reading.next(&mut deferred, &none).await?;
+    // Whether `next` was read while the previous round's requests were out.
+    let mut read_ahead = false;
     loop {
-        // An operator's pause of the deliver queue stops the drain between batches; the
-        // job re-queues itself and waits in the paused queue.
-        if started.elapsed() > policy.drain_budget
-            || ctx.control.is_paused(parafed::queue::QueueName::Deliver)
-            || ctx.is_stopping()
-        {
-            return Ok(Drain::Budget);
-        }
-        // Before taking a connection: reading the key may take one of its own, and
-        // drains that each hold one while waiting for another can empty the pool.
-        let key = app.signing_key().await?;
-        let mut conn = app.pool.get().await.map_err(StoreError::from)?;
-        let Some(health) =
-            destinations::acquire_lease(&mut conn, dest.as_str(), owner, lease_ttl).await?
-        else {
-            return Ok(Drain::Stopped); // our lease lapsed and another worker took over
+        let round = match next {
+            Next::Round(r) => r,
+            Next::Done(d) => return Ok(d),
         };
-        let destination = Destination::from_row(health.clone()).map_err(StoreError::Corrupt)?;
-        let limit = match destination.sending(Utc::now()) {
-            // The probe was answered: the backlog is for a job slot.
-            Sending::Window if probing => return Ok(Drain::Budget),
-            Sending::Window => policy.window,
-            Sending::Probe => 1,
-            Sending::Wait | Sending::Recheck => return Ok(Drain::Stopped),
-        };
-        let scan = policy.order_scan.max(limit) as i64;
-        let since = Utc::now()
-            - chrono::Duration::from_std(policy.dependency_wait)
-                .unwrap_or(chrono::Duration::minutes(5));
-        let mut rows = outbound::waiting(&mut conn, dest.as_str(), scan, since).await?;
-        // A deferral's rows are written a few windows ahead of what is sent, when fewer
-        // are left than a round looks at; for a probe (one request), only when nothing
-        // is left: a peer that stays down does not collect rows one probe after another.
-        let sendable = rows.iter().filter(|r| !behind(r, &deferred)).count();
-        if !deferred.is_empty() && (sendable == 0 || (limit > 1 && (sendable as i64) < scan)) {
-            let budget = if limit > 1 { 4 * scan as usize } else { 16 };
-            // Read again: a deferral ends only if no fan-out relied on it since it was
-            // read (`touched`), so the read is just before the backfill.
-            deferred = deferrals::of(&mut conn, dest.as_str()).await?;
-            parafed::backfill::catch_up(
-                &mut conn,
-                dest.as_str(),
-                &deferred,
-                budget,
-                policy.dependency_wait,
-                limit > 1,
-            )
-            .await?;
-            deferred = deferrals::of(&mut conn, dest.as_str()).await?;
-            rows = outbound::waiting(&mut conn, dest.as_str(), scan, since).await?;
-        }
-        if rows.is_empty() {
-            return Ok(Drain::Empty);
-        }
-        let full = rows.len() as i64 >= scan;
-        let rows = held_back(rows, &deferred);
-        // Rows past their maximum age are not sent any more.
-        let cutoff = Utc::now()
-            - chrono::Duration::from_std(policy.max_age).unwrap_or(chrono::Duration::days(1));
-        let (expired, rows): (Vec<Waiting>, Vec<Waiting>) =
-            rows.into_iter().partition(|r| r.created_at < cutoff);
-        if !expired.is_empty() {
-            let dead: Vec<(i64, String)> = expired
-                .iter()
-                .map(|r| (r.id, retention::EXPIRED.to_owned()))
-                .collect();
-            let n = outbound::dead(&mut conn, &dead).await?;
-            metrics::counter!("parafed_deliveries_total", "outcome" => "dead").increment(n as u64);
-            continue;
-        }
-        let mut chosen = choose(ctx, &mut conn, rows, limit, since, &mut Earlier::new()).await?;
-        if chosen.is_empty() && full {
-            // Everything looked at waits behind one dependency: look further once, so
-            // unrelated rows behind a busy message's reactions still go.
-            let wider = outbound::waiting(&mut conn, dest.as_str(), scan * 8, since).await?;
-            chosen = choose(
-                ctx,
-                &mut conn,
-                held_back(wider, &deferred),
-                limit,
-                since,
-                &mut Earlier::new(),
-            )
-            .await?;
-        }
-        if chosen.is_empty() {
-            // Everything waits for earlier events not yet fanned out: the scheduler
-            // brings the destination back within a tick.
-            return Ok(Drain::Stopped);
-        }
-        let ids: Vec<&str> = chosen.iter().map(|r| r.event_id.as_str()).collect();
-        let mut bodies = events::envelopes(&mut conn, &ids).await?;
-        // Attempts open only for rows that will be sent.
+        let Round {
+            key,
+            mut health,
+            destination,
+            window,
+            chosen,
+            mut bodies,
+        } = *round;
+        // Attempts open only for rows that will be sent, just before they are.
         let first_attempts: Vec<(i64, i32)> = chosen
             .iter()
             .filter(|r| bodies.contains_key(&r.event_id))
             .map(|r| (r.id, r.attempts + 1))
             .collect();
-        let begun = attempts::begin(&mut conn, &first_attempts).await?;
-        drop(conn);
+        let begun = {
+            let mut conn = app.pool.get().await.map_err(StoreError::from)?;
+            if read_ahead {
+                // Read a round ago: the lease is renewed and the state read again just
+                // before sending, as a round read now would have them. Anything but the
+                // same healthy window (an operator's pause or hold, say) reads the
+                // round again; nothing of it was begun.
+                let Some(now) =
+                    destinations::acquire_lease(&mut conn, dest.as_str(), owner, lease_ttl).await?
+                else {
+                    return Ok(Drain::Stopped);
+                };
+                let same = now.state == health.state
+                    && now.consecutive_forbidden == health.consecutive_forbidden
+                    && Destination::from_row(now.clone())
+                        .is_ok_and(|d| d.sending(Utc::now()) == Sending::Window);
+                if !same {
+                    drop(conn);
+                    read_ahead = false;
+                    next = reading.next(&mut deferred, &none).await?;
+                    continue;
+                }
+                health = now;
+            }
+            attempts::begin(&mut conn, &first_attempts).await?
+        };
         let mut attempt_of: HashMap<i64, i64> =
             begun.into_iter().map(|s| (s.outbound_id, s.id)).collect();
         let previous = Previous {
             resent: false,
             forbidden_in_a_row: destination.forbidden_in_a_row,
         };
-        let sends = chosen.into_iter().map(|r| {
+        let in_flight: HashSet<i64> = chosen.iter().map(|r| r.id).collect();
+        let sends = futures::future::join_all(chosen.into_iter().map(|r| {
             let body = bodies.remove(&r.event_id).map(|e| Bytes::from(e.to_wire()));
             let attempt_id = attempt_of.remove(&r.id);
             send_row(ctx, dest, &key, r, body, attempt_id, previous)
-        });
-        let mut results: Vec<Sent> = futures::future::join_all(sends).await;
+        }));
+        // While a window's requests are out, the next round is read and chosen on the
+        // drain's one connection, without the rows in flight: its statements leave the
+        // chain of rounds (docs/performance.md, "Drain rounds that overlap"). It is kept
+        // only if every request of this round was delivered (below) — then nothing it
+        // chose can depend on a row that failed, and it is sent after this round's
+        // answers, so dependants still follow what they depend on; any other answer
+        // settles first and the next round is read again.
+        let (mut results, ahead): (Vec<Sent>, Option<Result<Next, JobError>>) = if window
+            && !probing
+        {
+            let (results, ahead) = futures::join!(sends, reading.next(&mut deferred, &in_flight));
+            (results, Some(ahead))
+        } else {
+            (sends.await, None)
+        };
         // Every request of the batch was classified with the 403 run as it stood before
         // it; count the run across the batch in row order.
         outcome::apply_forbidden_run(
@@ -373,8 +363,158 @@ async fn drain(
             destination.forbidden_in_a_row,
             policy,
         );
+        // The round read ahead is kept after deliveries alone to a destination that
+        // was healthy with no run of 403s: its state is then what the read saw.
+        let keep = results.iter().all(|s| s.outcome == Outcome::Delivered)
+            && health.state == "healthy"
+            && health.consecutive_forbidden == 0;
         if settle(ctx, dest, health, results).await? {
             return Ok(Drain::Stopped);
+        }
+        (next, read_ahead) = match ahead {
+            Some(ahead) if keep => (ahead?, true),
+            _ => (reading.next(&mut deferred, &none).await?, false),
+        };
+    }
+}
+
+/// What a drain reads its rounds with.
+struct Reading<'a> {
+    ctx: &'a Ctx,
+    dest: &'a ServerName,
+    owner: &'a str,
+    lease_ttl: chrono::Duration,
+    started: Instant,
+    probing: bool,
+}
+
+impl Reading<'_> {
+    /// Renews the lease and reads the next round: the destination's oldest waiting rows
+    /// that may go now (`choose`), without those in `in_flight`, and their envelopes —
+    /// or why there is none.
+    async fn next(
+        &self,
+        deferred: &mut Vec<deferrals::Stored>,
+        in_flight: &HashSet<i64>,
+    ) -> Result<Next, JobError> {
+        let Reading {
+            ctx,
+            dest,
+            owner,
+            lease_ttl,
+            started,
+            probing,
+        } = *self;
+        let app = &ctx.app;
+        let policy = &ctx.policy;
+        loop {
+            // An operator's pause of the deliver queue stops the drain between batches;
+            // the job re-queues itself and waits in the paused queue.
+            if started.elapsed() > policy.drain_budget
+                || ctx.control.is_paused(parafed::queue::QueueName::Deliver)
+                || ctx.is_stopping()
+            {
+                return Ok(Next::Done(Drain::Budget));
+            }
+            // Before taking a connection: reading the key may take one of its own, and
+            // drains that each hold one while waiting for another can empty the pool.
+            let key = app.signing_key().await?;
+            let mut conn = app.pool.get().await.map_err(StoreError::from)?;
+            let Some(health) =
+                destinations::acquire_lease(&mut conn, dest.as_str(), owner, lease_ttl).await?
+            else {
+                // Our lease lapsed and another worker took over.
+                return Ok(Next::Done(Drain::Stopped));
+            };
+            let destination = Destination::from_row(health.clone()).map_err(StoreError::Corrupt)?;
+            let limit = match destination.sending(Utc::now()) {
+                // The probe was answered: the backlog is for a job slot.
+                Sending::Window if probing => return Ok(Next::Done(Drain::Budget)),
+                Sending::Window => policy.window,
+                Sending::Probe => 1,
+                Sending::Wait | Sending::Recheck => return Ok(Next::Done(Drain::Stopped)),
+            };
+            let scan = policy.order_scan.max(limit) as i64;
+            let since = Utc::now()
+                - chrono::Duration::from_std(policy.dependency_wait)
+                    .unwrap_or(chrono::Duration::minutes(5));
+            let mut rows = outbound::waiting(&mut conn, dest.as_str(), scan, since).await?;
+            // A deferral's rows are written a few windows ahead of what is sent, when
+            // fewer are left than a round looks at; for a probe (one request), only when
+            // nothing is left: a peer that stays down does not collect rows one probe
+            // after another.
+            let sendable = rows.iter().filter(|r| !behind(r, deferred)).count();
+            if !deferred.is_empty() && (sendable == 0 || (limit > 1 && (sendable as i64) < scan)) {
+                let budget = if limit > 1 { 4 * scan as usize } else { 16 };
+                // Read again: a deferral ends only if no fan-out relied on it since it
+                // was read (`touched`), so the read is just before the backfill.
+                *deferred = deferrals::of(&mut conn, dest.as_str()).await?;
+                parafed::backfill::catch_up(
+                    &mut conn,
+                    dest.as_str(),
+                    deferred,
+                    budget,
+                    policy.dependency_wait,
+                    limit > 1,
+                )
+                .await?;
+                *deferred = deferrals::of(&mut conn, dest.as_str()).await?;
+                rows = outbound::waiting(&mut conn, dest.as_str(), scan, since).await?;
+            }
+            let full = rows.len() as i64 >= scan;
+            rows.retain(|r| !in_flight.contains(&r.id));
+            if rows.is_empty() {
+                return Ok(Next::Done(Drain::Empty));
+            }
+            let rows = held_back(rows, deferred);
+            // Rows past their maximum age are not sent any more.
+            let cutoff = Utc::now()
+                - chrono::Duration::from_std(policy.max_age).unwrap_or(chrono::Duration::days(1));
+            let (expired, rows): (Vec<Waiting>, Vec<Waiting>) =
+                rows.into_iter().partition(|r| r.created_at < cutoff);
+            if !expired.is_empty() {
+                let dead: Vec<(i64, String)> = expired
+                    .iter()
+                    .map(|r| (r.id, retention::EXPIRED.to_owned()))
+                    .collect();
+                let n = outbound::dead(&mut conn, &dead).await?;
+                metrics::counter!("parafed_deliveries_total", "outcome" => "dead")
+                    .increment(n as u64);
+                continue;
+            }
+            let mut chosen =
+                choose(ctx, &mut conn, rows, limit, since, &mut Earlier::new()).await?;
+            if chosen.is_empty() && full {
+                // Everything looked at waits behind one dependency: look further once,
+                // so unrelated rows behind a busy message's reactions still go.
+                let mut wider =
+                    outbound::waiting(&mut conn, dest.as_str(), scan * 8, since).await?;
+                wider.retain(|r| !in_flight.contains(&r.id));
+                chosen = choose(
+                    ctx,
+                    &mut conn,
+                    held_back(wider, deferred),
+                    limit,
+                    since,
+                    &mut Earlier::new(),
+                )
+                .await?;
+            }
+            if chosen.is_empty() {
+                // Everything waits for earlier events not yet fanned out: the scheduler
+                // brings the destination back within a tick.
+                return Ok(Next::Done(Drain::Stopped));
+            }
+            let ids: Vec<&str> = chosen.iter().map(|r| r.event_id.as_str()).collect();
+            let bodies = events::envelopes(&mut conn, &ids).await?;
+            return Ok(Next::Round(Box::new(Round {
+                key,
+                health,
+                destination,
+                window: limit > 1,
+                chosen,
+                bodies,
+            })));
         }
     }
 }
