@@ -241,8 +241,9 @@ struct Round {
     key: parafed::protocol::Keypair,
     health: Health,
     destination: Destination,
-    /// A full window (the destination answers), not a probe's one request.
-    window: bool,
+    /// A full window: the destination answers, and more rows waited than one round
+    /// sends (a backlog), so the next round is worth reading while this one is out.
+    full: bool,
     chosen: Vec<Waiting>,
     bodies: HashMap<String, parafed::protocol::Envelope>,
 }
@@ -291,7 +292,7 @@ async fn drain(
             key,
             mut health,
             destination,
-            window,
+            full,
             chosen,
             mut bodies,
         } = *round;
@@ -339,15 +340,14 @@ async fn drain(
             let attempt_id = attempt_of.remove(&r.id);
             send_row(ctx, dest, &key, r, body, attempt_id, previous)
         }));
-        // While a window's requests are out, the next round is read and chosen on the
-        // drain's one connection, without the rows in flight: its statements leave the
+        // While a full window's requests are out (a backlog), the next round is read and
+        // chosen on the drain's one connection, without the rows in flight: its statements leave the
         // chain of rounds (docs/performance.md, "Drain rounds that overlap"). It is kept
         // only if every request of this round was delivered (below) — then nothing it
         // chose can depend on a row that failed, and it is sent after this round's
         // answers, so dependants still follow what they depend on; any other answer
         // settles first and the next round is read again.
-        let (mut results, ahead): (Vec<Sent>, Option<Result<Next, JobError>>) = if window
-            && !probing
+        let (mut results, ahead): (Vec<Sent>, Option<Result<Next, JobError>>) = if full && !probing
         {
             let (results, ahead) = futures::join!(sends, reading.next(&mut deferred, &in_flight));
             (results, Some(ahead))
@@ -371,8 +371,11 @@ async fn drain(
         if settle(ctx, dest, health, results).await? {
             return Ok(Drain::Stopped);
         }
+        // A round read ahead that is not full is read anew: rows that arrived while
+        // this round was out would otherwise wait for the next one.
         (next, read_ahead) = match ahead {
-            Some(ahead) if keep => (ahead?, true),
+            Some(Ok(Next::Round(r))) if keep && r.full => (Next::Round(r), true),
+            Some(Err(e)) if keep => return Err(e),
             _ => (reading.next(&mut deferred, &none).await?, false),
         };
     }
@@ -511,7 +514,7 @@ impl Reading<'_> {
                 key,
                 health,
                 destination,
-                window: limit > 1,
+                full: limit > 1 && chosen.len() >= limit,
                 chosen,
                 bodies,
             })));
