@@ -248,6 +248,10 @@ struct Round {
     bodies: HashMap<String, parafed::protocol::Envelope>,
 }
 
+/// What a drain did while a round was out: whether settling the round kept before it
+/// backed the destination off, and the next round if it was read ahead.
+type Meanwhile = Result<(bool, Option<Next>), JobError>;
+
 /// What reading the next round came to.
 enum Next {
     Round(Box<Round>),
@@ -283,10 +287,18 @@ async fn drain(
     let mut next = reading.next(&mut deferred, &none).await?;
     // Whether `next` was read while the previous round's requests were out.
     let mut read_ahead = false;
+    // A round whose requests were all delivered, kept unsettled while the next round
+    // (read ahead) is out: its settle leaves the chain of rounds too. Its rows are still
+    // `pending`, so nothing reads the destination's rows before it is settled: every
+    // path below settles it first (`settle_kept`).
+    let mut kept: Option<(Health, Vec<Sent>)> = None;
     loop {
         let round = match next {
             Next::Round(r) => r,
-            Next::Done(d) => return Ok(d),
+            Next::Done(d) => {
+                settle_kept(ctx, dest, &mut kept).await?;
+                return Ok(d);
+            }
         };
         let Round {
             key,
@@ -308,10 +320,12 @@ async fn drain(
                 // Read a round ago: the lease is renewed and the state read again just
                 // before sending, as a round read now would have them. Anything but the
                 // same healthy window (an operator's pause or hold, say) reads the
-                // round again; nothing of it was begun.
+                // round again, after the kept round is settled; nothing of it was begun.
                 let Some(now) =
                     destinations::acquire_lease(&mut conn, dest.as_str(), owner, lease_ttl).await?
                 else {
+                    drop(conn);
+                    settle_kept(ctx, dest, &mut kept).await?;
                     return Ok(Drain::Stopped);
                 };
                 let same = now.state == health.state
@@ -321,6 +335,9 @@ async fn drain(
                 if !same {
                     drop(conn);
                     read_ahead = false;
+                    if settle_kept(ctx, dest, &mut kept).await? {
+                        return Ok(Drain::Stopped);
+                    }
                     next = reading.next(&mut deferred, &none).await?;
                     continue;
                 }
@@ -340,20 +357,29 @@ async fn drain(
             let attempt_id = attempt_of.remove(&r.id);
             send_row(ctx, dest, &key, r, body, attempt_id, previous)
         }));
-        // While a full window's requests are out (a backlog), the next round is read and
-        // chosen on the drain's one connection, without the rows in flight: its statements leave the
-        // chain of rounds (docs/performance.md, "Drain rounds that overlap"). It is kept
-        // only if every request of this round was delivered (below) — then nothing it
-        // chose can depend on a row that failed, and it is sent after this round's
-        // answers, so dependants still follow what they depend on; any other answer
-        // settles first and the next round is read again.
-        let (mut results, ahead): (Vec<Sent>, Option<Result<Next, JobError>>) = if full && !probing
-        {
-            let (results, ahead) = futures::join!(sends, reading.next(&mut deferred, &in_flight));
-            (results, Some(ahead))
-        } else {
-            (sends.await, None)
+        // While this round's requests are out, on the drain's one connection: the
+        // previous round is settled if it was kept, and, while a full window is out (a
+        // backlog), the next round is read and chosen without the rows in flight. Both
+        // leave the chain of rounds (docs/performance.md, "Drain rounds that overlap").
+        // The round read ahead is kept only if every request of this round was
+        // delivered (below) — then nothing it chose can depend on a row that failed,
+        // and it is sent after this round's answers, so dependants still follow what
+        // they depend on; any other answer settles first and the next round is read
+        // again.
+        let read_now = full && !probing;
+        let meanwhile = async {
+            // A kept round was delivered in full, so its settle does not back off;
+            // should it, nothing is read ahead and the drain stops after this round.
+            if settle_kept(ctx, dest, &mut kept).await? {
+                return Ok((true, None));
+            }
+            if read_now {
+                Ok((false, Some(reading.next(&mut deferred, &in_flight).await?)))
+            } else {
+                Ok((false, None))
+            }
         };
+        let (mut results, ahead): (Vec<Sent>, Meanwhile) = futures::join!(sends, meanwhile);
         // Every request of the batch was classified with the 403 run as it stood before
         // it; count the run across the batch in row order.
         outcome::apply_forbidden_run(
@@ -364,20 +390,47 @@ async fn drain(
             policy,
         );
         // The round read ahead is kept after deliveries alone to a destination that
-        // was healthy with no run of 403s: its state is then what the read saw.
+        // was healthy with no run of 403s: its state is then what the read saw, and
+        // this round's settle changes nothing but its rows, so it can wait for the
+        // next round's requests.
         let keep = results.iter().all(|s| s.outcome == Outcome::Delivered)
             && health.state == "healthy"
             && health.consecutive_forbidden == 0;
-        if settle(ctx, dest, health, results).await? {
+        let stopped = match ahead {
+            // A round read ahead that is not full is read anew (below): rows that
+            // arrived while this round was out would otherwise wait for the next one.
+            Ok((false, Some(Next::Round(r)))) if keep && r.full => {
+                kept = Some((health, results));
+                next = Next::Round(r);
+                read_ahead = true;
+                continue;
+            }
+            Ok((stopped, _)) => stopped,
+            Err(e) => {
+                // The kept round's settle or the read failed: this round's answers are
+                // saved before the error goes up.
+                settle(ctx, dest, health, results).await?;
+                return Err(e);
+            }
+        };
+        if settle(ctx, dest, health, results).await? || stopped {
             return Ok(Drain::Stopped);
         }
-        // A round read ahead that is not full is read anew: rows that arrived while
-        // this round was out would otherwise wait for the next one.
-        (next, read_ahead) = match ahead {
-            Some(Ok(Next::Round(r))) if keep && r.full => (Next::Round(r), true),
-            Some(Err(e)) if keep => return Err(e),
-            _ => (reading.next(&mut deferred, &none).await?, false),
-        };
+        next = reading.next(&mut deferred, &none).await?;
+        read_ahead = false;
+    }
+}
+
+/// Settles the round kept unsettled while the next one was out, if there is one;
+/// returns whether the destination now backs off (as [`settle`]).
+async fn settle_kept(
+    ctx: &Ctx,
+    dest: &ServerName,
+    kept: &mut Option<(Health, Vec<Sent>)>,
+) -> Result<bool, JobError> {
+    match kept.take() {
+        Some((health, results)) => settle(ctx, dest, health, results).await,
+        None => Ok(false),
     }
 }
 

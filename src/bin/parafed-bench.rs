@@ -16,8 +16,8 @@
 //! R events/s); (4) with `--backlog`, the sinks answer 503 until every delivery waits
 //! for them, then come back: the time from their first success to the last delivery;
 //! (5) with `--isolation`, the same load without and with `--dead N` dead peers in the
-//! room (half refusing connections, half never answering): the healthy peers' rate as a
-//! share; (6) the peak RSS of each parafed process. Beside them, where the CPU went
+//! room (half refusing connections, half never answering), four runs in the order
+//! without, with, with, without: the healthy peers' rate as a share; (6) the peak RSS of each parafed process. Beside them, where the CPU went
 //! (per process, per delivery) and what Postgres did (`pg_stat_statements`: statements
 //! and commits per delivery, the costliest statements in the JSON).
 //!
@@ -83,9 +83,9 @@ struct Cli {
     /// and never answer.
     #[arg(long, default_value_t = 0)]
     dead: u32,
-    /// The isolation run: the same load twice, without dead peers and with `--dead`
-    /// (1 000 if not given) of them; reports the healthy peers' delivery rate with them
-    /// as a share of the rate without.
+    /// The isolation run: the same load four times, without dead peers and with `--dead`
+    /// (1 000 if not given) of them, in the order without, with, with, without; reports
+    /// the healthy peers' delivery rate with them as a share of the rate without.
     #[arg(long)]
     isolation: bool,
     /// The CI smoke run: 200 events, 2 peers; checks counts only.
@@ -600,35 +600,60 @@ async fn main() -> std::process::ExitCode {
 }
 
 /// (5) isolation: the healthy peers' delivery rate with dead peers in the room, as a
-/// share of the rate without them (two runs, each on a fresh federation).
+/// share of the rate without them. Four runs, each on a fresh federation, in the order
+/// without, with, with, without: on a shared machine the second of two runs in a row
+/// can be several per cent slower whatever it runs (docs/performance.md, tenth round),
+/// so each kind runs once first and once second, and the share is the rate with dead
+/// peers summed over its runs against the rate without, summed the same way.
 async fn isolation(cli: &mut Cli) -> anyhow::Result<bool> {
     let dead = if cli.dead == 0 { 1000 } else { cli.dead };
     let json = cli.json.take();
-    cli.dead = 0;
-    println!("### without dead peers\n");
-    let (ok_base, base) = run(cli).await?;
-    cli.dead = dead;
-    println!("\n### with {dead} dead peers (half refusing, half never answering)\n");
-    let (ok_dead, with) = run(cli).await?;
     let rate = |v: &serde_json::Value| {
         v["delivery"]["deliveries_per_second"]
             .as_f64()
             .unwrap_or(0.0)
     };
-    let share = rate(&with) / rate(&base).max(1e-9);
+    let (mut without, mut with) = (Vec::new(), Vec::new());
+    let mut ok = true;
+    for (i, with_dead) in [false, true, true, false].into_iter().enumerate() {
+        cli.dead = if with_dead { dead } else { 0 };
+        if with_dead {
+            println!(
+                "\n### run {} of 4: with {dead} dead peers (half refusing, half never answering)\n",
+                i + 1
+            );
+        } else {
+            println!("\n### run {} of 4: without dead peers\n", i + 1);
+        }
+        let (ok_run, figures) = run(cli).await?;
+        ok &= ok_run;
+        if with_dead {
+            with.push(figures);
+        } else {
+            without.push(figures);
+        }
+    }
+    let sum = |runs: &[serde_json::Value]| runs.iter().map(rate).sum::<f64>();
+    let share = sum(&with) / sum(&without).max(1e-9);
+    let list = |runs: &[serde_json::Value]| {
+        runs.iter()
+            .map(|v| format!("{:.0}", rate(v)))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
     println!(
-        "\n| isolation: healthy delivery rate with {dead} dead peers / without | {:.0} / {:.0} deliveries/s = {:.0} % |",
-        rate(&with),
-        rate(&base),
+        "\n| isolation: healthy delivery rate with {dead} dead peers (runs 2, 3) / without (runs 1, 4) | {} / {} deliveries/s = {:.0} % |",
+        list(&with),
+        list(&without),
         share * 100.0
     );
     if let Some(path) = json {
-        let all =
-            json!({"without": base, "with_dead_peers": with, "dead_peers": dead, "share": share});
+        let all = json!({"without": without, "with_dead_peers": with, "dead_peers": dead,
+                         "order": ["without", "with", "with", "without"], "share": share});
         std::fs::write(&path, serde_json::to_string_pretty(&all)?)
             .with_context(|| format!("writing {}", path.display()))?;
     }
-    Ok(ok_base && ok_dead)
+    Ok(ok)
 }
 
 /// Dead peers' addresses: a port nothing listens on (connections refused), and a

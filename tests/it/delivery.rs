@@ -867,3 +867,158 @@ async fn new_peers_are_probed_together_and_each_answer_is_recorded_once() {
         .unwrap();
     assert_eq!(open, 0, "no attempt left open");
 }
+
+/// A destination paused while a round of a backlog is out (its read-ahead round
+/// chosen meanwhile): after that round's answers the drain sends nothing more — not the
+/// round read ahead — and the answered round is settled (rows delivered, attempts
+/// closed) before the drain lets the destination go. Resumed, the rest goes out, each
+/// event once. Whichever look catches the pause (the read ahead's, or the check just
+/// before sending the round read ahead), the outcome is the same.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pause_while_a_round_is_out_stops_the_round_read_ahead_and_settles_the_one_answered() {
+    use parafed::admin::destinations::{act, Action};
+    const WINDOW: usize = 4;
+    let arrived: Arc<Mutex<Vec<String>>> = Arc::default();
+    let app_cell: Arc<std::sync::OnceLock<Arc<parafed::app::App>>> = Arc::default();
+    // Armed once the backlog is waiting: the first request of the drain pauses the
+    // destination before it is answered.
+    let armed = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (lp, up) = reserve_listener();
+    let (a, cell, arm) = (arrived.clone(), app_cell.clone(), armed.clone());
+    let _peer = FnPeer::start(lp, move |r: FakeRequest| {
+        let (arrived, cell, arm) = (a.clone(), cell.clone(), arm.clone());
+        async move {
+            if !r.path.ends_with("/event") {
+                return FakeAnswer::empty(404);
+            }
+            arrived.lock().unwrap().push(event_id_of(&r.body));
+            if arm.swap(false, Ordering::SeqCst) {
+                let app = cell.get().expect("alpha started").clone();
+                act(
+                    &app,
+                    "beta.test",
+                    Action::Pause,
+                    Some("test: paused mid-round"),
+                )
+                .await
+                .unwrap();
+            }
+            accepted(&r)
+        }
+    })
+    .await;
+    let toml = format!("{FAST_WORKER_TOML}window = {WINDOW}\n");
+    let alpha = alpha_with_member_cfg("beta.test", &up, &toml).await;
+    let _ = app_cell.set(alpha.app.clone());
+    let _w = TestWorker::start(&alpha);
+
+    // beta is reached once, then paused while a backlog of three windows is fanned out.
+    let body = |i: usize| json!({"message_id": format!("m{i}"), "channel_id": "1", "body": "x"});
+    let first = submit(&alpha, "p0", "m.message", "@alice:alpha.test", body(0)).await;
+    delivered(&alpha, &first, "the first event at beta", 60).await;
+    act(&alpha.app, "beta.test", Action::Pause, None)
+        .await
+        .unwrap();
+    let mut backlog = Vec::new();
+    for i in 1..=3 * WINDOW {
+        backlog.push(
+            submit(
+                &alpha,
+                &format!("p{i}"),
+                "m.message",
+                "@alice:alpha.test",
+                body(i),
+            )
+            .await,
+        );
+    }
+    let statuses = |ids: Vec<String>| {
+        let alpha = &alpha;
+        async move {
+            let rows: Vec<(String, i32)> = oq::table
+                .filter(oq::event_id.eq_any(&ids))
+                .select((oq::status, oq::attempts))
+                .load(&mut *alpha.db().await)
+                .await
+                .unwrap();
+            rows
+        }
+    };
+    wait_for("the backlog's rows", Duration::from_secs(60), || async {
+        let rows = statuses(backlog.clone()).await;
+        (rows.len() == backlog.len() && rows.iter().all(|r| r.0 == "pending")).then_some(())
+    })
+    .await;
+
+    armed.store(true, Ordering::SeqCst);
+    act(&alpha.app, "beta.test", Action::Resume, None)
+        .await
+        .unwrap();
+    // The drain let beta go (paused, the lease released) with one round answered.
+    wait_for(
+        "the drain to stop at the pause",
+        Duration::from_secs(60),
+        || async {
+            let h = alpha.health("beta.test").await?;
+            let lease: Option<String> = dh::table
+                .filter(dh::destination.eq("beta.test"))
+                .select(dh::lease_owner)
+                .first(&mut *alpha.db().await)
+                .await
+                .unwrap();
+            let delivered = statuses(backlog.clone())
+                .await
+                .iter()
+                .filter(|r| r.0 == "delivered")
+                .count();
+            (h.state == "paused" && lease.is_none() && delivered > 0).then_some(())
+        },
+    )
+    .await;
+    let sent: Vec<String> = arrived.lock().unwrap()[1..].to_vec();
+    assert!(
+        !sent.is_empty() && sent.len() <= WINDOW,
+        "one round at most goes out after the pause; {} went",
+        sent.len()
+    );
+    let rows = statuses(sent.clone()).await;
+    assert!(
+        rows.iter().all(|r| r.0 == "delivered"),
+        "the answered round is settled: {rows:?}"
+    );
+    let open: i64 = da::table
+        .filter(da::destination.eq("beta.test"))
+        .filter(da::finished_at.is_null())
+        .count()
+        .get_result(&mut *alpha.db().await)
+        .await
+        .unwrap();
+    assert_eq!(open, 0, "no attempt left open");
+    let rest: Vec<String> = backlog
+        .iter()
+        .filter(|id| !sent.contains(id))
+        .cloned()
+        .collect();
+    assert!(
+        statuses(rest.clone())
+            .await
+            .iter()
+            .all(|r| r == &("pending".to_owned(), 0)),
+        "the rest waits, never tried"
+    );
+
+    act(&alpha.app, "beta.test", Action::Resume, None)
+        .await
+        .unwrap();
+    for id in &rest {
+        delivered(&alpha, id, "the rest after the resume", 60).await;
+    }
+    let arrived = arrived.lock().unwrap().clone();
+    let unique: HashSet<&String> = arrived.iter().collect();
+    assert_eq!(
+        arrived.len(),
+        1 + backlog.len(),
+        "each event once: {arrived:?}"
+    );
+    assert_eq!(unique.len(), arrived.len());
+}
