@@ -65,7 +65,9 @@ pub async fn of(
 }
 
 /// [`of`] for many destinations in one statement (a probe round): each destination's
-/// deferrals by room; destinations without any are missing.
+/// deferrals by room; destinations without any are missing. The destinations are
+/// joined, not searched with `= ANY($1)`, for the reason [`FAN_OUT_VIEW_STATEMENT`]
+/// gives.
 pub async fn of_many(
     conn: &mut AsyncPgConnection,
     destinations: &[&str],
@@ -91,10 +93,11 @@ pub async fn of_many(
                       AND e.fanned_out_at <= COALESCE(s.updated_at, f.created_at)) END) \
                   AS until_seq, \
                 COALESCE(s.state = 'joined', false) AS joined, f.touched \
-           FROM outbound_deferrals f \
+           FROM (SELECT DISTINCT unnest($1::text[])) AS d(name) \
+           JOIN outbound_deferrals f ON f.destination = d.name \
            LEFT JOIN room_servers s \
              ON s.room_id = f.room_id AND s.server_name = f.destination \
-          WHERE f.destination = ANY($1) ORDER BY f.destination, f.room_id",
+          ORDER BY f.destination, f.room_id",
         )
         .bind::<Array<Text>, _>(destinations),
     )
@@ -268,11 +271,33 @@ pub async fn forget(conn: &mut AsyncPgConnection, destination: &str) -> Result<u
     )
 }
 
+/// [`fan_out_view`]'s statement: `$1` the destinations (text[]), `$2` the rooms
+/// (text[]). Public for the plan tests.
+///
+/// The destinations are joined (`unnest`), never searched as `= ANY($1)`: every fan-out
+/// runs it, a prepared statement, and Postgres soon keeps a generic plan for it, made
+/// without the array. For a small table (a thousand destinations) that plan is a
+/// sequential scan, and against an array parameter `= ANY` is a linear search for each
+/// row: a thousand names a thousand times, 5–11 ms a fan-out, where the join takes
+/// 1 ms (docs/performance.md, eleventh round).
+pub const FAN_OUT_VIEW_STATEMENT: &str = "\
+    SELECT h.destination, h.state = 'healthy' AS healthy, \
+           (h.state = 'healthy' AND h.last_success_at IS NULL AND h.last_error_at IS NULL) \
+           OR (h.state = 'backing_off' AND h.last_status_code IS NULL) AS unreachable, \
+           NULL::text AS room_id, NULL::bigint AS from_seq, NULL::bigint AS until_seq \
+      FROM (SELECT DISTINCT unnest($1::text[])) AS d(name) \
+      JOIN destination_health h ON h.destination = d.name \
+    UNION ALL \
+    SELECT f.destination, NULL, NULL, f.room_id, f.from_seq, f.until_seq \
+      FROM (SELECT DISTINCT unnest($1::text[])) AS d(name) \
+      JOIN outbound_deferrals f ON f.destination = d.name \
+     WHERE f.room_id = ANY($2)";
+
 /// What fan-out needs to decide (`delivery::deferral::fan_out`) for `destinations` in
 /// `rooms`: each destination's state row (absent: new to us), as (healthy,
 /// unreachable: `delivery::deferral::Reach`),
 /// and its deferrals in those rooms, as (destination, room) → (from_seq, until_seq).
-/// One statement.
+/// One statement ([`FAN_OUT_VIEW_STATEMENT`]).
 #[allow(clippy::type_complexity)]
 pub async fn fan_out_view(
     conn: &mut AsyncPgConnection,
@@ -306,19 +331,9 @@ pub async fn fan_out_view(
         return Ok((reach, open));
     }
     let rows: Vec<View> = prepared(
-        diesel::sql_query(
-            "SELECT h.destination, h.state = 'healthy' AS healthy, \
-                (h.state = 'healthy' AND h.last_success_at IS NULL AND h.last_error_at IS NULL) \
-                OR (h.state = 'backing_off' AND h.last_status_code IS NULL) AS unreachable, \
-                NULL::text AS room_id, NULL::bigint AS from_seq, NULL::bigint AS until_seq \
-           FROM destination_health h WHERE h.destination = ANY($1) \
-         UNION ALL \
-         SELECT f.destination, NULL, NULL, f.room_id, f.from_seq, f.until_seq \
-           FROM outbound_deferrals f \
-          WHERE f.destination = ANY($1) AND f.room_id = ANY($2)",
-        )
-        .bind::<Array<Text>, _>(destinations)
-        .bind::<Array<Text>, _>(rooms),
+        diesel::sql_query(FAN_OUT_VIEW_STATEMENT)
+            .bind::<Array<Text>, _>(destinations)
+            .bind::<Array<Text>, _>(rooms),
     )
     .load(conn)
     .await?;

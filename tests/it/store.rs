@@ -796,3 +796,107 @@ async fn a_fan_out_split_over_statements_starts_every_rooms_deferral() {
             .unwrap();
     assert!(unfanned.is_empty(), "both events are marked fanned out");
 }
+
+/// Fan-out's view of a room's destinations (`deferrals::fan_out_view`): a state for
+/// each destination that has a row and none for one new to us, a deferral for each
+/// (destination, room) asked — however the destinations group in the statement.
+#[tokio::test]
+async fn fan_out_view_gives_each_destination_its_state_and_each_room_its_deferral() {
+    use diesel_async::SimpleAsyncConnection;
+    use parafed::store::deferrals;
+    let url = support::pg::migrated_db().await;
+    let pool = parafed::store::pool(&url, 1).unwrap();
+    let mut c = pool.get().await.unwrap();
+    // 300 dead peers alike (backing off, never answered, deferred from 7 in !a), one
+    // that answered and is backing off, a healthy one never reached, a healthy one
+    // with deferrals in two rooms (one closed), one with a deferral and no state row.
+    c.batch_execute(
+        "INSERT INTO destination_health (destination, state, last_error_at, backoff_until) \
+           SELECT 'dead' || i || '.test', 'backing_off', now(), now() + interval '1 minute' \
+             FROM generate_series(1, 300) i; \
+         INSERT INTO outbound_deferrals (destination, room_id, from_seq) \
+           SELECT 'dead' || i || '.test', '!a:x.test', 7 FROM generate_series(1, 300) i; \
+         INSERT INTO destination_health (destination, state, last_status_code, last_error_at) \
+           VALUES ('answered.test', 'backing_off', 503, now()); \
+         INSERT INTO destination_health (destination, state) VALUES ('fresh.test', 'healthy'); \
+         INSERT INTO destination_health (destination, state, last_success_at) \
+           VALUES ('busy.test', 'healthy', now()); \
+         INSERT INTO outbound_deferrals (destination, room_id, from_seq, until_seq) \
+           VALUES ('busy.test', '!a:x.test', 3, NULL), ('busy.test', '!b:x.test', 4, 9), \
+                  ('busy.test', '!c:x.test', 5, NULL), ('orphan.test', '!b:x.test', 2, NULL);",
+    )
+    .await
+    .unwrap();
+    let dead: Vec<String> = (1..=300).map(|i| format!("dead{i}.test")).collect();
+    let mut names: Vec<&str> = dead.iter().map(String::as_str).collect();
+    names.extend([
+        "answered.test",
+        "fresh.test",
+        "busy.test",
+        "orphan.test",
+        "new.test",
+    ]);
+    let (reach, open) = deferrals::fan_out_view(&mut c, &names, &["!a:x.test", "!b:x.test"])
+        .await
+        .unwrap();
+    for d in &dead {
+        assert_eq!(reach.get(d), Some(&(false, true)), "{d}");
+        assert_eq!(
+            open.get(&(d.clone(), "!a:x.test".into())),
+            Some(&(7, None)),
+            "{d}"
+        );
+    }
+    assert_eq!(reach.get("answered.test"), Some(&(false, false)));
+    assert_eq!(reach.get("fresh.test"), Some(&(true, true)));
+    assert_eq!(reach.get("busy.test"), Some(&(true, false)));
+    assert_eq!(reach.get("orphan.test"), None, "no state row: new to us");
+    assert_eq!(reach.get("new.test"), None);
+    assert_eq!(reach.len(), 303);
+    let of = |d: &str, r: &str| open.get(&(d.to_owned(), r.to_owned())).copied();
+    assert_eq!(of("busy.test", "!a:x.test"), Some((3, None)));
+    assert_eq!(of("busy.test", "!b:x.test"), Some((4, Some(9))));
+    assert_eq!(of("busy.test", "!c:x.test"), None, "a room not asked");
+    assert_eq!(of("orphan.test", "!b:x.test"), Some((2, None)));
+    assert_eq!(open.len(), 303);
+}
+
+/// Fan-out's view (`deferrals::FAN_OUT_VIEW_STATEMENT`), run by every fan-out as a
+/// prepared statement, joins its destinations whichever plan Postgres keeps: the
+/// generic plan, made without the array, must not search the array for each row of a
+/// table (`= ANY ($1)` in a filter: a room of a thousand servers read a thousand times
+/// a fan-out; docs/performance.md, eleventh round).
+#[tokio::test]
+async fn fan_outs_view_joins_its_destinations_in_the_generic_plan() {
+    use diesel_async::SimpleAsyncConnection;
+    let url = support::pg::migrated_db().await;
+    let mut c = AsyncPgConnection::establish(&url).await.unwrap();
+    c.batch_execute(
+        "INSERT INTO destination_health (destination, state, last_error_at) \
+           SELECT 'dead' || i || '.test', 'backing_off', now() FROM generate_series(1, 1000) i; \
+         INSERT INTO outbound_deferrals (destination, room_id, from_seq) \
+           SELECT 'dead' || i || '.test', '!a:x.test', 7 FROM generate_series(1, 1000) i; \
+         ANALYZE destination_health; ANALYZE outbound_deferrals;",
+    )
+    .await
+    .unwrap();
+    c.batch_execute(&format!(
+        "PREPARE view(text[], text[]) AS {}; SET plan_cache_mode = force_generic_plan;",
+        parafed::store::deferrals::FAN_OUT_VIEW_STATEMENT
+    ))
+    .await
+    .unwrap();
+    let names: Vec<String> = (1..=1000).map(|i| format!("'dead{i}.test'")).collect();
+    let plan = plan_of(
+        &mut c,
+        &format!(
+            "EXECUTE view(ARRAY[{}], ARRAY['!a:x.test'])",
+            names.join(", ")
+        ),
+    )
+    .await;
+    assert!(
+        !plan.contains("ANY ($1)"),
+        "the generic plan searches the destinations' array row by row:\n{plan}"
+    );
+}
