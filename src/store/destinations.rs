@@ -264,9 +264,20 @@ pub async fn acquire_lease(
     owner: &str,
     ttl: chrono::Duration,
 ) -> Result<Option<Health>, StoreError> {
-    Ok(acquire_leases(conn, &[destination], owner, ttl)
-        .await?
-        .pop())
+    let now = Utc::now();
+    Ok(diesel::update(
+        dh::table.filter(dh::destination.eq(destination)).filter(
+            dh::lease_until
+                .is_null()
+                .or(dh::lease_until.lt(now))
+                .or(dh::lease_owner.eq(owner)),
+        ),
+    )
+    .set((dh::lease_owner.eq(owner), dh::lease_until.eq(now + ttl)))
+    .returning(Health::as_returning())
+    .get_result(conn)
+    .await
+    .optional()?)
 }
 
 /// [`acquire_lease`] for many destinations in one statement (a probe round: see the
@@ -282,19 +293,23 @@ pub async fn acquire_leases(
         return Ok(Vec::new());
     }
     let now = Utc::now();
-    Ok(diesel::update(
-        dh::table
-            .filter(dh::destination.eq_any(destinations))
-            .filter(
-                dh::lease_until
-                    .is_null()
-                    .or(dh::lease_until.lt(now))
-                    .or(dh::lease_owner.eq(owner)),
-            ),
+    // The names are joined, not searched with `= ANY`: a prepared statement's generic
+    // plan would search the array once per row of the table (the reason
+    // `deferrals::FAN_OUT_VIEW_STATEMENT` gives).
+    Ok(prepared(
+        diesel::sql_query(
+            "UPDATE destination_health h SET lease_owner = $2, lease_until = $3 \
+               FROM (SELECT DISTINCT unnest($1::text[])) AS d(name) \
+              WHERE h.destination = d.name \
+                AND (h.lease_until IS NULL OR h.lease_until < $4 OR h.lease_owner = $2) \
+             RETURNING h.*",
+        )
+        .bind::<Array<Text>, _>(destinations)
+        .bind::<Text, _>(owner)
+        .bind::<diesel::sql_types::Timestamptz, _>(now + ttl)
+        .bind::<diesel::sql_types::Timestamptz, _>(now),
     )
-    .set((dh::lease_owner.eq(owner), dh::lease_until.eq(now + ttl)))
-    .returning(Health::as_returning())
-    .get_results(conn)
+    .load(conn)
     .await?)
 }
 
@@ -307,15 +322,16 @@ pub async fn release_leases(
     if destinations.is_empty() {
         return Ok(());
     }
-    diesel::update(
-        dh::table
-            .filter(dh::destination.eq_any(destinations))
-            .filter(dh::lease_owner.eq(owner)),
+    // Joined, not `= ANY`, as in [`acquire_leases`].
+    prepared(
+        diesel::sql_query(
+            "UPDATE destination_health h SET lease_owner = NULL, lease_until = NULL \
+               FROM (SELECT DISTINCT unnest($1::text[])) AS d(name) \
+              WHERE h.destination = d.name AND h.lease_owner = $2",
+        )
+        .bind::<Array<Text>, _>(destinations)
+        .bind::<Text, _>(owner),
     )
-    .set((
-        dh::lease_owner.eq(None::<String>),
-        dh::lease_until.eq(None::<DateTime<Utc>>),
-    ))
     .execute(conn)
     .await?;
     Ok(())
@@ -327,7 +343,18 @@ pub async fn release_lease(
     destination: &str,
     owner: &str,
 ) -> Result<(), StoreError> {
-    release_leases(conn, &[destination], owner).await
+    diesel::update(
+        dh::table
+            .filter(dh::destination.eq(destination))
+            .filter(dh::lease_owner.eq(owner)),
+    )
+    .set((
+        dh::lease_owner.eq(None::<String>),
+        dh::lease_until.eq(None::<DateTime<Utc>>),
+    ))
+    .execute(conn)
+    .await?;
+    Ok(())
 }
 
 /// Destinations with waiting rows (or a deferral with something to do:
