@@ -248,6 +248,17 @@ struct Round {
     bodies: HashMap<String, parafed::protocol::Envelope>,
 }
 
+/// What opening a round's attempts came to.
+enum Begin {
+    /// Attempts opened (outbound id → attempt id), with the state the renewed lease
+    /// read when the round was read ahead.
+    Begun(Vec<attempts::Started>, Option<Box<Health>>),
+    /// Another worker holds the destination now.
+    LeaseLost,
+    /// The destination is no longer the same healthy window: read the round anew.
+    Changed,
+}
+
 /// What a drain did while a round was out: whether settling the round kept before it
 /// backed the destination off, and the next round if it was read ahead.
 type Meanwhile = Result<(bool, Option<Next>), JobError>;
@@ -314,36 +325,59 @@ async fn drain(
             .filter(|r| bodies.contains_key(&r.event_id))
             .map(|r| (r.id, r.attempts + 1))
             .collect();
-        let begun = {
+        // Read a round ago (`read_ahead`): the lease is renewed and the state read again
+        // just before sending, as a round read now would have them. Anything but the
+        // same healthy window (an operator's pause or hold, say) reads the round again,
+        // after the kept round is settled; nothing of it was begun.
+        let step: Result<Begin, JobError> = async {
             let mut conn = app.pool.get().await.map_err(StoreError::from)?;
+            let mut renewed = None;
             if read_ahead {
-                // Read a round ago: the lease is renewed and the state read again just
-                // before sending, as a round read now would have them. Anything but the
-                // same healthy window (an operator's pause or hold, say) reads the
-                // round again, after the kept round is settled; nothing of it was begun.
                 let Some(now) =
                     destinations::acquire_lease(&mut conn, dest.as_str(), owner, lease_ttl).await?
                 else {
-                    drop(conn);
-                    settle_kept(ctx, dest, &mut kept).await?;
-                    return Ok(Drain::Stopped);
+                    return Ok(Begin::LeaseLost);
                 };
                 let same = now.state == health.state
                     && now.consecutive_forbidden == health.consecutive_forbidden
                     && Destination::from_row(now.clone())
                         .is_ok_and(|d| d.sending(Utc::now()) == Sending::Window);
                 if !same {
-                    drop(conn);
-                    read_ahead = false;
-                    if settle_kept(ctx, dest, &mut kept).await? {
-                        return Ok(Drain::Stopped);
-                    }
-                    next = reading.next(&mut deferred, &none).await?;
-                    continue;
+                    return Ok(Begin::Changed);
                 }
-                health = now;
+                renewed = Some(Box::new(now));
             }
-            attempts::begin(&mut conn, &first_attempts).await?
+            let begun = attempts::begin(&mut conn, &first_attempts).await?;
+            Ok(Begin::Begun(begun, renewed))
+        }
+        .await;
+        let begun = match step {
+            Ok(Begin::Begun(begun, renewed)) => {
+                if let Some(now) = renewed {
+                    health = *now;
+                }
+                begun
+            }
+            Ok(Begin::LeaseLost) => {
+                settle_kept(ctx, dest, &mut kept).await?;
+                return Ok(Drain::Stopped);
+            }
+            Ok(Begin::Changed) => {
+                read_ahead = false;
+                if settle_kept(ctx, dest, &mut kept).await? {
+                    return Ok(Drain::Stopped);
+                }
+                next = reading.next(&mut deferred, &none).await?;
+                continue;
+            }
+            Err(e) => {
+                // The kept round was delivered: its answers are saved (if the database
+                // lets us) before the error goes up, so its rows are not sent again.
+                if let Err(settling) = settle_kept(ctx, dest, &mut kept).await {
+                    tracing::warn!(destination = %dest, error = %settling, "a delivered round was not settled; its rows will be sent again");
+                }
+                return Err(e);
+            }
         };
         let mut attempt_of: HashMap<i64, i64> =
             begun.into_iter().map(|s| (s.outbound_id, s.id)).collect();
