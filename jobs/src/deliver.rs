@@ -296,14 +296,14 @@ async fn drain(
     };
     let none = HashSet::new();
     let mut next = reading.next(&mut deferred, &none).await?;
-    // Whether `next` was read while the previous round's requests were out.
-    let mut read_ahead = false;
     // A round whose requests were all delivered, kept unsettled while the next round
     // (read ahead) is out: its settle leaves the chain of rounds too. Its rows are still
     // `pending`, so nothing reads the destination's rows before it is settled: every
-    // path below settles it first (`settle_kept`).
+    // path below settles it first (`settle_kept`). There is one exactly when `next` was
+    // read while the previous round's requests were out.
     let mut kept: Option<(Health, Vec<Sent>)> = None;
     loop {
+        let read_ahead = kept.is_some();
         let round = match next {
             Next::Round(r) => r,
             Next::Done(d) => {
@@ -363,7 +363,6 @@ async fn drain(
                 return Ok(Drain::Stopped);
             }
             Ok(Begin::Changed) => {
-                read_ahead = false;
                 if settle_kept(ctx, dest, &mut kept).await? {
                     return Ok(Drain::Stopped);
                 }
@@ -436,7 +435,6 @@ async fn drain(
             Ok((false, Some(Next::Round(r)))) if keep && r.full => {
                 kept = Some((health, results));
                 next = Next::Round(r);
-                read_ahead = true;
                 continue;
             }
             Ok((stopped, _)) => stopped,
@@ -451,7 +449,6 @@ async fn drain(
             return Ok(Drain::Stopped);
         }
         next = reading.next(&mut deferred, &none).await?;
-        read_ahead = false;
     }
 }
 
