@@ -386,8 +386,8 @@ fn tree_cpu_secs(root: u32) -> f64 {
 struct DbWork {
     statements: i64,
     commits: i64,
-    /// The costliest statements: (calls, total ms, mean ms, query text).
-    top: Vec<(i64, f64, f64, String)>,
+    /// The costliest statements, by execution and planning time together.
+    top: Vec<Statement>,
 }
 
 #[derive(diesel::QueryableByName)]
@@ -402,10 +402,17 @@ struct Counts {
 struct Statement {
     #[diesel(sql_type = diesel::sql_types::BigInt)]
     calls: i64,
+    /// Execution time over the run, ms.
     #[diesel(sql_type = diesel::sql_types::Double)]
     total_ms: f64,
     #[diesel(sql_type = diesel::sql_types::Double)]
     mean_ms: f64,
+    /// Plans made and the time they took, ms: zero unless the run sets
+    /// `--pg-setting pg_stat_statements.track_planning=on`.
+    #[diesel(sql_type = diesel::sql_types::BigInt)]
+    plans: i64,
+    #[diesel(sql_type = diesel::sql_types::Double)]
+    plan_ms: f64,
     #[diesel(sql_type = diesel::sql_types::Text)]
     query: String,
 }
@@ -441,20 +448,19 @@ async fn db_work_end(url: &str, commits_before: i64) -> anyhow::Result<DbWork> {
     let mut c = diesel_async::AsyncPgConnection::establish(url).await?;
     let counts = db_counts(&mut c).await?;
     let top: Vec<Statement> = diesel::sql_query(
-        "SELECT calls, total_exec_time AS total_ms, mean_exec_time AS mean_ms, \
+        "SELECT calls, total_exec_time AS total_ms, mean_exec_time AS mean_ms, plans, \
+                total_plan_time AS plan_ms, \
                 left(regexp_replace(query, '\\s+', ' ', 'g'), 160) AS query \
            FROM pg_stat_statements s JOIN pg_database d ON d.oid = s.dbid \
-          WHERE d.datname = current_database() ORDER BY total_exec_time DESC LIMIT 12",
+          WHERE d.datname = current_database() \
+          ORDER BY total_exec_time + total_plan_time DESC LIMIT 12",
     )
     .load(&mut c)
     .await?;
     Ok(DbWork {
         statements: counts.statements,
         commits: counts.commits - commits_before,
-        top: top
-            .into_iter()
-            .map(|s| (s.calls, s.total_ms, s.mean_ms, s.query))
-            .collect(),
+        top,
     })
 }
 
@@ -1136,8 +1142,9 @@ async fn run(cli: &Cli) -> anyhow::Result<(bool, serde_json::Value)> {
             "commits": work.commits,
             "statements_per_delivery": work.statements as f64 / delivered.max(1) as f64,
             "commits_per_delivery": work.commits as f64 / delivered.max(1) as f64,
-            "top": work.top.iter().map(|(calls, total, mean, q)| json!({
-                "calls": calls, "total_ms": total, "mean_ms": mean, "query": q,
+            "top": work.top.iter().map(|s| json!({
+                "calls": s.calls, "total_ms": s.total_ms, "mean_ms": s.mean_ms,
+                "plans": s.plans, "plan_ms": s.plan_ms, "query": s.query,
             })).collect::<Vec<_>>(),
         },
     });

@@ -265,16 +265,19 @@ pub async fn acquire_lease(
     ttl: chrono::Duration,
 ) -> Result<Option<Health>, StoreError> {
     let now = Utc::now();
-    Ok(diesel::update(
-        dh::table.filter(dh::destination.eq(destination)).filter(
-            dh::lease_until
-                .is_null()
-                .or(dh::lease_until.lt(now))
-                .or(dh::lease_owner.eq(owner)),
-        ),
+    // Kept prepared (`store::prepared`): every drain round renews its lease with it.
+    Ok(prepared(
+        diesel::update(
+            dh::table.filter(dh::destination.eq(destination)).filter(
+                dh::lease_until
+                    .is_null()
+                    .or(dh::lease_until.lt(now))
+                    .or(dh::lease_owner.eq(owner)),
+            ),
+        )
+        .set((dh::lease_owner.eq(owner), dh::lease_until.eq(now + ttl)))
+        .returning(Health::as_returning()),
     )
-    .set((dh::lease_owner.eq(owner), dh::lease_until.eq(now + ttl)))
-    .returning(Health::as_returning())
     .get_result(conn)
     .await
     .optional()?)
@@ -343,15 +346,18 @@ pub async fn release_lease(
     destination: &str,
     owner: &str,
 ) -> Result<(), StoreError> {
-    diesel::update(
-        dh::table
-            .filter(dh::destination.eq(destination))
-            .filter(dh::lease_owner.eq(owner)),
+    // Kept prepared (`store::prepared`): every drain ends with it.
+    prepared(
+        diesel::update(
+            dh::table
+                .filter(dh::destination.eq(destination))
+                .filter(dh::lease_owner.eq(owner)),
+        )
+        .set((
+            dh::lease_owner.eq(None::<String>),
+            dh::lease_until.eq(None::<DateTime<Utc>>),
+        )),
     )
-    .set((
-        dh::lease_owner.eq(None::<String>),
-        dh::lease_until.eq(None::<DateTime<Utc>>),
-    ))
     .execute(conn)
     .await?;
     Ok(())

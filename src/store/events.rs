@@ -261,6 +261,27 @@ pub async fn get(
     row.map(from_row).transpose()
 }
 
+/// The rows of events by id, in no particular order; ids not held are absent. Every
+/// verify run reads its events with this statement, and every drain round the
+/// envelopes it sends: the list is handed over as `(SELECT $1)`, so that its length
+/// does not keep Postgres planning it anew on every run (`store::prepared`, "Values
+/// the planner must not see").
+async fn rows_by_id(conn: &mut AsyncPgConnection, ids: &[&str]) -> Result<Vec<Row>, StoreError> {
+    Ok(prepared(
+        fe::table
+            .filter(
+                diesel::dsl::sql::<diesel::sql_types::Bool>(
+                    "\"federation_events\".\"event_id\" = ANY((SELECT ",
+                )
+                .bind::<Array<Text>, _>(ids)
+                .sql(")::text[])"),
+            )
+            .select(Row::as_select()),
+    )
+    .load(conn)
+    .await?)
+}
+
 /// Stored events by id, whatever their status, in one query; ids not held are absent.
 pub async fn get_many(
     conn: &mut AsyncPgConnection,
@@ -269,11 +290,7 @@ pub async fn get_many(
     if event_ids.is_empty() {
         return Ok(std::collections::HashMap::new());
     }
-    let rows: Vec<Row> = fe::table
-        .filter(fe::event_id.eq_any(event_ids))
-        .select(Row::as_select())
-        .load(conn)
-        .await?;
+    let rows = rows_by_id(conn, event_ids).await?;
     rows.into_iter()
         .map(|r| from_row(r).map(|e| (e.envelope.event_id.to_string(), e)))
         .collect()
@@ -553,11 +570,7 @@ pub async fn envelopes(
     conn: &mut AsyncPgConnection,
     ids: &[&str],
 ) -> Result<std::collections::HashMap<String, Envelope>, StoreError> {
-    let rows: Vec<Row> = fe::table
-        .filter(fe::event_id.eq_any(ids))
-        .select(Row::as_select())
-        .load(conn)
-        .await?;
+    let rows = rows_by_id(conn, ids).await?;
     rows.into_iter()
         .map(|r| from_row(r).map(|e| (e.envelope.event_id.to_string(), e.envelope)))
         .collect()

@@ -1,35 +1,55 @@
-//! Hand-written SQL as named prepared statements, parsed once per connection.
+//! Statements kept prepared on the connection: parsed once, planned as Postgres' plan
+//! cache decides, instead of parsed and planned on every run.
 //!
-//! Diesel prepares and caches the statements its query builder writes, but marks every
-//! `sql_query` as unsafe to cache (its text could be built from anything), so each run
-//! of one is parsed, analysed and planned from scratch. The pipeline's hot statements
-//! are `sql_query`s — multi-row `UNNEST`s and chains of CTEs the builder cannot write —
-//! and at a steady rate, when batches are a few events, that parse and plan was a large
-//! share of Postgres' CPU per event (see docs/performance.md).
+//! Diesel prepares and caches most statements its query builder writes, but not all:
+//! every `sql_query` is marked unsafe to cache (its text could be built from anything),
+//! and so is every query-builder `UPDATE` (a changeset's text can vary with its
+//! values). Each run of one is parsed, analysed and planned from scratch. At a steady
+//! rate, when batches are a few events, that is a large share of Postgres' CPU per
+//! event: with `pg_stat_statements.track_planning`, the drain's read of waiting rows
+//! and its lease renewal spent 0.8 s planning per 10 000 events at 1 000 events/s,
+//! four times what they spent running (docs/performance.md, twelfth round).
 //!
-//! [`prepared`] wraps such a query so Diesel caches it by its text: the connection sends
-//! `Parse` once and then only `Bind`/`Execute`. Wrap only statements whose text is
-//! fixed (or takes a handful of forms, like a limit written into it): every distinct
-//! text is a statement kept on each connection. Values still travel as bind
-//! parameters; Postgres plans custom or generic as it does for any prepared statement
-//! (`plan_cache_mode`). A generic plan does not know the parameters' values, so
-//! statements whose best plan depends on them — a time bound of "minutes ago", a
-//! limit — are not wrapped (`outbound::waiting`, `events::unsettled_before`,
-//! `events::claim_stale`); the wrapped ones look rows up by key or unnest arrays.
+//! [`prepared`] wraps such a query — a `sql_query` with its binds, or a query-builder
+//! statement — so Diesel caches it by its text: the connection sends `Parse` once and
+//! then only `Bind`/`Execute`. Wrap only statements whose text is fixed (or takes a
+//! handful of forms, like a limit written into it): every distinct text is a statement
+//! kept on each connection. Values still travel as bind parameters; Postgres plans
+//! custom or generic as it does for any prepared statement (`plan_cache_mode`). A
+//! generic plan does not know the parameters' values, so a statement whose best plan
+//! depends on them — a limit, a time bound the planner cannot see through — is wrapped
+//! only with the value written into its text or with a test that its generic plan is
+//! the right one (`tests/it/store.rs`); `events::unsettled_before` and
+//! `events::claim_stale` are not wrapped.
+//!
+//! ## Values the planner must not see
+//!
+//! Kept prepared is not yet planned once. Under `plan_cache_mode = auto` Postgres plans
+//! a prepared statement with its values five times, then keeps the generic plan only if
+//! it is estimated no dearer than those were. When the values move the estimate — the
+//! length of an `= ANY($1)` list (a generic plan assumes ten), a time bound — it may
+//! stay on custom plans and plan every run: verify's read of its events planned 2 092
+//! times in 2 755 runs, the hosted-rooms lookup every time. Where the right plan is the
+//! same whatever the values, they are handed over as `(SELECT $n)` (for a list
+//! `= ANY((SELECT $n)::text[])`: without the cast Postgres reads a subquery): an InitPlan,
+//! computed once as the statement starts, which no estimate looks into, so the custom
+//! and generic plans cost the same and the generic one is kept after the fifth run.
+//! An index still takes the value as its condition. `tests/it/store.rs` checks that the
+//! statements every run makes are prepared and settle on the generic plan.
 
 use diesel::pg::Pg;
 use diesel::query_builder::{AstPass, Query, QueryFragment, QueryId};
-use diesel::sql_types::Untyped;
 use diesel::QueryResult;
 
-/// A `sql_query` (with its binds) that Diesel may cache as a prepared statement, keyed
-/// by its SQL text. Built by [`prepared`]; run with `diesel_async::RunQueryDsl` as the
-/// query it wraps.
+/// A query that Diesel may cache as a prepared statement, keyed by its SQL text. Built
+/// by [`prepared`]; run with `diesel_async::RunQueryDsl` as the query it wraps, with
+/// the same result type.
 #[derive(Debug, Clone)]
 pub struct Prepared<Q>(Q);
 
-/// Marks `query` — a `diesel::sql_query(…)` with its `.bind`s — as safe to keep
-/// prepared (see the module doc for which statements qualify).
+/// Marks `query` — a `diesel::sql_query(…)` with its `.bind`s, or a query-builder
+/// statement — as safe to keep prepared (see the module doc for which statements
+/// qualify).
 pub fn prepared<Q>(query: Q) -> Prepared<Q> {
     Prepared(query)
 }
@@ -50,6 +70,6 @@ impl<Q> QueryId for Prepared<Q> {
     const HAS_STATIC_QUERY_ID: bool = false;
 }
 
-impl<Q> Query for Prepared<Q> {
-    type SqlType = Untyped;
+impl<Q: Query> Query for Prepared<Q> {
+    type SqlType = Q::SqlType;
 }

@@ -5,6 +5,7 @@ use diesel::prelude::*;
 use diesel_async::{AsyncPgConnection, RunQueryDsl};
 use serde::{Deserialize, Serialize};
 
+use super::prepared::prepared;
 use super::schema::{hosted_rooms as hr, room_members as rm, room_servers as rs};
 use super::StoreError;
 
@@ -185,11 +186,21 @@ pub async fn hosted_among(
     if rooms.is_empty() {
         return Ok(Default::default());
     }
-    let found: Vec<String> = hr::table
-        .filter(hr::room_id.eq_any(rooms))
-        .select(hr::room_id)
-        .load(conn)
-        .await?;
+    // Every verify run with events of rooms hosted here asks: the list is handed over
+    // as `(SELECT $1)` (`store::prepared`, "Values the planner must not see").
+    let found: Vec<String> = prepared(
+        hr::table
+            .filter(
+                diesel::dsl::sql::<diesel::sql_types::Bool>(
+                    "\"hosted_rooms\".\"room_id\" = ANY((SELECT ",
+                )
+                .bind::<diesel::sql_types::Array<diesel::sql_types::Text>, _>(rooms)
+                .sql(")::text[])"),
+            )
+            .select(hr::room_id),
+    )
+    .load(conn)
+    .await?;
     Ok(found.into_iter().collect())
 }
 

@@ -574,8 +574,24 @@ async fn the_drains_read_looks_for_earlier_unsettled_events_by_index_after_a_bur
                 .replace("$1", "ARRAY['sink.test', 'other.test']"),
         ),
     ];
+    let mut statements: Vec<(&str, String)> = statements
+        .into_iter()
+        .map(|(name, s)| (name, s.replace("$2", "(now() - interval '5 minutes')")))
+        .collect();
+    // `waiting` is a prepared statement (`store::prepared`): after a few runs Postgres
+    // may keep a generic plan, made without knowing that `$2` is minutes ago.
+    c.batch_execute(&format!(
+        "PREPARE waiting_read(text, timestamptz) AS {}; \
+         SET plan_cache_mode = force_generic_plan;",
+        parafed::store::outbound::waiting_statement(128)
+    ))
+    .await
+    .unwrap();
+    statements.push((
+        "waiting (generic plan)",
+        "EXECUTE waiting_read('sink.test', now() - interval '5 minutes')".into(),
+    ));
     for (name, statement) in statements {
-        let statement = statement.replace("$2", "now() - interval '5 minutes'");
         let plan = plan_of(&mut c, &statement).await;
         assert!(
             !plan.contains("Seq Scan on federation_events p"),
@@ -584,6 +600,81 @@ async fn the_drains_read_looks_for_earlier_unsettled_events_by_index_after_a_bur
         assert!(
             plan.contains("federation_events_unsettled_room"),
             "{name} does not use the unsettled-events index:\n{plan}"
+        );
+    }
+}
+
+/// The statements that every verify run and every drain round runs are kept prepared
+/// on the connection and settle on one plan: Diesel caches most query-builder
+/// statements itself, but sends hand-written SQL and query-builder `UPDATE`s to be
+/// parsed and planned again on every run unless they are wrapped (`store::prepared`);
+/// and a prepared statement whose values move the planner's estimate (the length of an
+/// `= ANY` list, a time bound) can stay on custom plans, planned on every run. At a
+/// steady 1 000 events/s that planning cost Postgres more than running the statements
+/// (docs/performance.md, twelfth round).
+#[tokio::test]
+async fn the_statements_every_run_of_the_pipeline_makes_are_prepared_and_planned_once() {
+    use parafed::store::{destinations, events, outbound, rooms};
+    let url = support::pg::migrated_db().await;
+    let mut c = AsyncPgConnection::establish(&url).await.unwrap();
+    let ttl = chrono::Duration::seconds(30);
+    // More runs than the five custom plans Postgres makes before it weighs the generic
+    // one; lists of varying length, as verify's batches are.
+    for n in 1..=8 {
+        let ids: Vec<String> = (0..n).map(|i| format!("$e{i}:alpha.test")).collect();
+        let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
+        events::get_many(&mut c, &ids).await.unwrap();
+        events::envelopes(&mut c, &ids).await.unwrap();
+        rooms::hosted_among(&mut c, &ids[..n.min(3)]).await.unwrap();
+        destinations::acquire_lease(&mut c, "sink.test", "w1", ttl)
+            .await
+            .unwrap();
+        destinations::release_lease(&mut c, "sink.test", "w1")
+            .await
+            .unwrap();
+        outbound::waiting(&mut c, "sink.test", 64, chrono::Utc::now())
+            .await
+            .unwrap();
+    }
+    #[derive(QueryableByName, Debug)]
+    struct Kept {
+        #[diesel(sql_type = Text)]
+        statement: String,
+        #[diesel(sql_type = diesel::sql_types::BigInt)]
+        generic_plans: i64,
+        #[diesel(sql_type = diesel::sql_types::BigInt)]
+        custom_plans: i64,
+    }
+    // Statements prepared through the protocol (a name per statement), as listed by
+    // the connection that prepared them, with the plans each was run with.
+    let kept: Vec<Kept> = diesel::sql_query(
+        "SELECT statement, generic_plans, custom_plans FROM pg_prepared_statements",
+    )
+    .load(&mut c)
+    .await
+    .unwrap();
+    for (what, text) in [
+        (
+            "events::get_many and events::envelopes",
+            "FROM \"federation_events\" WHERE",
+        ),
+        ("rooms::hosted_among", "FROM \"hosted_rooms\" WHERE"),
+        (
+            "destinations::acquire_lease",
+            "\"destination_health\".\"lease_until\" < $4",
+        ),
+        (
+            "destinations::release_lease",
+            "\"destination_health\".\"lease_owner\" = $4))",
+        ),
+        ("outbound::waiting", "WITH w AS (SELECT o.id"),
+    ] {
+        let Some(k) = kept.iter().find(|k| k.statement.contains(text)) else {
+            panic!("{what} is not kept prepared; prepared: {kept:#?}");
+        };
+        assert!(
+            k.generic_plans >= 3 && k.custom_plans <= 5,
+            "{what} is planned again on every run: {k:#?}"
         );
     }
 }
