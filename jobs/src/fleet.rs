@@ -120,6 +120,11 @@ pub async fn run(
             QueueName::Deliver => n.clamp(1, 64),
             QueueName::Verify | QueueName::Fanout => 64,
         };
+        // Verify jobs read together run as one: at a steady rate a read waits a moment
+        // for the next group commit's job (`verify::LINGER`).
+        if q == QueueName::Verify {
+            consumer.linger = crate::verify::LINGER;
+        }
         consumer.min_idle = Duration::from_millis(app.cfg.worker.job_timeout_ms.max(1000));
         if let Err(e) = consumer.ensure_group().await {
             tracing::warn!(queue = q.as_str(), error = %e, "cannot create the consumer group yet; will retry");

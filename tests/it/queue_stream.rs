@@ -234,3 +234,44 @@ async fn a_failed_joined_job_goes_back_at_once_and_a_finished_one_is_acked_whole
         "the finished job's two entries are deleted, the failed job's two stay"
     );
 }
+
+/// A read that found less than a batch waits up to `linger` for the next entries and
+/// hands them over together as soon as one comes (verify jobs read together run as one,
+/// `verify::LINGER`); a full batch is handed over without waiting.
+#[tokio::test]
+async fn a_read_short_of_a_batch_waits_for_the_next_entry_and_a_full_one_does_not() {
+    let redis = Redis::start().await.unwrap();
+    let port = redis.port;
+    let mut c = consumer(&redis, "a").await;
+    // Far longer than the test: it cannot pass by the wait running out.
+    c.linger = Duration::from_secs(600);
+    push(&redis, 1);
+    let reading = tokio::spawn({
+        let c = c.clone();
+        async move { c.read().await.unwrap() }
+    });
+    // The first entry is read (pending for the consumer): the read is now waiting.
+    support::wait_for(
+        "the first entry to be read",
+        Duration::from_secs(10),
+        || async {
+            command_line(port, "XPENDING t:q workers")
+                .ok()
+                .filter(|r| r.starts_with("*4\r\n:1\r\n"))
+        },
+    )
+    .await;
+    push(&redis, 1);
+    let got = tokio::time::timeout(Duration::from_secs(60), reading)
+        .await
+        .expect("the read ends when the next entry comes")
+        .unwrap();
+    assert_eq!(got.len(), 2, "both entries in one read");
+    // A full batch (8) is not held back for a ninth.
+    push(&redis, 9);
+    let got = tokio::time::timeout(Duration::from_secs(60), c.read())
+        .await
+        .expect("a full batch is handed over at once")
+        .unwrap();
+    assert_eq!(got.len(), 8);
+}
