@@ -188,6 +188,15 @@ async fn transition(
     )
 }
 
+/// Whether the peer may be sent to now (its standing `Allowed`): this process's cached
+/// trust decision (`trust::Trust::standing`), no statement while it is fresh.
+async fn allowed(ctx: &Ctx, dest: &ServerName) -> Result<bool, JobError> {
+    Ok(matches!(
+        ctx.app.trust.standing(dest).await?,
+        Standing::Allowed { .. }
+    ))
+}
+
 /// The trust decision about the destination: a blocked peer's waiting rows are
 /// cancelled, a quarantined peer's wait (the destination is held and looked at again
 /// after `hold_recheck`), an allowed peer's destination is released if it was held.
@@ -255,7 +264,8 @@ enum Begin {
     Begun(Vec<attempts::Started>, Option<Box<Health>>),
     /// Another worker holds the destination now.
     LeaseLost,
-    /// The destination is no longer the same healthy window: read the round anew.
+    /// The destination is no longer the same healthy window, or the peer no longer
+    /// allowed: read the round anew (which stops the drain if it may not be sent to).
     Changed,
 }
 
@@ -330,6 +340,10 @@ async fn drain(
         // same healthy window (an operator's pause or hold, say) reads the round again,
         // after the kept round is settled; nothing of it was begun.
         let step: Result<Begin, JobError> = async {
+            // The peer's standing, as the round read now would check it (`Reading::next`).
+            if read_ahead && !allowed(ctx, dest).await? {
+                return Ok(Begin::Changed);
+            }
             let mut conn = app.pool.get().await.map_err(StoreError::from)?;
             let mut renewed = None;
             if read_ahead {
@@ -502,6 +516,20 @@ impl Reading<'_> {
                 || ctx.is_stopping()
             {
                 return Ok(Next::Done(Drain::Budget));
+            }
+            // An operator's (or the automatic) quarantine or block of the peer stops the
+            // drain between rounds, with the destination held or its rows cancelled
+            // (`may_send`), not only at the next job: a backlog being drained would
+            // otherwise go out whole to a peer quarantined meanwhile. The standing is
+            // this process's cached one (`trust::Trust`), no statement.
+            if !allowed(ctx, dest).await? {
+                // Read while a round is out (`in_flight`): its rows are still pending, so
+                // the hold or the cancelling waits until that round is settled and the
+                // drain reads again (with nothing in flight).
+                if in_flight.is_empty() {
+                    may_send(ctx, dest).await?;
+                }
+                return Ok(Next::Done(Drain::Stopped));
             }
             // Before taking a connection: reading the key may take one of its own, and
             // drains that each hold one while waiting for another can empty the pool.

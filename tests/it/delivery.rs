@@ -1022,3 +1022,154 @@ async fn a_pause_while_a_round_is_out_stops_the_round_read_ahead_and_settles_the
     );
     assert_eq!(unique.len(), arrived.len());
 }
+
+/// A peer quarantined automatically while a round of its backlog is out (its offenses
+/// reached the threshold, `trust::offenses`) gets nothing more from the drain after
+/// that round: not the round read ahead, not the rounds after. The destination is held
+/// with the rest of the backlog waiting, untried; released, the rest goes out, each
+/// event once. Before, a drain looked at the peer's standing only when its job started
+/// (an operator's decision also queues a job that holds the destination; the automatic
+/// quarantine does not), and sent a peer quarantined meanwhile its whole backlog, for
+/// as long as the drain's time budget lasted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_quarantined_while_its_backlog_drains_gets_nothing_after_the_round_out() {
+    use parafed::admin::destinations::{act, Action};
+    use parafed::admin::peers::release;
+    use parafed::trust::offenses::{record, Offense};
+    const WINDOW: usize = 4;
+    let beta = parafed::protocol::ServerName::parse("beta.test").unwrap();
+    let arrived: Arc<Mutex<Vec<String>>> = Arc::default();
+    let app_cell: Arc<std::sync::OnceLock<Arc<parafed::app::App>>> = Arc::default();
+    // Armed once the backlog is waiting: the first request of the drain records an
+    // offense of the peer before it is answered, which quarantines it (threshold 1).
+    let armed = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (lp, up) = reserve_listener();
+    let (a, cell, arm, name) = (
+        arrived.clone(),
+        app_cell.clone(),
+        armed.clone(),
+        beta.clone(),
+    );
+    let _peer = FnPeer::start(lp, move |r: FakeRequest| {
+        let (arrived, cell, arm, name) = (a.clone(), cell.clone(), arm.clone(), name.clone());
+        async move {
+            if !r.path.ends_with("/event") {
+                return FakeAnswer::empty(404);
+            }
+            arrived.lock().unwrap().push(event_id_of(&r.body));
+            if arm.swap(false, Ordering::SeqCst) {
+                let app = cell.get().expect("alpha started").clone();
+                record(&app.trust, &name, Offense::RejectedEvent).await;
+            }
+            accepted(&r)
+        }
+    })
+    .await;
+    let toml = format!("quarantine_threshold = 1\n{FAST_WORKER_TOML}window = {WINDOW}\n");
+    let alpha = alpha_with_member_cfg("beta.test", &up, &toml).await;
+    let _ = app_cell.set(alpha.app.clone());
+    let _w = TestWorker::start(&alpha);
+
+    // beta is reached once, then paused while a backlog of three windows is fanned out.
+    let body = |i: usize| json!({"message_id": format!("m{i}"), "channel_id": "1", "body": "x"});
+    let first = submit(&alpha, "q0", "m.message", "@alice:alpha.test", body(0)).await;
+    delivered(&alpha, &first, "the first event at beta", 60).await;
+    act(&alpha.app, "beta.test", Action::Pause, None)
+        .await
+        .unwrap();
+    let mut backlog = Vec::new();
+    for i in 1..=3 * WINDOW {
+        backlog.push(
+            submit(
+                &alpha,
+                &format!("q{i}"),
+                "m.message",
+                "@alice:alpha.test",
+                body(i),
+            )
+            .await,
+        );
+    }
+    let statuses = |ids: Vec<String>| {
+        let alpha = &alpha;
+        async move {
+            let rows: Vec<(String, i32)> = oq::table
+                .filter(oq::event_id.eq_any(&ids))
+                .select((oq::status, oq::attempts))
+                .load(&mut *alpha.db().await)
+                .await
+                .unwrap();
+            rows
+        }
+    };
+    wait_for("the backlog's rows", Duration::from_secs(60), || async {
+        let rows = statuses(backlog.clone()).await;
+        (rows.len() == backlog.len() && rows.iter().all(|r| r.0 == "pending")).then_some(())
+    })
+    .await;
+
+    armed.store(true, Ordering::SeqCst);
+    act(&alpha.app, "beta.test", Action::Resume, None)
+        .await
+        .unwrap();
+    // The drain let beta go, held for its quarantine, with one round answered.
+    wait_for(
+        "the drain to stop at the quarantine",
+        Duration::from_secs(60),
+        || async {
+            let h = alpha.health("beta.test").await?;
+            let lease: Option<String> = dh::table
+                .filter(dh::destination.eq("beta.test"))
+                .select(dh::lease_owner)
+                .first(&mut *alpha.db().await)
+                .await
+                .unwrap();
+            let delivered = statuses(backlog.clone())
+                .await
+                .iter()
+                .filter(|r| r.0 == "delivered")
+                .count();
+            let held = h.paused_reason.as_deref()?.contains("quarantined");
+            (held && lease.is_none() && delivered > 0).then_some(())
+        },
+    )
+    .await;
+    let sent: Vec<String> = arrived.lock().unwrap()[1..].to_vec();
+    assert!(
+        !sent.is_empty() && sent.len() <= WINDOW,
+        "one round at most goes out after the quarantine; {} went",
+        sent.len()
+    );
+    assert!(
+        statuses(sent.clone())
+            .await
+            .iter()
+            .all(|r| r.0 == "delivered"),
+        "the answered round is settled"
+    );
+    let rest: Vec<String> = backlog
+        .iter()
+        .filter(|id| !sent.contains(id))
+        .cloned()
+        .collect();
+    assert!(
+        statuses(rest.clone())
+            .await
+            .iter()
+            .all(|r| r == &("pending".to_owned(), 0)),
+        "the rest waits, never tried"
+    );
+
+    release(&alpha.app, &beta).await.unwrap();
+    for id in &rest {
+        delivered(&alpha, id, "the rest after the release", 60).await;
+    }
+    let arrived = arrived.lock().unwrap().clone();
+    let unique: HashSet<&String> = arrived.iter().collect();
+    assert_eq!(
+        arrived.len(),
+        1 + backlog.len(),
+        "each event once: {arrived:?}"
+    );
+    assert_eq!(unique.len(), arrived.len());
+}
