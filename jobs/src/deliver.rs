@@ -518,10 +518,13 @@ impl Reading<'_> {
                 return Ok(Next::Done(Drain::Budget));
             }
             // An operator's (or the automatic) quarantine or block of the peer stops the
-            // drain between rounds, with the destination held or its rows cancelled
-            // (`may_send`), not only at the next job: a backlog being drained would
-            // otherwise go out whole to a peer quarantined meanwhile. The standing is
-            // this process's cached one (`trust::Trust`), no statement.
+            // drain between rounds, not only at the next job: a backlog being drained
+            // would otherwise go out whole to a peer quarantined meanwhile. The
+            // destination is held or its rows cancelled here (`may_send`) once no round is
+            // out, or by the next job if the drain stops first (a settle that backs the
+            // destination off). The standing is this process's cached one
+            // (`trust::Trust`: no statement while it is cached; a decision made in
+            // another process reaches the cache within about a quarter of a second).
             if !allowed(ctx, dest).await? {
                 // Read while a round is out (`in_flight`): its rows are still pending, so
                 // the hold or the cancelling waits until that round is settled and the

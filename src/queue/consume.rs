@@ -52,6 +52,8 @@ pub struct StreamConsumer {
     /// (`Coalesce`): at a steady 1 000 events/s verify jobs arrive a few milliseconds
     /// apart, each a group commit of about three events, and every run has the
     /// statements of one whatever its size (docs/performance.md, twelfth round).
+    /// `block` and `linger` stay below the connection's response timeout (2 s,
+    /// `queue::connect`): a longer blocking read is cut off as an error.
     pub linger: Duration,
     pub min_idle: Duration,
     pub max_deliveries: u64,
@@ -113,7 +115,14 @@ impl StreamConsumer {
     pub async fn read(&self) -> RedisResult<Vec<Entry>> {
         let mut got = self.read_some(self.batch, self.block).await?;
         if !got.is_empty() && got.len() < self.batch && !self.linger.is_zero() {
-            got.extend(self.read_some(self.batch - got.len(), self.linger).await?);
+            // The entries already read are this consumer's now: a failed wait for more
+            // must not drop them (they would wait for a claim round, `min_idle` later).
+            match self.read_some(self.batch - got.len(), self.linger).await {
+                Ok(more) => got.extend(more),
+                Err(e) => {
+                    tracing::warn!(error = %e, "waiting for more entries failed; running those read")
+                }
+            }
         }
         Ok(got)
     }

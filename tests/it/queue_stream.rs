@@ -243,8 +243,9 @@ async fn a_read_short_of_a_batch_waits_for_the_next_entry_and_a_full_one_does_no
     let redis = Redis::start().await.unwrap();
     let port = redis.port;
     let mut c = consumer(&redis, "a").await;
-    // Far longer than the test: it cannot pass by the wait running out.
-    c.linger = Duration::from_secs(600);
+    // Longer than the test needs between the two pushes, below the reader's response
+    // timeout (2 s); the second entry is pushed as soon as the first is read.
+    c.linger = Duration::from_millis(1500);
     push(&redis, 1);
     let reading = tokio::spawn({
         let c = c.clone();
