@@ -868,6 +868,187 @@ async fn new_peers_are_probed_together_and_each_answer_is_recorded_once() {
     assert_eq!(open, 0, "no attempt left open");
 }
 
+/// The window of the mid-round tests ([`MidRound`]).
+const MID_ROUND_WINDOW: usize = 4;
+
+/// What a change made while a round of a backlog is out needs: beta's peer, which
+/// records every event it gets and, once armed, makes a change on alpha before it
+/// answers the first request of the drain (`on_first`); alpha with a window of
+/// [`MID_ROUND_WINDOW`] and a worker; and a backlog of three windows for beta, fanned
+/// out while beta was paused after one event reached it.
+struct MidRound {
+    alpha: support::app::TestServer,
+    arrived: Arc<Mutex<Vec<String>>>,
+    armed: Arc<std::sync::atomic::AtomicBool>,
+    backlog: Vec<String>,
+    _peer: FnPeer,
+    _worker: TestWorker,
+}
+
+type OnFirst =
+    Arc<dyn Fn(Arc<parafed::app::App>) -> futures::future::BoxFuture<'static, ()> + Send + Sync>;
+
+impl MidRound {
+    /// `federation_toml`: lines for alpha's `[federation]` table.
+    async fn start(federation_toml: &str, on_first: OnFirst) -> MidRound {
+        use parafed::admin::destinations::{act, Action};
+        let arrived: Arc<Mutex<Vec<String>>> = Arc::default();
+        let app_cell: Arc<std::sync::OnceLock<Arc<parafed::app::App>>> = Arc::default();
+        let armed = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (lp, up) = reserve_listener();
+        let (a, cell, arm) = (arrived.clone(), app_cell.clone(), armed.clone());
+        let peer = FnPeer::start(lp, move |r: FakeRequest| {
+            let (arrived, cell, arm, on_first) =
+                (a.clone(), cell.clone(), arm.clone(), on_first.clone());
+            async move {
+                if !r.path.ends_with("/event") {
+                    return FakeAnswer::empty(404);
+                }
+                arrived.lock().unwrap().push(event_id_of(&r.body));
+                if arm.swap(false, Ordering::SeqCst) {
+                    on_first(cell.get().expect("alpha started").clone()).await;
+                }
+                accepted(&r)
+            }
+        })
+        .await;
+        let toml = format!("{federation_toml}{FAST_WORKER_TOML}window = {MID_ROUND_WINDOW}\n");
+        let alpha = alpha_with_member_cfg("beta.test", &up, &toml).await;
+        let _ = app_cell.set(alpha.app.clone());
+        let worker = TestWorker::start(&alpha);
+
+        // beta is reached once, then paused while a backlog of three windows is fanned out.
+        let body =
+            |i: usize| json!({"message_id": format!("m{i}"), "channel_id": "1", "body": "x"});
+        let first = submit(&alpha, "p0", "m.message", "@alice:alpha.test", body(0)).await;
+        delivered(&alpha, &first, "the first event at beta", 60).await;
+        act(&alpha.app, "beta.test", Action::Pause, None)
+            .await
+            .unwrap();
+        let mut backlog = Vec::new();
+        for i in 1..=3 * MID_ROUND_WINDOW {
+            backlog.push(
+                submit(
+                    &alpha,
+                    &format!("p{i}"),
+                    "m.message",
+                    "@alice:alpha.test",
+                    body(i),
+                )
+                .await,
+            );
+        }
+        let m = MidRound {
+            alpha,
+            arrived,
+            armed,
+            backlog,
+            _peer: peer,
+            _worker: worker,
+        };
+        wait_for("the backlog's rows", Duration::from_secs(60), || async {
+            let rows = m.statuses(&m.backlog).await;
+            (rows.len() == m.backlog.len() && rows.iter().all(|r| r.0 == "pending")).then_some(())
+        })
+        .await;
+        m
+    }
+
+    /// The rows of `ids`: (status, attempts).
+    async fn statuses(&self, ids: &[String]) -> Vec<(String, i32)> {
+        oq::table
+            .filter(oq::event_id.eq_any(ids))
+            .select((oq::status, oq::attempts))
+            .load(&mut *self.alpha.db().await)
+            .await
+            .unwrap()
+    }
+
+    /// Arms the peer and resumes beta: its drain starts.
+    async fn resume(&self) {
+        use parafed::admin::destinations::{act, Action};
+        self.armed.store(true, Ordering::SeqCst);
+        act(&self.alpha.app, "beta.test", Action::Resume, None)
+            .await
+            .unwrap();
+    }
+
+    /// Waits until the drain let beta go (its lease released) with a round delivered
+    /// and beta's state as `stopped` says; then checks that one round at most went out,
+    /// settled, and that the rest waits untried. Returns the rest.
+    async fn one_round_then_nothing(
+        &self,
+        what: &str,
+        stopped: impl Fn(&parafed::store::destinations::Health) -> bool,
+    ) -> Vec<String> {
+        wait_for(what, Duration::from_secs(60), || async {
+            let h = self.alpha.health("beta.test").await?;
+            let lease: Option<String> = dh::table
+                .filter(dh::destination.eq("beta.test"))
+                .select(dh::lease_owner)
+                .first(&mut *self.alpha.db().await)
+                .await
+                .unwrap();
+            let delivered = self
+                .statuses(&self.backlog)
+                .await
+                .iter()
+                .filter(|r| r.0 == "delivered")
+                .count();
+            (stopped(&h) && lease.is_none() && delivered > 0).then_some(())
+        })
+        .await;
+        let sent: Vec<String> = self.arrived.lock().unwrap()[1..].to_vec();
+        assert!(
+            !sent.is_empty() && sent.len() <= MID_ROUND_WINDOW,
+            "one round at most goes out after the change; {} went",
+            sent.len()
+        );
+        let rows = self.statuses(&sent).await;
+        assert!(
+            rows.iter().all(|r| r.0 == "delivered"),
+            "the answered round is settled: {rows:?}"
+        );
+        let open: i64 = da::table
+            .filter(da::destination.eq("beta.test"))
+            .filter(da::finished_at.is_null())
+            .count()
+            .get_result(&mut *self.alpha.db().await)
+            .await
+            .unwrap();
+        assert_eq!(open, 0, "no attempt left open");
+        let rest: Vec<String> = self
+            .backlog
+            .iter()
+            .filter(|id| !sent.contains(id))
+            .cloned()
+            .collect();
+        assert!(
+            self.statuses(&rest)
+                .await
+                .iter()
+                .all(|r| r == &("pending".to_owned(), 0)),
+            "the rest waits, never tried"
+        );
+        rest
+    }
+
+    /// Once beta may be sent to again: the rest arrives, and every event arrived once.
+    async fn each_once(&self, rest: &[String]) {
+        for id in rest {
+            delivered(&self.alpha, id, "the rest", 60).await;
+        }
+        let arrived = self.arrived.lock().unwrap().clone();
+        let unique: HashSet<&String> = arrived.iter().collect();
+        assert_eq!(
+            arrived.len(),
+            1 + self.backlog.len(),
+            "each event once: {arrived:?}"
+        );
+        assert_eq!(unique.len(), arrived.len());
+    }
+}
+
 /// A destination paused while a round of a backlog is out (its read-ahead round
 /// chosen meanwhile): after that round's answers the drain sends nothing more — not the
 /// round read ahead — and the answered round is settled (rows delivered, attempts
@@ -877,23 +1058,10 @@ async fn new_peers_are_probed_together_and_each_answer_is_recorded_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pause_while_a_round_is_out_stops_the_round_read_ahead_and_settles_the_one_answered() {
     use parafed::admin::destinations::{act, Action};
-    const WINDOW: usize = 4;
-    let arrived: Arc<Mutex<Vec<String>>> = Arc::default();
-    let app_cell: Arc<std::sync::OnceLock<Arc<parafed::app::App>>> = Arc::default();
-    // Armed once the backlog is waiting: the first request of the drain pauses the
-    // destination before it is answered.
-    let armed = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let (lp, up) = reserve_listener();
-    let (a, cell, arm) = (arrived.clone(), app_cell.clone(), armed.clone());
-    let _peer = FnPeer::start(lp, move |r: FakeRequest| {
-        let (arrived, cell, arm) = (a.clone(), cell.clone(), arm.clone());
-        async move {
-            if !r.path.ends_with("/event") {
-                return FakeAnswer::empty(404);
-            }
-            arrived.lock().unwrap().push(event_id_of(&r.body));
-            if arm.swap(false, Ordering::SeqCst) {
-                let app = cell.get().expect("alpha started").clone();
+    let m = MidRound::start(
+        "",
+        Arc::new(|app| {
+            Box::pin(async move {
                 act(
                     &app,
                     "beta.test",
@@ -902,125 +1070,18 @@ async fn a_pause_while_a_round_is_out_stops_the_round_read_ahead_and_settles_the
                 )
                 .await
                 .unwrap();
-            }
-            accepted(&r)
-        }
-    })
-    .await;
-    let toml = format!("{FAST_WORKER_TOML}window = {WINDOW}\n");
-    let alpha = alpha_with_member_cfg("beta.test", &up, &toml).await;
-    let _ = app_cell.set(alpha.app.clone());
-    let _w = TestWorker::start(&alpha);
-
-    // beta is reached once, then paused while a backlog of three windows is fanned out.
-    let body = |i: usize| json!({"message_id": format!("m{i}"), "channel_id": "1", "body": "x"});
-    let first = submit(&alpha, "p0", "m.message", "@alice:alpha.test", body(0)).await;
-    delivered(&alpha, &first, "the first event at beta", 60).await;
-    act(&alpha.app, "beta.test", Action::Pause, None)
-        .await
-        .unwrap();
-    let mut backlog = Vec::new();
-    for i in 1..=3 * WINDOW {
-        backlog.push(
-            submit(
-                &alpha,
-                &format!("p{i}"),
-                "m.message",
-                "@alice:alpha.test",
-                body(i),
-            )
-            .await,
-        );
-    }
-    let statuses = |ids: Vec<String>| {
-        let alpha = &alpha;
-        async move {
-            let rows: Vec<(String, i32)> = oq::table
-                .filter(oq::event_id.eq_any(&ids))
-                .select((oq::status, oq::attempts))
-                .load(&mut *alpha.db().await)
-                .await
-                .unwrap();
-            rows
-        }
-    };
-    wait_for("the backlog's rows", Duration::from_secs(60), || async {
-        let rows = statuses(backlog.clone()).await;
-        (rows.len() == backlog.len() && rows.iter().all(|r| r.0 == "pending")).then_some(())
-    })
-    .await;
-
-    armed.store(true, Ordering::SeqCst);
-    act(&alpha.app, "beta.test", Action::Resume, None)
-        .await
-        .unwrap();
-    // The drain let beta go (paused, the lease released) with one round answered.
-    wait_for(
-        "the drain to stop at the pause",
-        Duration::from_secs(60),
-        || async {
-            let h = alpha.health("beta.test").await?;
-            let lease: Option<String> = dh::table
-                .filter(dh::destination.eq("beta.test"))
-                .select(dh::lease_owner)
-                .first(&mut *alpha.db().await)
-                .await
-                .unwrap();
-            let delivered = statuses(backlog.clone())
-                .await
-                .iter()
-                .filter(|r| r.0 == "delivered")
-                .count();
-            (h.state == "paused" && lease.is_none() && delivered > 0).then_some(())
-        },
+            })
+        }),
     )
     .await;
-    let sent: Vec<String> = arrived.lock().unwrap()[1..].to_vec();
-    assert!(
-        !sent.is_empty() && sent.len() <= WINDOW,
-        "one round at most goes out after the pause; {} went",
-        sent.len()
-    );
-    let rows = statuses(sent.clone()).await;
-    assert!(
-        rows.iter().all(|r| r.0 == "delivered"),
-        "the answered round is settled: {rows:?}"
-    );
-    let open: i64 = da::table
-        .filter(da::destination.eq("beta.test"))
-        .filter(da::finished_at.is_null())
-        .count()
-        .get_result(&mut *alpha.db().await)
+    m.resume().await;
+    let rest = m
+        .one_round_then_nothing("the drain to stop at the pause", |h| h.state == "paused")
+        .await;
+    act(&m.alpha.app, "beta.test", Action::Resume, None)
         .await
         .unwrap();
-    assert_eq!(open, 0, "no attempt left open");
-    let rest: Vec<String> = backlog
-        .iter()
-        .filter(|id| !sent.contains(id))
-        .cloned()
-        .collect();
-    assert!(
-        statuses(rest.clone())
-            .await
-            .iter()
-            .all(|r| r == &("pending".to_owned(), 0)),
-        "the rest waits, never tried"
-    );
-
-    act(&alpha.app, "beta.test", Action::Resume, None)
-        .await
-        .unwrap();
-    for id in &rest {
-        delivered(&alpha, id, "the rest after the resume", 60).await;
-    }
-    let arrived = arrived.lock().unwrap().clone();
-    let unique: HashSet<&String> = arrived.iter().collect();
-    assert_eq!(
-        arrived.len(),
-        1 + backlog.len(),
-        "each event once: {arrived:?}"
-    );
-    assert_eq!(unique.len(), arrived.len());
+    m.each_once(&rest).await;
 }
 
 /// A peer quarantined automatically while a round of its backlog is out (its offenses
@@ -1033,143 +1094,29 @@ async fn a_pause_while_a_round_is_out_stops_the_round_read_ahead_and_settles_the
 /// as long as the drain's time budget lasted.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_peer_quarantined_while_its_backlog_drains_gets_nothing_after_the_round_out() {
-    use parafed::admin::destinations::{act, Action};
-    use parafed::admin::peers::release;
     use parafed::trust::offenses::{record, Offense};
-    const WINDOW: usize = 4;
     let beta = parafed::protocol::ServerName::parse("beta.test").unwrap();
-    let arrived: Arc<Mutex<Vec<String>>> = Arc::default();
-    let app_cell: Arc<std::sync::OnceLock<Arc<parafed::app::App>>> = Arc::default();
-    // Armed once the backlog is waiting: the first request of the drain records an
-    // offense of the peer before it is answered, which quarantines it (threshold 1).
-    let armed = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let (lp, up) = reserve_listener();
-    let (a, cell, arm, name) = (
-        arrived.clone(),
-        app_cell.clone(),
-        armed.clone(),
-        beta.clone(),
-    );
-    let _peer = FnPeer::start(lp, move |r: FakeRequest| {
-        let (arrived, cell, arm, name) = (a.clone(), cell.clone(), arm.clone(), name.clone());
-        async move {
-            if !r.path.ends_with("/event") {
-                return FakeAnswer::empty(404);
-            }
-            arrived.lock().unwrap().push(event_id_of(&r.body));
-            if arm.swap(false, Ordering::SeqCst) {
-                let app = cell.get().expect("alpha started").clone();
-                record(&app.trust, &name, Offense::RejectedEvent).await;
-            }
-            accepted(&r)
-        }
-    })
-    .await;
-    let toml = format!("quarantine_threshold = 1\n{FAST_WORKER_TOML}window = {WINDOW}\n");
-    let alpha = alpha_with_member_cfg("beta.test", &up, &toml).await;
-    let _ = app_cell.set(alpha.app.clone());
-    let _w = TestWorker::start(&alpha);
-
-    // beta is reached once, then paused while a backlog of three windows is fanned out.
-    let body = |i: usize| json!({"message_id": format!("m{i}"), "channel_id": "1", "body": "x"});
-    let first = submit(&alpha, "q0", "m.message", "@alice:alpha.test", body(0)).await;
-    delivered(&alpha, &first, "the first event at beta", 60).await;
-    act(&alpha.app, "beta.test", Action::Pause, None)
-        .await
-        .unwrap();
-    let mut backlog = Vec::new();
-    for i in 1..=3 * WINDOW {
-        backlog.push(
-            submit(
-                &alpha,
-                &format!("q{i}"),
-                "m.message",
-                "@alice:alpha.test",
-                body(i),
-            )
-            .await,
-        );
-    }
-    let statuses = |ids: Vec<String>| {
-        let alpha = &alpha;
-        async move {
-            let rows: Vec<(String, i32)> = oq::table
-                .filter(oq::event_id.eq_any(&ids))
-                .select((oq::status, oq::attempts))
-                .load(&mut *alpha.db().await)
-                .await
-                .unwrap();
-            rows
-        }
-    };
-    wait_for("the backlog's rows", Duration::from_secs(60), || async {
-        let rows = statuses(backlog.clone()).await;
-        (rows.len() == backlog.len() && rows.iter().all(|r| r.0 == "pending")).then_some(())
-    })
-    .await;
-
-    armed.store(true, Ordering::SeqCst);
-    act(&alpha.app, "beta.test", Action::Resume, None)
-        .await
-        .unwrap();
-    // The drain let beta go, held for its quarantine, with one round answered.
-    wait_for(
-        "the drain to stop at the quarantine",
-        Duration::from_secs(60),
-        || async {
-            let h = alpha.health("beta.test").await?;
-            let lease: Option<String> = dh::table
-                .filter(dh::destination.eq("beta.test"))
-                .select(dh::lease_owner)
-                .first(&mut *alpha.db().await)
-                .await
-                .unwrap();
-            let delivered = statuses(backlog.clone())
-                .await
-                .iter()
-                .filter(|r| r.0 == "delivered")
-                .count();
-            let held = h.paused_reason.as_deref()?.contains("quarantined");
-            (held && lease.is_none() && delivered > 0).then_some(())
-        },
+    // The peer's first answer of the drain records an offense, which quarantines it
+    // (threshold 1).
+    let name = beta.clone();
+    let m = MidRound::start(
+        "quarantine_threshold = 1\n",
+        Arc::new(move |app| {
+            let name = name.clone();
+            Box::pin(async move { record(&app.trust, &name, Offense::RejectedEvent).await })
+        }),
     )
     .await;
-    let sent: Vec<String> = arrived.lock().unwrap()[1..].to_vec();
-    assert!(
-        !sent.is_empty() && sent.len() <= WINDOW,
-        "one round at most goes out after the quarantine; {} went",
-        sent.len()
-    );
-    assert!(
-        statuses(sent.clone())
-            .await
-            .iter()
-            .all(|r| r.0 == "delivered"),
-        "the answered round is settled"
-    );
-    let rest: Vec<String> = backlog
-        .iter()
-        .filter(|id| !sent.contains(id))
-        .cloned()
-        .collect();
-    assert!(
-        statuses(rest.clone())
-            .await
-            .iter()
-            .all(|r| r == &("pending".to_owned(), 0)),
-        "the rest waits, never tried"
-    );
-
-    release(&alpha.app, &beta).await.unwrap();
-    for id in &rest {
-        delivered(&alpha, id, "the rest after the release", 60).await;
-    }
-    let arrived = arrived.lock().unwrap().clone();
-    let unique: HashSet<&String> = arrived.iter().collect();
-    assert_eq!(
-        arrived.len(),
-        1 + backlog.len(),
-        "each event once: {arrived:?}"
-    );
-    assert_eq!(unique.len(), arrived.len());
+    m.resume().await;
+    let rest = m
+        .one_round_then_nothing("the drain to stop at the quarantine", |h| {
+            h.paused_reason
+                .as_deref()
+                .is_some_and(|r| r.contains("quarantined"))
+        })
+        .await;
+    parafed::admin::peers::release(&m.alpha.app, &beta)
+        .await
+        .unwrap();
+    m.each_once(&rest).await;
 }
