@@ -54,7 +54,7 @@ pub async fn begin(
     Ok(prepared(diesel::sql_query(
         "INSERT INTO delivery_attempts (outbound_id, destination, event_id, request_kind, attempt) \
          SELECT o.id, o.destination, o.event_id, 'event', x.n \
-           FROM UNNEST($1::bigint[], $2::int[]) AS x(id, n) \
+           FROM UNNEST((SELECT $1::bigint[]), (SELECT $2::int[])) AS x(id, n) \
            JOIN outbound_queue o ON o.id = x.id \
          RETURNING id, outbound_id, attempt",
     )
@@ -110,7 +110,8 @@ pub async fn finish(
         diesel::sql_query(
             "UPDATE delivery_attempts a SET status_code = r.status, error_class = r.class, \
            latency_ms = r.latency, response_excerpt = r.excerpt, finished_at = now() \
-         FROM UNNEST($1::bigint[], $2::int[], $3::text[], $4::int[], $5::text[]) \
+         FROM UNNEST((SELECT $1::bigint[]), (SELECT $2::int[]), (SELECT $3::text[]), \
+                     (SELECT $4::int[]), (SELECT $5::text[])) \
            AS r(id, status, class, latency, excerpt) \
          WHERE a.id = r.id",
         )
@@ -154,7 +155,7 @@ pub async fn close_open_of(
         "WITH closed AS ( \
            UPDATE delivery_attempts SET finished_at = now(), error_class = $2, \
              response_excerpt = 'no answer recorded: the sending worker stopped mid-request; the peer may have it' \
-           WHERE destination = ANY($1) AND request_kind = 'event' AND finished_at IS NULL \
+           WHERE destination = ANY((SELECT $1)::text[]) AND request_kind = 'event' AND finished_at IS NULL \
            RETURNING outbound_id), \
          counted AS ( \
            UPDATE outbound_queue o SET attempts = o.attempts + c.n \

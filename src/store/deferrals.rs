@@ -190,7 +190,8 @@ pub async fn advance(
            INSERT INTO outbound_queue \
              (destination, event_id, event_seq, order_provides, order_waits, created_at) \
            SELECT $1, e, s, p::bigint[], w::bigint[], c \
-             FROM UNNEST($3::text[], $4::bigint[], $5::text[], $6::text[], $7::timestamptz[]) \
+             FROM UNNEST((SELECT $3::text[]), (SELECT $4::bigint[]), (SELECT $5::text[]), \
+                         (SELECT $6::text[]), (SELECT $7::timestamptz[])) \
                AS x(e, s, p, w, c) \
            ON CONFLICT DO NOTHING), \
          gone AS ( \

@@ -54,7 +54,7 @@ pub async fn ensure(conn: &mut AsyncPgConnection, names: &[&str]) -> Result<(), 
     prepared(
         diesel::sql_query(
             "INSERT INTO destination_health (destination) \
-         SELECT d FROM UNNEST($1::text[]) AS d \
+         SELECT d FROM UNNEST((SELECT $1::text[])) AS d \
           WHERE NOT EXISTS (SELECT 1 FROM destination_health h WHERE h.destination = d) \
          ON CONFLICT DO NOTHING",
         )
@@ -187,9 +187,11 @@ where
                last_error_at = r.last_error_at, last_error = r.last_error, \
                last_status_code = r.last_status_code, paused_reason = r.paused_reason, \
                paused_by = r.paused_by, version = h.version + 1, updated_at = now() \
-             FROM UNNEST($1::text[], $2::text[], $3::int[], $4::int[], $5::timestamptz[], \
-                         $6::timestamptz[], $7::timestamptz[], $8::text[], $9::int[], \
-                         $10::text[], $11::text[], $12::bigint[]) \
+             FROM UNNEST((SELECT $1::text[]), (SELECT $2::text[]), (SELECT $3::int[]), \
+                         (SELECT $4::int[]), (SELECT $5::timestamptz[]), \
+                         (SELECT $6::timestamptz[]), (SELECT $7::timestamptz[]), \
+                         (SELECT $8::text[]), (SELECT $9::int[]), (SELECT $10::text[]), \
+                         (SELECT $11::text[]), (SELECT $12::bigint[])) \
                AS r(destination, state, failures, forbidden, backoff_until, last_success_at, \
                     last_error_at, last_error, last_status_code, paused_reason, paused_by, \
                     version) \

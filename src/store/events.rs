@@ -189,9 +189,11 @@ pub async fn insert(
            origin_ts, content, depth, state_key, signatures, received_from, status, \
            received_at, enqueued_at, signature_checked) \
          SELECT e, r, t, s, o, ts, c, d, sk, sig, rf, st, now(), now(), ck \
-           FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], \
-                       $6::bigint[], $7::text[], $8::bigint[], $9::text[], $10::text[], \
-                       $11::text[], $12::text[], $13::bool[]) \
+           FROM UNNEST((SELECT $1::text[]), (SELECT $2::text[]), (SELECT $3::text[]), \
+                       (SELECT $4::text[]), (SELECT $5::text[]), (SELECT $6::bigint[]), \
+                       (SELECT $7::text[]), (SELECT $8::bigint[]), (SELECT $9::text[]), \
+                       (SELECT $10::text[]), (SELECT $11::text[]), (SELECT $12::text[]), \
+                       (SELECT $13::bool[])) \
                 AS x(e, r, t, s, o, ts, c, d, sk, sig, rf, st, ck) \
           ORDER BY e \
          ON CONFLICT (event_id) DO UPDATE SET \
@@ -431,7 +433,8 @@ pub async fn accept(
                UPDATE federation_events e SET status = 'accepted', reject_reason = NULL, \
                       verified_at = now(), \
                       fanned_out_at = CASE WHEN x.later THEN NULL ELSE now() END \
-                 FROM UNNEST($1::text[], $2::bigint[], $3::bool[]) AS x(id, s, later) \
+                 FROM UNNEST((SELECT $1::text[]), (SELECT $2::bigint[]), (SELECT $3::bool[])) \
+                      AS x(id, s, later) \
                 WHERE e.event_id = x.id AND e.seq = x.s AND e.status = 'pending' \
                RETURNING e.event_id, e.room_id, e.seq), \
              fed AS ( \
@@ -504,7 +507,8 @@ pub async fn reject(
         diesel::sql_query(
             "UPDATE federation_events e SET status = 'rejected', reject_reason = x.reason, \
                 verified_at = now() \
-           FROM UNNEST($1::text[], $2::bigint[], $3::text[]) AS x(id, s, reason) \
+           FROM UNNEST((SELECT $1::text[]), (SELECT $2::bigint[]), (SELECT $3::text[])) \
+                AS x(id, s, reason) \
           WHERE e.event_id = x.id AND e.seq = x.s AND e.status = 'pending' \
          RETURNING e.event_id, e.received_from",
         )

@@ -213,9 +213,10 @@ pub(crate) fn statements(batch: &[(NewOutbound<'_>, Vec<String>)]) -> Vec<std::o
 pub(crate) fn input_ctes(n: usize, filter: &str) -> String {
     let p = |i: usize| format!("${}", n + i);
     format!(
-        "ev AS (SELECT * FROM UNNEST({}::text[], {}::bigint[], {}::text[], {}::text[], \
-                {}::text[], {}::int[], {}::int[]) AS x(e, s, r, p, w, t, c) {filter}), \
-         tg AS (SELECT * FROM UNNEST({}::int[], {}::text[]) AS y(t, d)), \
+        "ev AS (SELECT * FROM UNNEST((SELECT {}::text[]), (SELECT {}::bigint[]), \
+                (SELECT {}::text[]), (SELECT {}::text[]), (SELECT {}::text[]), \
+                (SELECT {}::int[]), (SELECT {}::int[])) AS x(e, s, r, p, w, t, c) {filter}), \
+         tg AS (SELECT * FROM UNNEST((SELECT {}::int[]), (SELECT {}::text[])) AS y(t, d)), \
          cond AS (SELECT tg.d, ev.e, ev.s, ev.r, ev.p, ev.w FROM ev JOIN tg ON tg.t = ev.c), \
          locked AS ( \
            SELECT f.destination, f.room_id FROM outbound_deferrals f \
@@ -232,7 +233,8 @@ pub(crate) fn input_ctes(n: usize, filter: &str) -> String {
                                WHERE k.destination = c.d AND k.room_id = c.r \
                                  AND k.until_seq IS NULL AND c.s > k.from_seq)), \
          starts AS ( \
-           SELECT * FROM UNNEST({}::text[], {}::text[], {}::bigint[]) AS z(d, r, s) \
+           SELECT * FROM UNNEST((SELECT {}::text[]), (SELECT {}::text[]), \
+                                (SELECT {}::bigint[])) AS z(d, r, s) \
             WHERE EXISTS (SELECT 1 FROM ev WHERE ev.r = z.r)), \
          deferred AS ( \
            INSERT INTO outbound_deferrals AS f (destination, room_id, from_seq) \
@@ -398,7 +400,7 @@ pub async fn enqueue(
                 "WITH {input}, \
                  marked AS ( \
                    UPDATE federation_events SET fanned_out_at = now() \
-                    WHERE event_id = ANY($1) AND fanned_out_at IS NULL), \
+                    WHERE event_id = ANY((SELECT $1)::text[]) AND fanned_out_at IS NULL), \
                  {WRITE_CTES} {WRITTEN}",
                 input = input_ctes(2, "")
             ))
@@ -551,7 +553,7 @@ pub fn waiting_of_statement(limit: i64) -> String {
                                OR (p.status = 'accepted' AND p.fanned_out_at IS NULL)) \
                         ORDER BY p.seq DESC LIMIT 1) u) \
                   AS earlier_unsettled \
-         FROM UNNEST($1::text[]) AS d(name) \
+         FROM UNNEST((SELECT $1::text[])) AS d(name) \
          CROSS JOIN LATERAL (SELECT * FROM outbound_queue \
                WHERE destination = d.name AND status = 'pending' \
                ORDER BY event_seq, id LIMIT {limit}) o \
@@ -633,7 +635,8 @@ pub const SETTLE_STATEMENT: &str = "\
     WITH finished AS ( \
       UPDATE delivery_attempts a SET status_code = r.status, error_class = r.class, \
         latency_ms = r.latency, response_excerpt = r.excerpt, finished_at = now() \
-      FROM UNNEST($1::bigint[], $2::int[], $3::text[], $4::int[], $5::text[]) \
+      FROM UNNEST((SELECT $1::bigint[]), (SELECT $2::int[]), (SELECT $3::text[]), \
+                  (SELECT $4::int[]), (SELECT $5::text[])) \
         AS r(id, status, class, latency, excerpt) \
       WHERE a.id = r.id AND (a.finished_at IS NULL) IS TRUE \
       RETURNING a.outbound_id), \
@@ -643,7 +646,8 @@ pub const SETTLE_STATEMENT: &str = "\
         delivered_at = CASE WHEN r.status = 'delivered' THEN now() ELSE o.delivered_at END, \
         dead_reason = CASE WHEN r.status = 'dead' THEN r.reason ELSE o.dead_reason END, \
         last_error = COALESCE(r.reason, o.last_error), updated_at = now() \
-      FROM UNNEST($6::bigint[], $7::text[], $8::text[]) AS r(id, status, reason) \
+      FROM UNNEST((SELECT $6::bigint[]), (SELECT $7::text[]), (SELECT $8::text[])) \
+        AS r(id, status, reason) \
       WHERE o.id = r.id AND o.status = 'pending' \
       RETURNING o.status) \
     SELECT count(*) FILTER (WHERE status = 'dead') AS dead FROM settled";
@@ -710,7 +714,7 @@ pub async fn dead(
         diesel::sql_query(
             "UPDATE outbound_queue o SET status = 'dead', dead_reason = r.reason, \
            last_error = r.reason, updated_at = now() \
-         FROM UNNEST($1::bigint[], $2::text[]) AS r(id, reason) \
+         FROM UNNEST((SELECT $1::bigint[]), (SELECT $2::text[])) AS r(id, reason) \
          WHERE o.id = r.id AND o.status = 'pending'",
         )
         .bind::<Array<BigInt>, _>(ids)

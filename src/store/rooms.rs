@@ -213,18 +213,31 @@ pub async fn memberships(
     if pairs.is_empty() {
         return Ok(Default::default());
     }
+    #[derive(diesel::QueryableByName)]
+    struct Member {
+        #[diesel(sql_type = diesel::sql_types::Text)]
+        room_id: String,
+        #[diesel(sql_type = diesel::sql_types::Text)]
+        user_id: String,
+        #[diesel(sql_type = diesel::sql_types::Text)]
+        membership: String,
+    }
     let (rooms, users): (Vec<&str>, Vec<&str>) = pairs.iter().copied().unzip();
-    // Rooms × users may hold more than the pairs asked for; the rest are dropped.
-    let rows: Vec<(String, String, String)> = rm::table
-        .filter(rm::room_id.eq_any(&rooms))
-        .filter(rm::user_id.eq_any(&users))
-        .select((rm::room_id, rm::user_id, rm::membership))
-        .load(conn)
-        .await?;
-    let wanted: std::collections::HashSet<(&str, &str)> = pairs.iter().copied().collect();
+    // Every verify run asks: the pairs are joined by the primary key, and handed over as
+    // `(SELECT $n)` (`store::prepared`, "Values the planner must not see").
+    let rows: Vec<Member> = prepared(
+        diesel::sql_query(
+            "SELECT m.room_id, m.user_id, m.membership \
+               FROM UNNEST((SELECT $1::text[]), (SELECT $2::text[])) AS p(room_id, user_id) \
+               JOIN room_members m ON m.room_id = p.room_id AND m.user_id = p.user_id",
+        )
+        .bind::<diesel::sql_types::Array<diesel::sql_types::Text>, _>(&rooms)
+        .bind::<diesel::sql_types::Array<diesel::sql_types::Text>, _>(&users),
+    )
+    .load(conn)
+    .await?;
     Ok(rows
         .into_iter()
-        .filter(|(r, u, _)| wanted.contains(&(r.as_str(), u.as_str())))
-        .map(|(r, u, m)| ((r, u), m))
+        .map(|m| ((m.room_id, m.user_id), m.membership))
         .collect())
 }
