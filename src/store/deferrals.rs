@@ -67,7 +67,9 @@ pub async fn of(
 /// [`of`] for many destinations in one statement (a probe round): each destination's
 /// deferrals by room; destinations without any are missing. The destinations are
 /// joined, not searched with `= ANY($1)`, for the reason [`FAN_OUT_VIEW_STATEMENT`]
-/// gives.
+/// gives, and reach the planner as `(SELECT $1)`: every drain asks with one name
+/// (through [`of`]), a probe round with many, and a list whose length the planner saw
+/// would be planned anew on each run (`store::prepared`).
 pub async fn of_many(
     conn: &mut AsyncPgConnection,
     destinations: &[&str],
@@ -93,7 +95,7 @@ pub async fn of_many(
                       AND e.fanned_out_at <= COALESCE(s.updated_at, f.created_at)) END) \
                   AS until_seq, \
                 COALESCE(s.state = 'joined', false) AS joined, f.touched \
-           FROM (SELECT DISTINCT unnest($1::text[])) AS d(name) \
+           FROM (SELECT DISTINCT unnest((SELECT $1::text[]))) AS d(name) \
            JOIN outbound_deferrals f ON f.destination = d.name \
            LEFT JOIN room_servers s \
              ON s.room_id = f.room_id AND s.server_name = f.destination \

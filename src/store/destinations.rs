@@ -300,11 +300,13 @@ pub async fn acquire_leases(
     let now = Utc::now();
     // The names are joined, not searched with `= ANY`: a prepared statement's generic
     // plan would search the array once per row of the table (the reason
-    // `deferrals::FAN_OUT_VIEW_STATEMENT` gives).
+    // `deferrals::FAN_OUT_VIEW_STATEMENT` gives). They reach the planner as
+    // `(SELECT $1)`, so that the rounds' varying lengths do not make a plan per run
+    // (`store::prepared`).
     Ok(prepared(
         diesel::sql_query(
             "UPDATE destination_health h SET lease_owner = $2, lease_until = $3 \
-               FROM (SELECT DISTINCT unnest($1::text[])) AS d(name) \
+               FROM (SELECT DISTINCT unnest((SELECT $1::text[]))) AS d(name) \
               WHERE h.destination = d.name \
                 AND (h.lease_until IS NULL OR h.lease_until < $4 OR h.lease_owner = $2) \
              RETURNING h.*",
@@ -331,7 +333,7 @@ pub async fn release_leases(
     prepared(
         diesel::sql_query(
             "UPDATE destination_health h SET lease_owner = NULL, lease_until = NULL \
-               FROM (SELECT DISTINCT unnest($1::text[])) AS d(name) \
+               FROM (SELECT DISTINCT unnest((SELECT $1::text[]))) AS d(name) \
               WHERE h.destination = d.name AND h.lease_owner = $2",
         )
         .bind::<Array<Text>, _>(destinations)

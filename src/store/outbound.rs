@@ -553,7 +553,7 @@ pub fn waiting_of_statement(limit: i64) -> String {
                                OR (p.status = 'accepted' AND p.fanned_out_at IS NULL)) \
                         ORDER BY p.seq DESC LIMIT 1) u) \
                   AS earlier_unsettled \
-         FROM UNNEST((SELECT $1::text[])) AS d(name) \
+         FROM UNNEST($1::text[]) AS d(name) \
          CROSS JOIN LATERAL (SELECT * FROM outbound_queue \
                WHERE destination = d.name AND status = 'pending' \
                ORDER BY event_seq, id LIMIT {limit}) o \
