@@ -651,17 +651,7 @@ pub async fn release_held(
     // An event held for another party too (its origin, or the peer that relayed it,
     // still quarantined) stays held.
     let mut rows: Vec<Row> = prepared(
-        diesel::sql_query(
-            "UPDATE federation_events e SET status = 'pending', enqueued_at = now(), \
-                released_at = now() \
-         WHERE e.status = 'held' AND (e.received_from = $1 OR e.origin_server = $1) \
-           AND NOT EXISTS (SELECT 1 FROM peer_trust t \
-             WHERE t.state = 'quarantine' AND (t.until IS NULL OR t.until > now()) \
-               AND t.server_name <> $1 \
-               AND (t.server_name = e.received_from OR t.server_name = e.origin_server)) \
-         RETURNING e.event_id, e.seq",
-        )
-        .bind::<diesel::sql_types::Text, _>(peer),
+        diesel::sql_query(RELEASE_HELD_STATEMENT).bind::<diesel::sql_types::Text, _>(peer),
     )
     .load(conn)
     .await?;
@@ -672,23 +662,50 @@ pub async fn release_held(
 /// Deletes the held events from `peer` (sent by it, or originated by it); returns how
 /// many.
 pub async fn purge_held(conn: &mut AsyncPgConnection, peer: &str) -> Result<usize, StoreError> {
-    Ok(prepared(
-        diesel::sql_query(
-            "DELETE FROM federation_events \
-         WHERE status = 'held' AND (received_from = $1 OR origin_server = $1)",
-        )
-        .bind::<diesel::sql_types::Text, _>(peer),
+    Ok(
+        prepared(diesel::sql_query(PURGE_HELD_STATEMENT).bind::<diesel::sql_types::Text, _>(peer))
+            .execute(conn)
+            .await?,
     )
-    .execute(conn)
-    .await?)
 }
 
 /// How many events from `peer` are held.
 pub async fn held_count(conn: &mut AsyncPgConnection, peer: &str) -> Result<i64, StoreError> {
-    Ok(fe::table
-        .filter(fe::status.eq("held"))
-        .filter(fe::received_from.eq(peer).or(fe::origin_server.eq(peer)))
-        .count()
-        .get_result(conn)
-        .await?)
+    #[derive(diesel::QueryableByName)]
+    struct Row {
+        #[diesel(sql_type = BigInt)]
+        held: i64,
+    }
+    Ok(
+        prepared(diesel::sql_query(HELD_COUNT_STATEMENT).bind::<Text, _>(peer))
+            .get_result::<Row>(conn)
+            .await?
+            .held,
+    )
 }
+
+/// The statement of [`release_held`] (`$1`: the peer's server name). The statuses are
+/// literals, here and in [`PURGE_HELD_STATEMENT`] and [`HELD_COUNT_STATEMENT`]: the
+/// peer's held events are found through the partial indexes of held events
+/// (`federation_events_held_from`, `federation_events_held_origin`), which a plan can
+/// use only if it knows the status is `held` — a generic plan of `status = $2` could not.
+/// `tests/it/store.rs` checks that their generic plans read those indexes.
+pub const RELEASE_HELD_STATEMENT: &str = "\
+    UPDATE federation_events e SET status = 'pending', enqueued_at = now(), \
+           released_at = now() \
+     WHERE e.status = 'held' AND (e.received_from = $1 OR e.origin_server = $1) \
+       AND NOT EXISTS (SELECT 1 FROM peer_trust t \
+         WHERE t.state = 'quarantine' AND (t.until IS NULL OR t.until > now()) \
+           AND t.server_name <> $1 \
+           AND (t.server_name = e.received_from OR t.server_name = e.origin_server)) \
+     RETURNING e.event_id, e.seq";
+
+/// The statement of [`purge_held`] (`$1`: the peer's server name).
+pub const PURGE_HELD_STATEMENT: &str = "\
+    DELETE FROM federation_events \
+     WHERE status = 'held' AND (received_from = $1 OR origin_server = $1)";
+
+/// The statement of [`held_count`] (`$1`: the peer's server name): one row, `held`.
+pub const HELD_COUNT_STATEMENT: &str = "\
+    SELECT count(*) AS held FROM federation_events \
+     WHERE status = 'held' AND (received_from = $1 OR origin_server = $1)";
