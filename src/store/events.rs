@@ -669,7 +669,8 @@ pub async fn purge_held(conn: &mut AsyncPgConnection, peer: &str) -> Result<usiz
     )
 }
 
-/// How many events from `peer` are held.
+/// How many held events `peer` sent or originated (what [`purge_held`] would delete;
+/// [`release_held`] leaves held those whose other party is quarantined too).
 pub async fn held_count(conn: &mut AsyncPgConnection, peer: &str) -> Result<i64, StoreError> {
     #[derive(diesel::QueryableByName)]
     struct Row {
@@ -684,12 +685,16 @@ pub async fn held_count(conn: &mut AsyncPgConnection, peer: &str) -> Result<i64,
     )
 }
 
-/// The statement of [`release_held`] (`$1`: the peer's server name). The statuses are
-/// literals, here and in [`PURGE_HELD_STATEMENT`] and [`HELD_COUNT_STATEMENT`]: the
-/// peer's held events are found through the partial indexes of held events
-/// (`federation_events_held_from`, `federation_events_held_origin`), which a plan can
-/// use only if it knows the status is `held` — a generic plan of `status = $2` could not.
-/// `tests/it/store.rs` checks that their generic plans read those indexes.
+/// The statement of [`release_held`] (`$1`: the peer's server name); returns the
+/// released events' `event_id, seq`, in no order (the caller sorts them).
+///
+/// The statuses are literals, here and in [`PURGE_HELD_STATEMENT`] and
+/// [`HELD_COUNT_STATEMENT`]: the peer's held events are found through the partial
+/// indexes of held events (`federation_events_held_from`, `federation_events_held_origin`),
+/// and Postgres uses a partial index only if it can prove the query's conditions imply
+/// its predicate when planning (PostgreSQL documentation, "Partial Indexes"): a status
+/// bound as a parameter would not do for the generic plan a prepared statement keeps.
+/// Public, like the others, so that `tests/it/store.rs` can check their generic plans.
 pub const RELEASE_HELD_STATEMENT: &str = "\
     UPDATE federation_events e SET status = 'pending', enqueued_at = now(), \
            released_at = now() \

@@ -788,19 +788,20 @@ async fn the_statements_every_run_of_the_pipeline_makes_are_prepared_and_planned
     assert!(failed.is_empty(), "{failed:#?}\nprepared: {kept:#?}");
 }
 
-/// Releasing, purging and counting a quarantined peer's held events reads them through
-/// the partial indexes of held events (`federation_events_held_from`, by the peer that
-/// relayed them, and `federation_events_held_origin`, by origin), on the generic plan a
-/// prepared statement settles on: with few events held, Postgres may read all of one
-/// of them and filter; either reads held events only, never the whole table. Those indexes
-/// replaced two that held an entry for every event (docs/performance.md, fourteenth
-/// round); a status bound as a parameter would leave them unusable.
+/// Releasing, purging and counting a quarantined peer's held events finds them through
+/// the partial indexes of held events, by the peer (`federation_events_held_from`, the
+/// events it relayed; `federation_events_held_origin`, those it originated), on the
+/// generic plan a prepared statement settles on, among many other peers' held events.
+/// Those indexes replaced two that held an entry for every event (docs/performance.md,
+/// fourteenth round); a status bound as a parameter would leave them unusable. The
+/// functions are run first, so that the statements checked are the ones they send.
 #[tokio::test]
 async fn a_peers_held_events_are_found_by_the_held_event_indexes() {
     use diesel_async::SimpleAsyncConnection;
     use parafed::store::events;
     let url = support::pg::migrated_db().await;
     let mut c = AsyncPgConnection::establish(&url).await.unwrap();
+    // 5 000 accepted events, 2 000 held from 200 other peers, 3 held from bad.test.
     c.batch_execute(
         "INSERT INTO federation_events (event_id, room_id, event_type, sender, \
              origin_server, origin_ts, content, depth, signatures, status, received_from) \
@@ -809,34 +810,62 @@ async fn a_peers_held_events_are_found_by_the_held_event_indexes() {
            FROM generate_series(1, 5000) n; \
          INSERT INTO federation_events (event_id, room_id, event_type, sender, \
              origin_server, origin_ts, content, depth, signatures, status, received_from) \
+         SELECT '$o' || n || ':alpha.test', '!r:alpha.test', 'm.message', '@o:alpha.test', \
+                'o' || n % 200 || '.test', 0, '{}', n, '{}', 'held', 'f' || n % 200 || '.test' \
+           FROM generate_series(1, 2000) n; \
+         INSERT INTO federation_events (event_id, room_id, event_type, sender, \
+             origin_server, origin_ts, content, depth, signatures, status, received_from) \
          SELECT '$h' || n || ':bad.test', '!r:alpha.test', 'm.message', '@b:bad.test', \
                 'bad.test', 0, '{}', n, '{}', 'held', 'relay.test' \
            FROM generate_series(1, 3) n; \
-         ANALYZE federation_events; SET plan_cache_mode = force_generic_plan;",
+         ANALYZE federation_events;",
     )
     .await
     .unwrap();
+    // What the statements find: the three held events, by origin and by the peer that
+    // relayed them (which relayed nothing else that is held).
+    assert_eq!(events::held_count(&mut c, "bad.test").await.unwrap(), 3);
+    assert_eq!(events::held_count(&mut c, "relay.test").await.unwrap(), 3);
+    assert_eq!(events::held_count(&mut c, "alpha.test").await.unwrap(), 0);
+    assert!(events::release_held(&mut c, "nobody.test")
+        .await
+        .unwrap()
+        .is_empty());
+    assert_eq!(events::purge_held(&mut c, "nobody.test").await.unwrap(), 0);
+    let kept = names(
+        &mut c,
+        "SELECT statement AS name FROM pg_prepared_statements",
+    )
+    .await;
+    c.batch_execute("SET plan_cache_mode = force_generic_plan;")
+        .await
+        .unwrap();
     for (name, statement) in [
         ("release", events::RELEASE_HELD_STATEMENT),
         ("purge", events::PURGE_HELD_STATEMENT),
         ("count", events::HELD_COUNT_STATEMENT),
     ] {
+        assert!(
+            kept.iter().any(|k| k == statement),
+            "{name}: its function does not send its statement, prepared:\n{kept:#?}"
+        );
         c.batch_execute(&format!("PREPARE held_{name}(text) AS {statement};"))
             .await
             .unwrap();
         let plan = plan_of(&mut c, &format!("EXECUTE held_{name}('bad.test')")).await;
+        let by_index = |column: &str| {
+            plan.lines()
+                .any(|l| l.contains("Index Cond") && l.contains(&format!("{column} = $1")))
+        };
         assert!(
-            (plan.contains("federation_events_held_from")
-                || plan.contains("federation_events_held_origin"))
+            by_index("received_from")
+                && by_index("origin_server")
+                && plan.contains("federation_events_held_from")
+                && plan.contains("federation_events_held_origin")
                 && !plan.contains("Seq Scan on federation_events"),
-            "{name} does not read the held events by index:\n{plan}"
+            "{name} does not look the peer's held events up by index:\n{plan}"
         );
     }
-    // And the statements find what they should: the three held events, by origin and by
-    // the peer that relayed them.
-    assert_eq!(events::held_count(&mut c, "bad.test").await.unwrap(), 3);
-    assert_eq!(events::held_count(&mut c, "relay.test").await.unwrap(), 3);
-    assert_eq!(events::held_count(&mut c, "alpha.test").await.unwrap(), 0);
 }
 
 /// The plan Postgres picks for `statement` (`EXPLAIN`, parameters written in), one line
