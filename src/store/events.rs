@@ -650,11 +650,10 @@ pub async fn release_held(
     }
     // An event held for another party too (its origin, or the peer that relayed it,
     // still quarantined) stays held.
-    let mut rows: Vec<Row> = prepared(
-        diesel::sql_query(RELEASE_HELD_STATEMENT).bind::<diesel::sql_types::Text, _>(peer),
-    )
-    .load(conn)
-    .await?;
+    let mut rows: Vec<Row> =
+        prepared(diesel::sql_query(RELEASE_HELD_STATEMENT).bind::<Text, _>(peer))
+            .load(conn)
+            .await?;
     rows.sort_by_key(|r| r.seq);
     Ok(rows.into_iter().map(|r| r.event_id).collect())
 }
@@ -663,7 +662,7 @@ pub async fn release_held(
 /// many.
 pub async fn purge_held(conn: &mut AsyncPgConnection, peer: &str) -> Result<usize, StoreError> {
     Ok(
-        prepared(diesel::sql_query(PURGE_HELD_STATEMENT).bind::<diesel::sql_types::Text, _>(peer))
+        prepared(diesel::sql_query(PURGE_HELD_STATEMENT).bind::<Text, _>(peer))
             .execute(conn)
             .await?,
     )

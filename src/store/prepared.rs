@@ -43,12 +43,12 @@
 //! thirteenth round); each array is handed over as `UNNEST((SELECT $1::bigint[]), …)`.
 //! Postgres had weighed, per statement and connection, the generic plan against the
 //! average of the custom ones; now the two cost the same and the generic plan is kept
-//! from the sixth run. No plan test of `tests/it/store.rs`
-//! changed its verdict; what is given up is a custom plan's knowledge of a large batch
-//! (fan-out's inputs for a room of a thousand destinations are estimated at ten rows;
-//! not measured to matter). Fan-out's view of a room (`deferrals::FAN_OUT_VIEW_STATEMENT`)
-//! keeps its arrays in sight: its lists are a room's destinations, a thousand at times,
-//! and its plan for them was measured (eleventh round).
+//! from the sixth run. No plan test of `tests/it/store.rs` changed its verdict; what is
+//! given up is a custom plan's knowledge of a large batch (fan-out's inputs for a room
+//! of a thousand destinations are estimated at ten rows; not measured to matter).
+//! Fan-out's view of a room (`deferrals::FAN_OUT_VIEW_STATEMENT`) keeps its arrays in
+//! sight: its lists are a room's destinations, a thousand at times, and its plan for
+//! them was measured (eleventh round).
 //! `tests/it/store.rs` checks that the statements every run makes are prepared and settle
 //! on the generic plan.
 

@@ -805,19 +805,14 @@ async fn a_peers_held_events_are_found_by_the_held_event_indexes() {
     c.batch_execute(
         "INSERT INTO federation_events (event_id, room_id, event_type, sender, \
              origin_server, origin_ts, content, depth, signatures, status, received_from) \
-         SELECT '$e' || n || ':alpha.test', '!r:alpha.test', 'm.message', '@a:alpha.test', \
-                'alpha.test', 0, '{}', n, '{}', 'accepted', 'relay.test' \
-           FROM generate_series(1, 5000) n; \
-         INSERT INTO federation_events (event_id, room_id, event_type, sender, \
-             origin_server, origin_ts, content, depth, signatures, status, received_from) \
-         SELECT '$o' || n || ':alpha.test', '!r:alpha.test', 'm.message', '@o:alpha.test', \
-                'o' || n % 200 || '.test', 0, '{}', n, '{}', 'held', 'f' || n % 200 || '.test' \
-           FROM generate_series(1, 2000) n; \
-         INSERT INTO federation_events (event_id, room_id, event_type, sender, \
-             origin_server, origin_ts, content, depth, signatures, status, received_from) \
-         SELECT '$h' || n || ':bad.test', '!r:alpha.test', 'm.message', '@b:bad.test', \
-                'bad.test', 0, '{}', n, '{}', 'held', 'relay.test' \
-           FROM generate_series(1, 3) n; \
+         SELECT '$' || kind || n || ':alpha.test', '!r:alpha.test', 'm.message', \
+                '@a:alpha.test', origin, 0, '{}', n, '{}', status, relay \
+           FROM (SELECT 'e', n, 'alpha.test', 'accepted', 'relay.test' \
+                   FROM generate_series(1, 5000) n \
+                 UNION ALL SELECT 'o', n, 'o' || n % 200 || '.test', 'held', \
+                        'f' || n % 200 || '.test' FROM generate_series(1, 2000) n \
+                 UNION ALL SELECT 'h', n, 'bad.test', 'held', 'relay.test' \
+                   FROM generate_series(1, 3) n) AS x(kind, n, origin, status, relay); \
          ANALYZE federation_events;",
     )
     .await
