@@ -11,7 +11,9 @@
 //!
 //! A task carries its stream entry ids; the handler acknowledges them when it has
 //! finished (see [`crate::context::finish`]). Retry timing is parafed's own: a failed
-//! job is simply not acknowledged, and is claimed again after the idle timeout.
+//! job is not acknowledged, and is marked so that a claim round takes it again after its
+//! backoff (`StreamConsumer::retry_later`); one whose worker died, after the idle
+//! timeout.
 //!
 //! Jobs read together are joined into one task where their type allows
 //! ([`Coalesce`]): under load the verify queue fills with small batches (one per group

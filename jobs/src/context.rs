@@ -49,8 +49,8 @@ impl Ctx {
     }
 }
 
-/// The error type handlers return; an unacknowledged job is retried after the idle
-/// timeout.
+/// The error type handlers return; a job that failed runs again after its backoff
+/// ([`finish`]).
 pub type JobError = Box<dyn std::error::Error + Send + Sync>;
 
 /// Acknowledges a job whose handler succeeded (every entry it was joined from); leaves
@@ -60,7 +60,9 @@ pub type JobError = Box<dyn std::error::Error + Send + Sync>;
 /// event it could judge and fails for the rest): its entries are handed back at once,
 /// marked idle, so the next claim round (seconds, not `job_timeout_ms`) runs each alone
 /// — those already settled finish at once, and only the one that fails again waits for
-/// its retry.
+/// its retry. A job of one entry that failed runs again after its backoff
+/// (`StreamConsumer::retry_later`: seconds for the first retries, doubling up to
+/// `job_timeout_ms`), not after `job_timeout_ms`, the wait for a worker that died.
 pub async fn finish<J>(
     consumer: &StreamConsumer,
     q: &Queued<J>,
@@ -87,9 +89,20 @@ pub async fn finish<J>(
             if let Err(re) = consumer.note_errors(&ids, &e.to_string()).await {
                 tracing::debug!(entries = entries(), error = %re, "recording the job's error failed");
             }
-            if q.entry_ids.len() > 1 {
-                if let Err(re) = consumer.hand_back(&q.entry_ids).await {
-                    tracing::debug!(entries = entries(), error = %re, "handing a joined job back failed; its entries are claimed after the idle timeout");
+            match q.entry_ids.as_slice() {
+                [one] => match consumer.retry_later(one).await {
+                    Ok(Some(wait)) => {
+                        tracing::debug!(entry = %one, retry_in = ?wait, "job scheduled to run again")
+                    }
+                    Ok(None) => {}
+                    Err(re) => {
+                        tracing::debug!(entries = entries(), error = %re, "scheduling the retry failed; the job is claimed after the idle timeout")
+                    }
+                },
+                _ => {
+                    if let Err(re) = consumer.hand_back(&q.entry_ids).await {
+                        tracing::debug!(entries = entries(), error = %re, "handing a joined job back failed; its entries are claimed after the idle timeout");
+                    }
                 }
             }
             Err(e)

@@ -26,19 +26,37 @@ pub fn delay(
     retry_after: Option<Duration>,
     jitter: f64,
 ) -> Duration {
-    let exp = failures.max(1).saturating_sub(1).min(30);
-    let d = policy
-        .backoff_base
-        .saturating_mul(1u32 << exp)
-        .min(policy.backoff_cap);
-    let (n, m) = policy.jitter_floor;
-    let floor = d * n / m.max(1);
-    let spread = d.saturating_sub(floor);
-    let out = floor + spread.mul_f64(jitter.clamp(0.0, 1.0));
+    let out = exponential(
+        policy.backoff_base,
+        policy.backoff_cap,
+        policy.jitter_floor,
+        failures,
+        jitter,
+    );
     match retry_after {
         Some(ra) => out.max(ra.min(policy.backoff_cap)),
         None => out,
     }
+}
+
+/// The schedule itself, for any caller that retries: d = min(`cap`, `base`·2^(n−1))
+/// after the n-th consecutive failure (`failures` 0 counts as 1), drawn from
+/// `[floor·d, d]` where `floor` = `jitter_floor.0 / jitter_floor.1` and `jitter` in
+/// `[0, 1]` picks the point. Delivery uses it through [`delay`]; the job queue for a job
+/// that failed (`queue::consume::StreamConsumer::retry_later`).
+pub fn exponential(
+    base: Duration,
+    cap: Duration,
+    jitter_floor: (u32, u32),
+    failures: u32,
+    jitter: f64,
+) -> Duration {
+    let exp = failures.max(1).saturating_sub(1).min(30);
+    let d = base.saturating_mul(1u32 << exp).min(cap);
+    let (n, m) = jitter_floor;
+    let floor = d * n.min(m) / m.max(1);
+    let spread = d.saturating_sub(floor);
+    floor + spread.mul_f64(jitter.clamp(0.0, 1.0))
 }
 
 /// A uniform draw in `[0, 1]` for [`delay`]'s jitter.

@@ -7,6 +7,10 @@
 //! * every few seconds each consumer claims entries idle longer than `min_idle` (their
 //!   worker died or hangs) — after `max_deliveries` attempts an entry is moved to the
 //!   queue's dead stream for an operator instead of looping forever;
+//! * a job that failed is marked so that a claim round takes it after its backoff
+//!   ([`retry_delay`]: seconds at first, doubling up to `min_idle`), not after
+//!   `min_idle`: a transient failure (a pool wait that timed out under a burst) costs
+//!   its events seconds, not minutes;
 //! * the group is (re)created on demand, so a Redis restart or `FLUSHALL` is survived;
 //!   what Redis lost, the reconciler rebuilds from Postgres;
 //! * reads are bounded (`COUNT`), whatever the backlog: no "fetch everything due";
@@ -56,7 +60,33 @@ pub struct StreamConsumer {
     /// `queue::connect`): a longer blocking read is cut off as an error.
     pub linger: Duration,
     pub min_idle: Duration,
+    /// The backoff of a failed job's first retry ([`retry_delay`], default
+    /// [`RETRY_BASE`]).
+    pub retry_base: Duration,
     pub max_deliveries: u64,
+}
+
+/// The backoff of a job's first retry after a failure (the default of
+/// [`StreamConsumer::retry_base`]); each further retry waits twice as long as the one
+/// before, up to the consumer's `min_idle` ([`retry_delay`]).
+pub const RETRY_BASE: Duration = Duration::from_secs(2);
+
+/// How long a job that failed on its `deliveries`-th run (1 = the first) waits before
+/// it runs again: `base`·2^(deliveries−1), at most `min_idle`, drawn from the
+/// upper third of that (`jitter` in `[0, 1]` picks the point; jobs of one burst that
+/// failed together are spread). Claim rounds come every few seconds
+/// (`parafed_jobs::backend`), so the first retries come a few seconds after the
+/// failure. With the defaults (`min_idle` = `worker.job_timeout_ms`, 120 s; 20 runs
+/// before the dead stream) a job that keeps failing is moved to the dead stream 20 to
+/// 30 minutes after its first run (40 minutes when every retry waited `min_idle`).
+pub fn retry_delay(deliveries: u64, base: Duration, min_idle: Duration, jitter: f64) -> Duration {
+    crate::delivery::backoff::exponential(
+        base,
+        min_idle,
+        (2, 3),
+        u32::try_from(deliveries).unwrap_or(u32::MAX),
+        jitter,
+    )
 }
 
 /// One stream entry: its id and the job bytes.
@@ -85,6 +115,7 @@ impl StreamConsumer {
             block: Duration::from_millis(1000),
             linger: Duration::ZERO,
             min_idle: Duration::from_secs(60),
+            retry_base: RETRY_BASE,
             max_deliveries: 20,
         }
     }
@@ -267,6 +298,53 @@ impl StreamConsumer {
         Ok(())
     }
 
+    /// Schedules the run after a failure of a job read from one entry: the entry stays
+    /// with this consumer, pending, marked idle for `min_idle` less the job's backoff,
+    /// so the first claim round (any consumer's, every few seconds) after the backoff
+    /// runs it again — not `min_idle` later, the wait for a worker that died. The
+    /// backoff follows the entry's runs so far (Redis' delivery count: 1 for the first):
+    /// `retry_base` doubled per run, at most `min_idle`, drawn from its upper third
+    /// (`delivery::backoff::exponential`). An entry no longer pending (acknowledged
+    /// meanwhile, or claimed by another consumer) is left as it is. Returns the backoff
+    /// (`None` for such an entry).
+    pub async fn retry_later(&self, id: &str) -> RedisResult<Option<Duration>> {
+        let mut c = self.conn.clone();
+        // XPENDING key group start end count consumer: this consumer's entry, if it
+        // still holds it, as [id, consumer, idle ms, deliveries].
+        let pending: Vec<(String, String, u64, u64)> = redis::cmd("XPENDING")
+            .arg(&self.key)
+            .arg(GROUP)
+            .arg(id)
+            .arg(id)
+            .arg(1)
+            .arg(&self.consumer)
+            .query_async(&mut c)
+            .await?;
+        let Some((_, _, _, deliveries)) = pending.into_iter().next() else {
+            return Ok(None);
+        };
+        let wait = retry_delay(
+            deliveries,
+            self.retry_base,
+            self.min_idle,
+            crate::delivery::backoff::random_jitter(),
+        );
+        let idle = self.min_idle.saturating_sub(wait).as_millis() as u64;
+        // JUSTID: no delivery-count increment (the claim round that runs it counts it).
+        let _: Value = redis::cmd("XCLAIM")
+            .arg(&self.key)
+            .arg(GROUP)
+            .arg(&self.consumer)
+            .arg(0)
+            .arg(id)
+            .arg("IDLE")
+            .arg(idle)
+            .arg("JUSTID")
+            .query_async(&mut c)
+            .await?;
+        Ok(Some(wait))
+    }
+
     /// Acknowledges and deletes a finished entry (and forgets its last error).
     pub async fn ack(&self, id: &str) -> RedisResult<()> {
         self.ack_all(&[id]).await
@@ -364,5 +442,40 @@ fn parse_read(v: &Value) -> Vec<Entry> {
             .collect(),
         Value::Map(m) => m.iter().flat_map(|(_, e)| parse_entries(e)).collect(),
         _ => Vec::new(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_failed_jobs_backoff_doubles_per_run_up_to_the_idle_timeout() {
+        let s = Duration::from_secs;
+        let ms = Duration::from_millis;
+        let min_idle = s(120);
+        // (runs so far, jitter, expected): from [2d/3, d], d = min(120 s, 2 s·2^(n−1)).
+        let table = [
+            (1, 1.0, s(2)),
+            (1, 0.0, ms(1333)),
+            (2, 1.0, s(4)),
+            (3, 0.5, ms(6666)),
+            (6, 1.0, s(64)),
+            (7, 1.0, s(120)),
+            (7, 0.0, s(80)),
+            (20, 1.0, s(120)),
+            (u64::MAX, 1.0, s(120)),
+            // A count of 0 (never seen) is taken as the first run.
+            (0, 1.0, s(2)),
+        ];
+        for (runs, jitter, want) in table {
+            let got = retry_delay(runs, RETRY_BASE, min_idle, jitter);
+            assert!(
+                got.abs_diff(want) <= ms(1),
+                "run {runs}, jitter {jitter}: {got:?} != {want:?}"
+            );
+        }
+        // Never past the idle timeout, however small it is.
+        assert_eq!(retry_delay(1, RETRY_BASE, s(1), 1.0), s(1));
     }
 }

@@ -276,3 +276,85 @@ async fn a_read_short_of_a_batch_waits_for_the_next_entry_and_a_full_one_does_no
         .unwrap();
     assert_eq!(got.len(), 8);
 }
+
+/// The pending entries of `t:q` as Redis sees them: (id, consumer, idle ms, deliveries).
+async fn pending(redis: &Redis) -> Vec<(String, String, u64, u64)> {
+    let mut c = parafed::queue::connect(&redis.url()).unwrap();
+    redis::cmd("XPENDING")
+        .arg("t:q")
+        .arg(parafed::queue::consume::GROUP)
+        .arg("-")
+        .arg("+")
+        .arg(100)
+        .query_async(&mut c)
+        .await
+        .unwrap()
+}
+
+/// A job that failed runs again after its backoff, not after the idle timeout (the wait
+/// for a worker that died, a minute here): the entry is marked idle for `min_idle` less
+/// the backoff, so a claim round leaves it alone until the backoff has passed and takes
+/// it at the first round after. Marking it does not count a run; the backoff doubles
+/// with the runs Redis counted; an entry no longer held is left alone.
+#[tokio::test]
+async fn a_failed_job_runs_again_after_its_backoff_not_after_the_idle_timeout() {
+    let redis = Redis::start().await.unwrap();
+    let (mut a, mut b) = (consumer(&redis, "a").await, consumer(&redis, "b").await);
+    // A first backoff of 20–30 s (drawn from [2d/3, d], d = 30 s) against a minute.
+    a.retry_base = Duration::from_secs(30);
+    push(&redis, 1);
+    let read = a.read().await.unwrap();
+    let id = read[0].id.clone();
+    let wait = a
+        .retry_later(&id)
+        .await
+        .unwrap()
+        .expect("a holds the entry");
+    assert!(
+        (Duration::from_secs(20)..=Duration::from_secs(30)).contains(&wait),
+        "first backoff {wait:?}"
+    );
+    let p = pending(&redis).await;
+    assert_eq!(p.len(), 1);
+    let (_, owner, idle, runs) = &p[0];
+    assert_eq!(
+        (owner.as_str(), *runs),
+        ("a", 1),
+        "still a's, one run counted"
+    );
+    let marked = 60_000 - wait.as_millis() as u64;
+    assert!(
+        (marked..marked + 10_000).contains(idle),
+        "idle {idle} ms, marked {marked} ms"
+    );
+    // The backoff has not passed: a claim round (idle timeout a minute) leaves it.
+    let (none, _) = b.claim_stale().await.unwrap();
+    assert!(none.is_empty(), "claimed before its backoff: {none:?}");
+
+    // A short backoff: the first claim round after it takes the entry, its second run.
+    a.retry_base = Duration::from_millis(50);
+    a.retry_later(&id).await.unwrap().expect("a still holds it");
+    let taken = support::wait_for("the retried entry", Duration::from_secs(10), || async {
+        let (got, _) = b.claim_stale().await.unwrap();
+        (!got.is_empty()).then_some(got)
+    })
+    .await;
+    assert_eq!(taken[0].id, id);
+    assert_eq!(
+        pending(&redis).await[0].3,
+        2,
+        "the claim counted the second run"
+    );
+    // Its second failure backs off twice as long: 40–60 s (d = 60 s, the idle timeout).
+    b.retry_base = Duration::from_secs(30);
+    let second = b.retry_later(&id).await.unwrap().expect("b holds it now");
+    assert!(
+        (Duration::from_secs(40)..=Duration::from_secs(60)).contains(&second),
+        "second backoff {second:?}"
+    );
+    // a no longer holds it, and once acknowledged nobody does: both are left alone.
+    assert_eq!(a.retry_later(&id).await.unwrap(), None);
+    b.ack(&id).await.unwrap();
+    assert_eq!(b.retry_later(&id).await.unwrap(), None);
+    assert!(pending(&redis).await.is_empty());
+}
