@@ -270,7 +270,22 @@ async fn a_released_event_is_checked_against_the_keys_listed_now() {
 async fn a_relayed_event_waits_for_an_unreachable_origin_instead_of_being_rejected() {
     let origin = Peer::new("origin.test", "ed25519:auto", [22; 32]);
     let (status, reason, origin_fetches) =
-        relayed_while_the_origin_is_down("$777:origin.test", &origin).await;
+        relayed_while_the_origin_is_down("$777:origin.test", &origin, FAST_WORKER_TOML).await;
+    assert_eq!(status, "accepted", "{reason:?}");
+    assert!(origin_fetches >= 3);
+}
+
+/// The same with the default `job_timeout_ms` (two minutes here): the verify job that
+/// found the origin unreachable runs again seconds later, after its backoff
+/// (`StreamConsumer::retry_later`), not once the job times out — the event is accepted
+/// well within the wait below, which the job's timeout alone would outlast.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_verify_job_that_failed_runs_again_after_its_backoff_not_after_job_timeout_ms() {
+    let origin = Peer::new("origin.test", "ed25519:auto", [22; 32]);
+    let worker = FAST_WORKER_TOML.replace("job_timeout_ms = 5000", "job_timeout_ms = 120000");
+    assert_ne!(worker, FAST_WORKER_TOML);
+    let (status, reason, origin_fetches) =
+        relayed_while_the_origin_is_down("$779:origin.test", &origin, &worker).await;
     assert_eq!(status, "accepted", "{reason:?}");
     assert!(origin_fetches >= 3);
 }
@@ -281,7 +296,8 @@ async fn a_relayed_event_waits_for_an_unreachable_origin_instead_of_being_reject
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_relayed_event_stored_unchecked_with_a_bad_signature_is_rejected_by_the_job() {
     let forger = Peer::new("origin.test", "ed25519:auto", [23; 32]);
-    let (status, reason, _) = relayed_while_the_origin_is_down("$778:origin.test", &forger).await;
+    let (status, reason, _) =
+        relayed_while_the_origin_is_down("$778:origin.test", &forger, FAST_WORKER_TOML).await;
     assert_eq!(status, "rejected");
     assert!(
         reason.as_deref().is_some_and(|r| r.contains("signature")),
@@ -290,12 +306,14 @@ async fn a_relayed_event_stored_unchecked_with_a_bad_signature_is_rejected_by_th
 }
 
 /// host.test relays origin.test's event `id`, signed by `signer`, while origin.test's
-/// key server is down (its first two fetches get 503); a worker judges it. Returns the
-/// event's status once judged, its reject reason, and how often origin.test's keys
-/// were fetched.
+/// key server is down (its first two fetches get 503); a worker (`worker_toml`: its
+/// `[worker]` and `[delivery]` settings) judges it. Returns the event's status once
+/// judged (within 60 s), its reject reason, and how often origin.test's keys were
+/// fetched.
 async fn relayed_while_the_origin_is_down(
     id: &str,
     signer: &Peer,
+    worker_toml: &str,
 ) -> (String, Option<String>, u64) {
     use std::sync::atomic::{AtomicU64, Ordering};
     let host = Peer::new("host.test", "ed25519:auto", [21; 32]);
@@ -333,7 +351,7 @@ async fn relayed_while_the_origin_is_down(
         ],
         signing_key: true,
         extra_toml: format!(
-            "\n[federation]\ndiscovery = false\nrate_limit_per_minute = 0\nkey_refetch_interval_ms = 100\n{FAST_WORKER_TOML}"
+            "\n[federation]\ndiscovery = false\nrate_limit_per_minute = 0\nkey_refetch_interval_ms = 100\n{worker_toml}"
         ),
         ..Options::default()
     })
