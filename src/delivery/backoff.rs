@@ -54,7 +54,7 @@ pub fn exponential(
     let exp = failures.max(1).saturating_sub(1).min(30);
     let d = base.saturating_mul(1u32 << exp).min(cap);
     let (n, m) = jitter_floor;
-    let floor = d * n.min(m) / m.max(1);
+    let floor = d * n / m.max(1);
     let spread = d.saturating_sub(floor);
     floor + spread.mul_f64(jitter.clamp(0.0, 1.0))
 }

@@ -77,8 +77,11 @@ pub const RETRY_BASE: Duration = Duration::from_secs(2);
 /// failed together are spread). Claim rounds come every few seconds
 /// (`parafed_jobs::backend`), so the first retries come a few seconds after the
 /// failure. With the defaults (`min_idle` = `worker.job_timeout_ms`, 120 s; 20 runs
-/// before the dead stream) a job that keeps failing is moved to the dead stream 20 to
-/// 30 minutes after its first run (40 minutes when every retry waited `min_idle`).
+/// before the dead stream) a job that keeps failing is moved to the dead stream about
+/// 20 to 32 minutes after its first run (the backoffs, 20 to 30 minutes, and the claim
+/// rounds' seconds; 40 minutes when every retry waited `min_idle`). A handler that
+/// panicked does not reach the retry (apalis' `catch-panic` layer wraps it with the
+/// acknowledgement): its job still waits `min_idle`.
 pub fn retry_delay(deliveries: u64, base: Duration, min_idle: Duration, jitter: f64) -> Duration {
     crate::delivery::backoff::exponential(
         base,
@@ -304,9 +307,9 @@ impl StreamConsumer {
     /// runs it again — not `min_idle` later, the wait for a worker that died. The
     /// backoff follows the entry's runs so far (Redis' delivery count: 1 for the first):
     /// `retry_base` doubled per run, at most `min_idle`, drawn from its upper third
-    /// (`delivery::backoff::exponential`). An entry no longer pending (acknowledged
-    /// meanwhile, or claimed by another consumer) is left as it is. Returns the backoff
-    /// (`None` for such an entry).
+    /// (`delivery::backoff::exponential`). An entry no longer this consumer's, or
+    /// claimed again since the run (acknowledged, or taken by a claim round after
+    /// `min_idle`), is left as it is. Returns the backoff (`None` for such an entry).
     pub async fn retry_later(&self, id: &str) -> RedisResult<Option<Duration>> {
         let mut c = self.conn.clone();
         // XPENDING key group start end count consumer: this consumer's entry, if it
@@ -320,7 +323,7 @@ impl StreamConsumer {
             .arg(&self.consumer)
             .query_async(&mut c)
             .await?;
-        let Some((_, _, _, deliveries)) = pending.into_iter().next() else {
+        let Some((_, _, idle_now, deliveries)) = pending.into_iter().next() else {
             return Ok(None);
         };
         let wait = retry_delay(
@@ -330,19 +333,25 @@ impl StreamConsumer {
             crate::delivery::backoff::random_jitter(),
         );
         let idle = self.min_idle.saturating_sub(wait).as_millis() as u64;
-        // JUSTID: no delivery-count increment (the claim round that runs it counts it).
-        let _: Value = redis::cmd("XCLAIM")
+        // The idle time just read is the claim's condition: a claim round that took the
+        // entry in between (this process's or another's) reset it, and the entry is
+        // then left to that run. JUSTID: no delivery-count increment (the claim round
+        // that runs it again counts that run).
+        let claimed: Value = redis::cmd("XCLAIM")
             .arg(&self.key)
             .arg(GROUP)
             .arg(&self.consumer)
-            .arg(0)
+            .arg(idle_now)
             .arg(id)
             .arg("IDLE")
             .arg(idle)
             .arg("JUSTID")
             .query_async(&mut c)
             .await?;
-        Ok(Some(wait))
+        Ok(match claimed {
+            Value::Array(ids) if !ids.is_empty() => Some(wait),
+            _ => None,
+        })
     }
 
     /// Acknowledges and deletes a finished entry (and forgets its last error).

@@ -322,7 +322,8 @@ async fn a_failed_job_runs_again_after_its_backoff_not_after_the_idle_timeout() 
         ("a", 1),
         "still a's, one run counted"
     );
-    let marked = 60_000 - wait.as_millis() as u64;
+    // Set as the code sets it: whole milliseconds, rounded down.
+    let marked = (Duration::from_secs(60) - wait).as_millis() as u64;
     assert!(
         (marked..marked + 10_000).contains(idle),
         "idle {idle} ms, marked {marked} ms"
