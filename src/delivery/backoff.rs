@@ -16,6 +16,12 @@ use std::time::Duration;
 
 use super::Policy;
 
+/// The lowest fraction of a step jitter may draw, as (numerator, denominator): a delay is
+/// drawn from `[2d/3, d]`, which keeps successive gaps growing (module doc). Delivery's
+/// `Policy::jitter_floor` and the job queue's retries (`queue::consume::retry_delay`)
+/// both take it from here.
+pub const JITTER_FLOOR: (u32, u32) = (2, 3);
+
 /// The wait after the `failures`-th consecutive failure (1 = the first).
 ///
 /// `jitter` in `[0, 1]` picks the point in `[floor·d, d]` (callers pass a random draw;

@@ -53,7 +53,7 @@ impl Policy {
         Policy {
             backoff_base: Duration::from_millis(d.backoff_base_ms.max(1)),
             backoff_cap: cap,
-            jitter_floor: (2, 3),
+            jitter_floor: super::backoff::JITTER_FLOOR,
             drain_budget: Duration::from_secs(10),
             hold_recheck: Duration::from_secs(60).min(cap),
             forbidden_run: 3,

@@ -86,7 +86,7 @@ pub fn retry_delay(deliveries: u64, base: Duration, min_idle: Duration, jitter: 
     crate::delivery::backoff::exponential(
         base,
         min_idle,
-        (2, 3),
+        crate::delivery::backoff::JITTER_FLOOR,
         u32::try_from(deliveries).unwrap_or(u32::MAX),
         jitter,
     )
