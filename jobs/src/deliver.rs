@@ -313,6 +313,7 @@ async fn drain(
     // read while the previous round's requests were out.
     let mut kept: Option<(Health, Vec<Sent>)> = None;
     loop {
+        let round_started = Instant::now();
         let read_ahead = kept.is_some();
         let round = match next {
             Next::Round(r) => r,
@@ -399,11 +400,17 @@ async fn drain(
             forbidden_in_a_row: destination.forbidden_in_a_row,
         };
         let in_flight: HashSet<i64> = chosen.iter().map(|r| r.id).collect();
+        let begun_at = Instant::now();
         let sends = futures::future::join_all(chosen.into_iter().map(|r| {
             let body = bodies.remove(&r.event_id).map(|e| Bytes::from(e.to_wire()));
             let attempt_id = attempt_of.remove(&r.id);
             send_row(ctx, dest, &key, r, body, attempt_id, previous)
         }));
+        // Each side's end, for the round's timings (below).
+        let sends = async {
+            let r = sends.await;
+            (r, Instant::now())
+        };
         // While this round's requests are out, on the drain's one connection: the
         // previous round is settled if it was kept, and, while a full window is out (a
         // backlog), the next round is read and chosen without the rows in flight. Both
@@ -426,7 +433,22 @@ async fn drain(
                 Ok((false, None))
             }
         };
-        let (mut results, ahead): (Vec<Sent>, Meanwhile) = futures::join!(sends, meanwhile);
+        let meanwhile = async {
+            let r: Meanwhile = meanwhile.await;
+            (r, Instant::now())
+        };
+        let ((mut results, sent_at), (ahead, meanwhile_at)) = futures::join!(sends, meanwhile);
+        // Where a round's time went (docs/performance.md, "Drain rounds that overlap"):
+        // from the loop's top to the requests going out (the renewed lease and the
+        // attempts begun), the requests, and what ran beside them.
+        tracing::debug!(
+            destination = %dest,
+            rows = results.len(),
+            begin_ms = (begun_at - round_started).as_secs_f64() * 1e3,
+            requests_ms = (sent_at - begun_at).as_secs_f64() * 1e3,
+            meanwhile_ms = (meanwhile_at - begun_at).as_secs_f64() * 1e3,
+            "round out"
+        );
         // Every request of the batch was classified with the 403 run as it stood before
         // it; count the run across the batch in row order.
         outcome::apply_forbidden_run(

@@ -340,8 +340,14 @@ fn peak_rss_kb(pid: u32) -> Option<u64> {
 
 /// CPU seconds a process has used (user + system), from `/proc/<pid>/stat`.
 fn process_cpu_secs(pid: u32) -> f64 {
+    stat_cpu_secs(pid).0
+}
+
+/// A process's `/proc/<pid>/stat` CPU seconds: its own (user + system) and those of its
+/// children that exited and were waited for (cutime + cstime).
+fn stat_cpu_secs(pid: u32) -> (f64, f64) {
     let Ok(s) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-        return 0.0;
+        return (0.0, 0.0);
     };
     // Fields after the command name (which may hold spaces, so split after its ')').
     let rest = s.rsplit_once(')').map_or("", |(_, r)| r);
@@ -349,14 +355,49 @@ fn process_cpu_secs(pid: u32) -> f64 {
     let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
     // SAFETY: sysconf only reads a configuration value.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
-    // utime and stime are fields 14 and 15 of stat; `rest` starts at field 3.
-    (ticks(11) + ticks(12)) / hz
+    // utime, stime, cutime and cstime are fields 14 to 17 of stat; `rest` starts at
+    // field 3.
+    ((ticks(11) + ticks(12)) / hz, (ticks(13) + ticks(14)) / hz)
 }
 
-/// CPU seconds of a process and its live children (Postgres: the postmaster and its
-/// backends).
-fn tree_cpu_secs(root: u32) -> f64 {
-    let mut total = process_cpu_secs(root);
+/// Postgres' CPU seconds so far, by kind of process: the backends serving connections,
+/// autovacuum's workers (and launcher), the other background processes (the postmaster,
+/// WAL writer, checkpointer, background writer…), and the processes that exited (the
+/// postmaster's waited-for children: mostly autovacuum workers, which live for one
+/// table's vacuum or analyze — a reading of live processes alone misses them).
+#[derive(Clone, Copy, Default)]
+struct PostgresCpu {
+    backends: f64,
+    autovacuum: f64,
+    background: f64,
+    exited: f64,
+}
+
+impl PostgresCpu {
+    fn total(&self) -> f64 {
+        self.backends + self.autovacuum + self.background + self.exited
+    }
+
+    fn since(&self, start: &PostgresCpu) -> PostgresCpu {
+        PostgresCpu {
+            backends: self.backends - start.backends,
+            autovacuum: self.autovacuum - start.autovacuum,
+            background: self.background - start.background,
+            exited: self.exited - start.exited,
+        }
+    }
+}
+
+/// [`PostgresCpu`] of the postmaster `root` and its live children, told apart by the
+/// titles Postgres gives them (`/proc/<pid>/cmdline`: a backend's names its client's
+/// address, `postgres: user db 127.0.0.1(port) idle`).
+fn postgres_cpu(root: u32) -> PostgresCpu {
+    let (own, exited) = stat_cpu_secs(root);
+    let mut cpu = PostgresCpu {
+        background: own,
+        exited,
+        ..PostgresCpu::default()
+    };
     if let Ok(dir) = std::fs::read_dir("/proc") {
         for entry in dir.flatten() {
             let Some(pid) = entry
@@ -372,12 +413,23 @@ fn tree_cpu_secs(root: u32) -> f64 {
                     s.rsplit_once(')')
                         .and_then(|(_, r)| r.split_whitespace().nth(1)?.parse::<u32>().ok())
                 });
-            if ppid == Some(root) {
-                total += process_cpu_secs(pid);
+            if ppid != Some(root) {
+                continue;
+            }
+            let title = std::fs::read(format!("/proc/{pid}/cmdline"))
+                .map(|b| String::from_utf8_lossy(&b).into_owned())
+                .unwrap_or_default();
+            let secs = process_cpu_secs(pid);
+            if title.contains("autovacuum") {
+                cpu.autovacuum += secs;
+            } else if title.contains('(') || title.contains("[local]") {
+                cpu.backends += secs;
+            } else {
+                cpu.background += secs;
             }
         }
     }
-    total
+    cpu
 }
 
 /// What Postgres did for alpha's database, from `pg_stat_statements` and
@@ -535,6 +587,118 @@ async fn stages(url: &str) -> anyhow::Result<Stages> {
                 coalesce(percentile_cont(ARRAY[0.5, 0.99]) WITHIN GROUP (ORDER BY answered), \
                          ARRAY[0, 0]::float8[]) AS answered \
            FROM t",
+    )
+    .get_result(&mut c)
+    .await?)
+}
+
+/// How fast this machine is at the work that dominates a run, measured before the run
+/// on one core: microseconds per strict ed25519 verification
+/// (`protocol::PublicKey::verify`, what the ingress and the sinks do twice per request),
+/// the median of five timings of 400. Figures from different sessions differ by up to
+/// twofold on machines of the same kind (docs/performance.md, "Machine"); this one
+/// says which kind of session a run came from.
+fn verify_us() -> anyhow::Result<f64> {
+    let key = Keypair::generate(KeyId::parse("ed25519:auto")?);
+    let public = key.public_key();
+    let msg = [7u8; 256];
+    let sig = key.sign(&msg);
+    let mut timings: Vec<f64> = (0..5)
+        .map(|_| {
+            let t = Instant::now();
+            for _ in 0..400 {
+                std::hint::black_box(public.verify(std::hint::black_box(&msg), &sig));
+            }
+            t.elapsed().as_secs_f64() * 1e6 / 400.0
+        })
+        .collect();
+    timings.sort_by(|a, b| a.total_cmp(b));
+    Ok(timings[2])
+}
+
+/// The machine's CPU time so far (all cores, `/proc/stat`'s first line, in clock
+/// ticks): busy (user, nice, system, irq, softirq), idle (idle, iowait) and steal (time
+/// the hypervisor gave this machine's virtual CPUs to others while they had work).
+#[derive(Clone, Copy, Default)]
+struct MachineTicks {
+    busy: u64,
+    idle: u64,
+    steal: u64,
+}
+
+fn machine_ticks() -> MachineTicks {
+    let Ok(s) = std::fs::read_to_string("/proc/stat") else {
+        return MachineTicks::default();
+    };
+    let f: Vec<u64> = s
+        .lines()
+        .next()
+        .unwrap_or("")
+        .split_whitespace()
+        .skip(1)
+        .map(|v| v.parse().unwrap_or(0))
+        .collect();
+    let at = |i: usize| f.get(i).copied().unwrap_or(0);
+    MachineTicks {
+        busy: at(0) + at(1) + at(2) + at(5) + at(6),
+        idle: at(3) + at(4),
+        steal: at(7),
+    }
+}
+
+/// The shares (per cent) of the machine's CPU time between two readings that were busy
+/// and stolen.
+fn machine_shares(from: MachineTicks, to: MachineTicks) -> (f64, f64) {
+    let busy = to.busy.saturating_sub(from.busy) as f64;
+    let idle = to.idle.saturating_sub(from.idle) as f64;
+    let steal = to.steal.saturating_sub(from.steal) as f64;
+    let all = (busy + idle + steal).max(1.0);
+    (100.0 * busy / all, 100.0 * steal / all)
+}
+
+/// The drain's rounds to the first sink, from the attempt rows: a round is the
+/// attempts begun by one statement (one `attempted_at`), each with its request's own
+/// latency (`latency_ms`, from just before its transport signature to its answer).
+/// Medians over the rounds of at least two requests: the requests in a round, the
+/// period (from its start to the next round's), its slowest request and its requests'
+/// mean. `mean / period` is the share of a round a window slot has a request out: what
+/// a window kept full (a request sent as each is answered) could at most gain on
+/// (docs/performance.md, "Drain rounds that overlap").
+#[derive(Default, diesel::QueryableByName)]
+struct Rounds {
+    #[diesel(sql_type = diesel::sql_types::BigInt)]
+    rounds: i64,
+    #[diesel(sql_type = diesel::sql_types::Double)]
+    requests: f64,
+    #[diesel(sql_type = diesel::sql_types::Double)]
+    period_ms: f64,
+    #[diesel(sql_type = diesel::sql_types::Double)]
+    slowest_ms: f64,
+    #[diesel(sql_type = diesel::sql_types::Double)]
+    mean_ms: f64,
+}
+
+async fn rounds(url: &str) -> anyhow::Result<Rounds> {
+    use diesel_async::{AsyncConnection, RunQueryDsl};
+    let mut c = diesel_async::AsyncPgConnection::establish(url).await?;
+    Ok(diesel::sql_query(
+        "WITH r AS ( \
+           SELECT attempted_at AS at, count(*) AS n, max(latency_ms) AS slowest, \
+                  avg(latency_ms) AS mean \
+             FROM delivery_attempts \
+            WHERE destination = 'sink0.test' AND request_kind = 'event' \
+              AND latency_ms IS NOT NULL \
+            GROUP BY attempted_at), \
+         p AS ( \
+           SELECT n, slowest, mean, \
+                  extract(epoch FROM lead(at) OVER (ORDER BY at) - at) * 1000 AS period \
+             FROM r) \
+         SELECT count(*) AS rounds, \
+                coalesce(percentile_cont(0.5) WITHIN GROUP (ORDER BY n), 0) AS requests, \
+                coalesce(percentile_cont(0.5) WITHIN GROUP (ORDER BY period), 0) AS period_ms, \
+                coalesce(percentile_cont(0.5) WITHIN GROUP (ORDER BY slowest), 0) AS slowest_ms, \
+                coalesce(percentile_cont(0.5) WITHIN GROUP (ORDER BY mean), 0)::float8 AS mean_ms \
+           FROM p WHERE n >= 2 AND period IS NOT NULL",
     )
     .get_result(&mut c)
     .await?)
@@ -706,6 +870,8 @@ async fn post_signed(
 }
 
 async fn run(cli: &Cli) -> anyhow::Result<(bool, serde_json::Value)> {
+    // Before anything of the run starts: the machine's speed, on one core.
+    let verify_us = verify_us()?;
     let serve_bin = sibling("parafed")?;
     let worker_bin = sibling("parafed-worker")?;
     // pg_stat_statements: statements per delivered event, and where the time goes.
@@ -861,10 +1027,11 @@ async fn run(cli: &Cli) -> anyhow::Result<(bool, serde_json::Value)> {
     let pg_pid = pg.pid().unwrap_or(0);
     let redis_pid = redis.pid().unwrap_or(0);
     let worker_cpu = |w: &Option<Child>| w.as_ref().map_or(0.0, |w| process_cpu_secs(w.id()));
+    let pg_at_start = postgres_cpu(pg_pid);
     let cpu_at_start = [
         process_cpu_secs(serve.id()),
         worker_cpu(&worker),
-        tree_cpu_secs(pg_pid),
+        pg_at_start.total(),
         process_cpu_secs(redis_pid),
     ];
     // The events are signed before the clock starts (an envelope signature has no
@@ -876,6 +1043,7 @@ async fn run(cli: &Cli) -> anyhow::Result<(bool, serde_json::Value)> {
             .collect::<anyhow::Result<_>>()?,
     );
     let cpu_before = own_cpu_secs();
+    let machine_at_start = machine_ticks();
     let started = Instant::now();
     let post = |n: u64| {
         let (client, source, name, url, sinks, events) = (
@@ -931,7 +1099,7 @@ async fn run(cli: &Cli) -> anyhow::Result<(bool, serde_json::Value)> {
     let ingest_cpu: Vec<f64> = [
         process_cpu_secs(serve.id()),
         worker_cpu(&worker),
-        tree_cpu_secs(pg_pid),
+        postgres_cpu(pg_pid).total(),
         process_cpu_secs(redis_pid),
     ]
     .iter()
@@ -1027,12 +1195,15 @@ async fn run(cli: &Cli) -> anyhow::Result<(bool, serde_json::Value)> {
     });
     let serve_rss = peak_rss_kb(serve.id());
     let worker_rss = peak_rss_kb(worker.id());
+    let pg_at_end = postgres_cpu(pg_pid);
+    let pg_cpu = pg_at_end.since(&pg_at_start);
     let cpu_at_end = [
         process_cpu_secs(serve.id()),
         process_cpu_secs(worker.id()),
-        tree_cpu_secs(pg_pid),
+        pg_at_end.total(),
         process_cpu_secs(redis_pid),
     ];
+    let (machine_busy, machine_steal) = machine_shares(machine_at_start, machine_ticks());
     let cpu: Vec<f64> = cpu_at_end
         .iter()
         .zip(cpu_at_start)
@@ -1048,6 +1219,10 @@ async fn run(cli: &Cli) -> anyhow::Result<(bool, serde_json::Value)> {
     let stages = stages(&db).await.unwrap_or_else(|e| {
         eprintln!("the stage times are unreadable: {e:#}");
         Stages::default()
+    });
+    let rounds = rounds(&db).await.unwrap_or_else(|e| {
+        eprintln!("the drain's rounds are unreadable: {e:#}");
+        Rounds::default()
     });
     let stage = |v: &[f64]| {
         (
@@ -1092,6 +1267,11 @@ async fn run(cli: &Cli) -> anyhow::Result<(bool, serde_json::Value)> {
 
     let figures = json!({
         "build": BUILD,
+        "machine": {
+            "ed25519_verify_us": verify_us,
+            "busy_percent": machine_busy,
+            "steal_percent": machine_steal,
+        },
         "events": cli.events,
         "concurrency": cli.concurrency,
         "peers": cli.peers,
@@ -1131,11 +1311,22 @@ async fn run(cli: &Cli) -> anyhow::Result<(bool, serde_json::Value)> {
             "seconds_from_first_success_to_last": drain,
             "deliveries_per_second": want as f64 / drain.max(1e-9),
         })),
+        "rounds": {
+            "rounds": rounds.rounds,
+            "requests_p50": rounds.requests,
+            "period_ms_p50": rounds.period_ms,
+            "slowest_request_ms_p50": rounds.slowest_ms,
+            "mean_request_ms_p50": rounds.mean_ms,
+        },
         "dead_peers": cli.dead,
         "peak_rss_kb": { "serve": serve_rss, "worker": worker_rss },
         "cpu_seconds": {
             "serve": cpu[0], "worker": cpu[1], "postgres": cpu[2], "redis": cpu[3],
             "generator_and_sinks": own_cpu_secs() - cpu_before,
+            "postgres_by_kind": {
+                "backends": pg_cpu.backends, "autovacuum": pg_cpu.autovacuum,
+                "background": pg_cpu.background, "exited": pg_cpu.exited,
+            },
         },
         "postgres": {
             "statements": work.statements,
@@ -1150,6 +1341,9 @@ async fn run(cli: &Cli) -> anyhow::Result<(bool, serde_json::Value)> {
     });
     println!("| measure | value |\n| --- | --- |");
     println!("| build | {BUILD} |");
+    println!(
+        "| machine: ed25519 verification (one core, before the run) / busy / stolen by the hypervisor (over the run) | {verify_us:.1} µs / {machine_busy:.0} % / {machine_steal:.0} % |"
+    );
     println!(
         "| events posted (concurrency) | {} ({}) |",
         cli.events, cli.concurrency
@@ -1204,6 +1398,10 @@ async fn run(cli: &Cli) -> anyhow::Result<(bool, serde_json::Value)> {
             .collect::<Vec<_>>()
             .join(" · ")
     );
+    println!(
+        "| the drain's rounds to the first sink, p50: requests / period / slowest request / mean request | {:.0} / {:.1} ms / {:.0} ms / {:.1} ms ({} rounds) |",
+        rounds.requests, rounds.period_ms, rounds.slowest_ms, rounds.mean_ms, rounds.rounds
+    );
     let per = |s: f64| s * 1000.0 / delivered.max(1) as f64;
     println!(
         "| CPU ms per delivery: serve / worker / postgres / redis | {:.2} / {:.2} / {:.2} / {:.2} |",
@@ -1211,6 +1409,13 @@ async fn run(cli: &Cli) -> anyhow::Result<(bool, serde_json::Value)> {
         per(cpu[1]),
         per(cpu[2]),
         per(cpu[3])
+    );
+    println!(
+        "| Postgres CPU ms per delivery: backends / autovacuum / other background / exited processes | {:.3} / {:.3} / {:.3} / {:.3} |",
+        per(pg_cpu.backends),
+        per(pg_cpu.autovacuum),
+        per(pg_cpu.background),
+        per(pg_cpu.exited)
     );
     println!(
         "| Postgres statements / commits per delivery | {:.1} / {:.2} |",
