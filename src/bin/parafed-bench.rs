@@ -505,7 +505,7 @@ async fn db_work_end(url: &str, commits_before: i64) -> anyhow::Result<DbWork> {
                 left(regexp_replace(query, '\\s+', ' ', 'g'), 160) AS query \
            FROM pg_stat_statements s JOIN pg_database d ON d.oid = s.dbid \
           WHERE d.datname = current_database() \
-          ORDER BY total_exec_time + total_plan_time DESC LIMIT 12",
+          ORDER BY total_exec_time + total_plan_time DESC LIMIT 40",
     )
     .load(&mut c)
     .await?;
