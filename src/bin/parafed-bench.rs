@@ -18,8 +18,12 @@
 //! (5) with `--isolation`, the same load without and with `--dead N` dead peers in the
 //! room (half refusing connections, half never answering), four runs in the order
 //! without, with, with, without: the healthy peers' rate as a share; (6) the peak RSS of each parafed process. Beside them, where the CPU went
-//! (per process, per delivery) and what Postgres did (`pg_stat_statements`: statements
-//! and commits per delivery, the costliest statements in the JSON).
+//! (per process, per delivery; Postgres' also by kind of process) and what Postgres did
+//! (`pg_stat_statements`: statements and commits per delivery, the costliest statements
+//! in the JSON), the drain's rounds to the first sink, and the machine itself: an
+//! ed25519 verification timed before the run, and the shares of its CPU time that were
+//! busy and that the hypervisor stole, so that runs from different sessions can be told
+//! apart.
 //!
 //! The events are signed before the clock starts; each request's transport signature
 //! (which carries the time) is made when it is sent. `--ingest-alone` starts the worker
