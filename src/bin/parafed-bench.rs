@@ -344,24 +344,33 @@ fn peak_rss_kb(pid: u32) -> Option<u64> {
 
 /// CPU seconds a process has used (user + system), from `/proc/<pid>/stat`.
 fn process_cpu_secs(pid: u32) -> f64 {
-    stat_cpu_secs(pid).0
+    proc_stat(pid).map_or(0.0, |s| s.own)
 }
 
-/// A process's `/proc/<pid>/stat` CPU seconds: its own (user + system) and those of its
-/// children that exited and were waited for (cutime + cstime).
-fn stat_cpu_secs(pid: u32) -> (f64, f64) {
-    let Ok(s) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-        return (0.0, 0.0);
-    };
+/// What `/proc/<pid>/stat` says of a process, read once: its parent, its CPU seconds
+/// (user + system), and those of its children that exited and were waited for (cutime
+/// + cstime). `None` once the process is gone.
+struct ProcStat {
+    ppid: Option<u32>,
+    own: f64,
+    children: f64,
+}
+
+fn proc_stat(pid: u32) -> Option<ProcStat> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // Fields after the command name (which may hold spaces, so split after its ')').
     let rest = s.rsplit_once(')').map_or("", |(_, r)| r);
     let f: Vec<&str> = rest.split_whitespace().collect();
     let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
     // SAFETY: sysconf only reads a configuration value.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
-    // utime, stime, cutime and cstime are fields 14 to 17 of stat; `rest` starts at
-    // field 3.
-    ((ticks(11) + ticks(12)) / hz, (ticks(13) + ticks(14)) / hz)
+    // `rest` starts at field 3: ppid is field 4; utime, stime, cutime and cstime are
+    // fields 14 to 17.
+    Some(ProcStat {
+        ppid: f.get(1).and_then(|v| v.parse().ok()),
+        own: (ticks(11) + ticks(12)) / hz,
+        children: (ticks(13) + ticks(14)) / hz,
+    })
 }
 
 /// Postgres' CPU seconds so far, by kind of process: the backends serving connections,
@@ -396,10 +405,10 @@ impl PostgresCpu {
 /// titles Postgres gives them (`/proc/<pid>/cmdline`: a backend's names its client's
 /// address, `postgres: user db 127.0.0.1(port) idle`).
 fn postgres_cpu(root: u32) -> PostgresCpu {
-    let (own, exited) = stat_cpu_secs(root);
+    let root_stat = proc_stat(root);
     let mut cpu = PostgresCpu {
-        background: own,
-        exited,
+        background: root_stat.as_ref().map_or(0.0, |s| s.own),
+        exited: root_stat.as_ref().map_or(0.0, |s| s.children),
         ..PostgresCpu::default()
     };
     if let Ok(dir) = std::fs::read_dir("/proc") {
@@ -411,19 +420,13 @@ fn postgres_cpu(root: u32) -> PostgresCpu {
             else {
                 continue;
             };
-            let ppid = std::fs::read_to_string(format!("/proc/{pid}/stat"))
-                .ok()
-                .and_then(|s| {
-                    s.rsplit_once(')')
-                        .and_then(|(_, r)| r.split_whitespace().nth(1)?.parse::<u32>().ok())
-                });
-            if ppid != Some(root) {
+            let Some(stat) = proc_stat(pid).filter(|s| s.ppid == Some(root)) else {
                 continue;
-            }
+            };
             let title = std::fs::read(format!("/proc/{pid}/cmdline"))
                 .map(|b| String::from_utf8_lossy(&b).into_owned())
                 .unwrap_or_default();
-            let secs = process_cpu_secs(pid);
+            let secs = stat.own;
             if title.contains("autovacuum") {
                 cpu.autovacuum += secs;
             } else if title.contains('(') || title.contains("[local]") {
