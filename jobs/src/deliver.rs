@@ -645,6 +645,14 @@ impl Reading<'_> {
                 // brings the destination back within a tick.
                 return Ok(Next::Done(Drain::Stopped));
             }
+            // The deferrals as they stand *after* the rows and the order check were read
+            // (`fresh_deferrals`): what was held back above used an older read.
+            *deferred = deferrals::of(&mut conn, dest.as_str()).await?;
+            let Some(chosen) = fresh_deferrals(chosen, deferred) else {
+                // Every row chosen is now behind a cursor a fan-out moved back: read
+                // again, which catches the deferral up first.
+                continue;
+            };
             let ids: Vec<&str> = chosen.iter().map(|r| r.event_id.as_str()).collect();
             let bodies = events::envelopes(&mut conn, &ids).await?;
             return Ok(Next::Round(Box::new(Round {
@@ -667,6 +675,30 @@ pub(crate) fn held_back(rows: Vec<Waiting>, deferred: &[deferrals::Stored]) -> V
         return rows;
     }
     rows.into_iter().filter(|r| !behind(r, deferred)).collect()
+}
+
+/// The rows `choose` picked, without those behind a cursor in `fresh` — deferrals read
+/// after the rows and after the order check (`events::unsettled_before`); `None` when
+/// none is left.
+///
+/// Why a second look: the order check counts an event fanned out as settled, and an
+/// event fanned out as a deferral has no row — it is owed only through its room's
+/// cursor. A fan-out decides from a view it read before it writes
+/// (`deferrals::fan_out_view`), so an earlier event whose fan-out saw the destination
+/// unreachable (new, its first request in flight) can defer after a later event got a
+/// row: the cursor moves back before that row. Deferrals read before the rows miss
+/// that move, and the later row — say a reaction — would go before the message it
+/// refers to. Read after both, they cannot: the fan-out that moves the cursor also
+/// marks the event fanned out, in one statement, so an event the order check saw
+/// settled has its cursor move in this read, and one it saw unsettled holds its
+/// dependants anyway. The rows left need nothing held back: a row depends only on
+/// earlier events of its room, and every row of a room after a held one is held too.
+pub(crate) fn fresh_deferrals(
+    chosen: Vec<Waiting>,
+    fresh: &[deferrals::Stored],
+) -> Option<Vec<Waiting>> {
+    let chosen = held_back(chosen, fresh);
+    (!chosen.is_empty()).then_some(chosen)
 }
 
 /// Whether `r` is after its room's deferral cursor.

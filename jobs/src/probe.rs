@@ -354,6 +354,28 @@ async fn prepare(
             None => Plan::Leave,
         });
     }
+    // The deferrals as they stand after the rows and the order check were read
+    // (`deliver::fresh_deferrals` says why): a probe now behind a cursor that a fan-out
+    // moved back is left to the alone drain, which catches the deferral up first.
+    let probing: Vec<&str> = leased
+        .iter()
+        .zip(&plans)
+        .filter(|(_, p)| matches!(p, Plan::Probe(_)))
+        .map(|(h, _)| h.destination.as_str())
+        .collect();
+    if !probing.is_empty() {
+        let fresh = deferrals::of_many(conn, &probing).await?;
+        for (h, plan) in leased.iter().zip(plans.iter_mut()) {
+            let Some(owed) = fresh.get(&h.destination) else {
+                continue;
+            };
+            if let Plan::Probe(row) = plan {
+                if deliver::fresh_deferrals(vec![row.clone()], owed).is_none() {
+                    *plan = Plan::Alone;
+                }
+            }
+        }
+    }
     Ok(plans)
 }
 

@@ -1120,3 +1120,172 @@ async fn a_peer_quarantined_while_its_backlog_drains_gets_nothing_after_the_roun
         .unwrap();
     m.each_once(&rest).await;
 }
+
+/// A fan-out decides from a view it read before it writes: an earlier event whose
+/// fan-out read beta as new (its first request in flight: unreachable) defers after a
+/// later event — here a reaction to it — got its own row, and moves beta's cursor in
+/// the room back before that row while beta's drain has a round out. The drain read
+/// beta's deferrals when it started; it must not act on that read: the reaction waits
+/// until the drain has caught the deferral up and sent the message (`deliver::
+/// fresh_deferrals`). Before, the drain sent the reaction at once — the order check
+/// counts an event fanned out as settled — and the message later. The state the late
+/// fan-out leaves is made here by running it while beta's row reads as new.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cursor_moved_back_under_a_running_drain_holds_back_the_rows_after_it() {
+    use diesel_async::SimpleAsyncConnection;
+    use parafed::store::schema::federation_events as fe;
+    let arrived: Arc<Mutex<Vec<String>>> = Arc::default();
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    let (lp, up) = reserve_listener();
+    let (a, g) = (arrived.clone(), gate.clone());
+    let _peer = FnPeer::start(lp, move |r: FakeRequest| {
+        let (arrived, gate) = (a.clone(), g.clone());
+        async move {
+            if !r.path.ends_with("/event") {
+                return FakeAnswer::empty(404);
+            }
+            let env: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
+            arrived
+                .lock()
+                .unwrap()
+                .push(env["event_id"].as_str().unwrap_or_default().to_owned());
+            if env["content"]["body"] == "hold" {
+                // Answered once the test has moved the cursor back.
+                gate.acquire().await.unwrap().forget();
+            }
+            accepted(&r)
+        }
+    })
+    .await;
+    // No worker: the test runs each fan-out and the drain itself, in the order above.
+    let alpha = alpha_with_member_cfg("beta.test", &up, FAST_WORKER_TOML).await;
+    alpha
+        .db()
+        .await
+        .batch_execute(
+            "INSERT INTO destination_health (destination, state, last_success_at, last_status_code) \
+             VALUES ('beta.test', 'healthy', now(), 202)",
+        )
+        .await
+        .unwrap();
+    let ctx = Arc::new(parafed_jobs::context::Ctx::new(
+        alpha.app.clone(),
+        "cursor-test".into(),
+    ));
+    let fan_out = |id: &str| {
+        let ctx = ctx.clone();
+        let job = parafed::queue::jobs::FanoutJob {
+            event_ids: vec![id.to_owned()],
+        };
+        async move { parafed_jobs::fanout::run(&ctx, &job).await.unwrap() }
+    };
+    let drain = || {
+        let ctx = ctx.clone();
+        async move {
+            let job = parafed::queue::DeliverJob {
+                destination: "beta.test".into(),
+            };
+            parafed_jobs::deliver::run(&ctx, &job).await.unwrap()
+        }
+    };
+
+    // A round out: beta's drain sends `first` and waits for its answer.
+    let first = submit(
+        &alpha,
+        "c0",
+        "m.message",
+        "@alice:alpha.test",
+        json!({"message_id": "first", "channel_id": "1", "body": "hold"}),
+    )
+    .await;
+    fan_out(&first).await;
+    let running = tokio::spawn(drain());
+    let seen = arrived.clone();
+    wait_for(
+        "the held round at beta",
+        Duration::from_secs(30),
+        || async { (seen.lock().unwrap().as_slice() == [first.clone()]).then_some(()) },
+    )
+    .await;
+
+    // Meanwhile: a message and a reaction to it. The reaction is fanned out first and
+    // gets a row; the message's fan-out reads beta as new and defers.
+    let message = submit(
+        &alpha,
+        "c1",
+        "m.message",
+        "@alice:alpha.test",
+        json!({"message_id": "m", "channel_id": "1", "body": "message"}),
+    )
+    .await;
+    let reaction = submit(
+        &alpha,
+        "c2",
+        "m.reaction.add",
+        "@alice:alpha.test",
+        json!({"message_id": "m", "channel_id": "1", "body": "reaction"}),
+    )
+    .await;
+    fan_out(&reaction).await;
+    let set = |sql: &'static str| {
+        let alpha = &alpha;
+        async move { alpha.db().await.batch_execute(sql).await.unwrap() }
+    };
+    set(
+        "UPDATE destination_health SET last_success_at = NULL, last_status_code = NULL \
+         WHERE destination = 'beta.test'",
+    )
+    .await;
+    fan_out(&message).await;
+    set(
+        "UPDATE destination_health SET last_success_at = now(), last_status_code = 202 \
+         WHERE destination = 'beta.test'",
+    )
+    .await;
+    let rows: Vec<String> = oq::table
+        .filter(oq::destination.eq("beta.test"))
+        .filter(oq::event_id.ne(&first))
+        .select(oq::event_id)
+        .load(&mut *alpha.db().await)
+        .await
+        .unwrap();
+    assert_eq!(rows, vec![reaction.clone()], "the reaction's row only");
+    let message_seq: i64 = fe::table
+        .filter(fe::event_id.eq(&message))
+        .select(fe::seq)
+        .first(&mut *alpha.db().await)
+        .await
+        .unwrap();
+    let from: Vec<i64> = od::table
+        .filter(od::destination.eq("beta.test"))
+        .select(od::from_seq)
+        .load(&mut *alpha.db().await)
+        .await
+        .unwrap();
+    assert_eq!(
+        from,
+        vec![message_seq - 1],
+        "the cursor, before the message"
+    );
+
+    // The round is answered; the drain goes on (and later drains, if it stops).
+    gate.add_permits(1);
+    running.await.unwrap();
+    wait_for(
+        "the message and the reaction at beta",
+        Duration::from_secs(30),
+        || async {
+            if seen.lock().unwrap().len() >= 3 {
+                return Some(());
+            }
+            drain().await;
+            None
+        },
+    )
+    .await;
+    assert_eq!(
+        *arrived.lock().unwrap(),
+        vec![first, message, reaction],
+        "the message before its reaction, each once"
+    );
+}
