@@ -60,7 +60,8 @@ pub(crate) struct Sent {
 
 pub async fn run(ctx: &Arc<Ctx>, job: &DeliverJob) -> Result<(), JobError> {
     let app = &ctx.app;
-    // From here on, new rows for this destination queue a new job.
+    // From here on, new rows for this destination queue a new job — until its drain,
+    // if one starts, marks it as drained (`Reading::next`).
     if let Err(e) = app.queue.clear_scheduled(&job.destination).await {
         tracing::debug!(error = %e, "could not clear the scheduled mark");
     }
@@ -137,8 +138,20 @@ pub(crate) async fn drain_destination(
             }
         }
         let outcome = drain(ctx, dest, &owner, lease_ttl, started, probing).await;
-        let mut conn = app.pool.get().await.map_err(StoreError::from)?;
-        destinations::release_lease(&mut conn, dest.as_str(), &owner).await?;
+        let released = async {
+            let mut conn = app.pool.get().await.map_err(StoreError::from)?;
+            destinations::release_lease(&mut conn, dest.as_str(), &owner).await?;
+            Ok::<_, JobError>(conn)
+        }
+        .await;
+        // The drain stops: from here on, rows written for the destination queue a job
+        // again (`JobQueue::schedule_deliveries`; each round marked it as drained).
+        // Cleared before the last look below, so a row written after that look finds
+        // the mark gone and queues its job.
+        if let Err(e) = app.queue.clear_scheduled(dest.as_str()).await {
+            tracing::debug!(destination = %dest, error = %e, "could not clear the scheduled mark");
+        }
+        let mut conn = released?;
         match outcome? {
             Drain::Stopped => return Ok(()),
             Drain::Budget => {
@@ -560,9 +573,17 @@ impl Reading<'_> {
             // drains that each hold one while waiting for another can empty the pool.
             let key = app.signing_key().await?;
             let mut conn = app.pool.get().await.map_err(StoreError::from)?;
-            let Some(health) =
-                destinations::acquire_lease(&mut conn, dest.as_str(), owner, lease_ttl).await?
-            else {
+            let (lease, marked) = futures::join!(
+                destinations::acquire_lease(&mut conn, dest.as_str(), owner, lease_ttl),
+                // While the drain runs, fan-outs and the scheduler queue no job for the
+                // destination: one would only find the lease held (this drain sends
+                // their rows). Set each round, as a job that started meanwhile clears it.
+                app.queue.mark_scheduled(dest.as_str())
+            );
+            if let Err(e) = marked {
+                tracing::debug!(destination = %dest, error = %e, "could not mark the destination as drained");
+            }
+            let Some(health) = lease? else {
                 // Our lease lapsed and another worker took over.
                 return Ok(Next::Done(Drain::Stopped));
             };

@@ -46,11 +46,12 @@ pub fn connect(url: &str) -> Result<ConnectionManager, QueueError> {
 pub const JOB_FIELD: &str = "job";
 
 /// How long a destination's "deliver job queued" mark lives unless its job clears it.
-/// Short: the mark only saves duplicate pushes while a job waits in the stream (a
-/// duplicate costs a look at the lease), but a mark whose job never ran — its push lost
-/// after the mark was set, or the job read by a worker that died before starting it —
-/// keeps the scheduler and fan-out from queueing the destination again until it
-/// expires.
+/// Short: the mark only saves duplicate pushes while a job waits in the stream or its
+/// drain runs (a duplicate costs a look at the lease), but a mark whose job never ran —
+/// its push lost after the mark was set, the job read by a worker that died before
+/// starting it, or a drain whose worker died — keeps the scheduler and fan-out from
+/// queueing the destination again until it expires. A running drain sets it again each
+/// round (`mark_scheduled`), so a drain longer than this keeps it.
 pub const SCHEDULED_MARK_TTL: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Redis key names, all under one configurable prefix so several parafed deployments (or
@@ -298,9 +299,13 @@ impl JobQueue {
         })
     }
 
-    /// Pushes a deliver job for each destination that has none queued yet: a mark per
-    /// destination (`SET NX`, [`SCHEDULED_MARK_TTL`]) says one is queued; the job clears
-    /// it when it starts (`clear_scheduled`).
+    /// Pushes a deliver job for each destination that has none queued yet and is not
+    /// being drained: a mark per destination (`SET NX`, [`SCHEDULED_MARK_TTL`]) says one
+    /// is queued or running. The job clears it when it starts (`clear_scheduled`); its
+    /// drain sets it again each round ([`JobQueue::mark_scheduled`]) and clears it when it
+    /// stops, before its last look for waiting rows, so rows written meanwhile are sent
+    /// by that drain, not by one more job that would only find the lease held.
+    /// Returns how many jobs were pushed.
     pub async fn schedule_deliveries(&self, destinations: &[String]) -> Result<usize, QueueError> {
         if destinations.is_empty() {
             return Ok(0);
@@ -332,7 +337,28 @@ impl JobQueue {
         Ok(due.len())
     }
 
-    /// Forgets that a deliver job is queued for `destination` (its drain has started).
+    /// Marks `destination` as being drained (`SET`, [`SCHEDULED_MARK_TTL`]): fan-outs and
+    /// the scheduler then queue no job for it ([`JobQueue::schedule_deliveries`]); the
+    /// drain clears the mark when it stops ([`JobQueue::clear_scheduled`]).
+    pub async fn mark_scheduled(&self, destination: &str) -> Result<(), QueueError> {
+        let key = self.keys.deliver_scheduled(destination);
+        self.call(|mut c| {
+            let key = key.clone();
+            async move {
+                redis::cmd("SET")
+                    .arg(key)
+                    .arg(1)
+                    .arg("PX")
+                    .arg(SCHEDULED_MARK_TTL.as_millis() as u64)
+                    .query_async::<()>(&mut c)
+                    .await
+            }
+        })
+        .await
+    }
+
+    /// Forgets that a deliver job is queued for `destination`, or that its drain runs:
+    /// the next [`JobQueue::schedule_deliveries`] pushes a job.
     pub async fn clear_scheduled(&self, destination: &str) -> Result<(), QueueError> {
         let key = self.keys.deliver_scheduled(destination);
         self.call(|mut c| {
