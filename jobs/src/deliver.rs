@@ -43,6 +43,9 @@ use crate::probe_queue::Handover;
 enum Drain {
     /// Nothing left to send.
     Empty,
+    /// Rows wait, all behind earlier events not yet fanned out: their fan-outs queue
+    /// the destination again.
+    Waiting,
     /// The destination cannot take more now (backing off, held, paused, blocked rows).
     Stopped,
     /// The time budget is spent; the job re-queues itself.
@@ -119,6 +122,8 @@ pub(crate) async fn drain_destination(
     let owner = format!("{}-{:016x}", ctx.worker_id, rand::random::<u64>());
     let lease_ttl = lease_ttl(&app.cfg);
     let mut first = true;
+    // Whether the drain already looked again after stopping on rows that wait.
+    let mut looked_again = false;
     loop {
         {
             let mut conn = app.pool.get().await.map_err(StoreError::from)?;
@@ -149,11 +154,16 @@ pub(crate) async fn drain_destination(
         // Cleared before the last look below, so a row written after that look finds
         // the mark gone and queues its job.
         if let Err(e) = app.queue.clear_scheduled(dest.as_str()).await {
-            tracing::debug!(destination = %dest, error = %e, "could not clear the scheduled mark");
+            tracing::warn!(destination = %dest, error = %e, "could not clear the destination's scheduled mark; fan-outs queue no job for it until the mark expires");
         }
         let mut conn = released?;
         match outcome? {
             Drain::Stopped => return Ok(()),
+            // The fan-outs the rows waited for that finished while the mark was set
+            // queued no job: one more look, once (an event that stays unfanned would
+            // otherwise make the drain spin).
+            Drain::Waiting if !looked_again => looked_again = true,
+            Drain::Waiting => return Ok(()),
             Drain::Budget => {
                 app.queue.schedule_deliveries(&[dest.to_string()]).await?;
                 return Ok(());
@@ -662,9 +672,11 @@ impl Reading<'_> {
                 .await?;
             }
             if chosen.is_empty() {
-                // Everything waits for earlier events not yet fanned out: the scheduler
-                // brings the destination back within a tick.
-                return Ok(Next::Done(Drain::Stopped));
+                // Everything waits for earlier events not yet fanned out: their
+                // fan-outs queue the destination again (`drain_destination` looks once
+                // more for those that finished while this drain held the mark), and
+                // the scheduler brings it back within a tick in any case.
+                return Ok(Next::Done(Drain::Waiting));
             }
             // The deferrals as they stand *after* the rows and the order check were read
             // (`fresh_deferrals`): what was held back above used an older read.
@@ -709,8 +721,9 @@ pub(crate) fn held_back(rows: Vec<Waiting>, deferred: &[deferrals::Stored]) -> V
 /// unreachable (new, its first request in flight) can defer after a later event got a
 /// row: the cursor moves back before that row. Deferrals read before the rows miss
 /// that move, and the later row — say a reaction — would go before the message it
-/// refers to. Read after both, they cannot: the fan-out that moves the cursor also
-/// marks the event fanned out, in one statement, so an event the order check saw
+/// refers to. Read after both, they cannot: the fan-out that moves the cursor marks
+/// the event fanned out in the same statement or a later one (a batch written in
+/// several statements marks its events in the last), so an event the order check saw
 /// settled has its cursor move in this read, and one it saw unsettled holds its
 /// dependants anyway. The rows left need nothing held back: a row depends only on
 /// earlier events of its room, and every row of a room after a held one is held too.

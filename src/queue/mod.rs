@@ -51,7 +51,9 @@ pub const JOB_FIELD: &str = "job";
 /// its push lost after the mark was set, the job read by a worker that died before
 /// starting it, or a drain whose worker died — keeps the scheduler and fan-out from
 /// queueing the destination again until it expires. A running drain sets it again each
-/// round (`mark_scheduled`), so a drain longer than this keeps it.
+/// round (`mark_scheduled`), so a drain whose rounds are shorter than this keeps it (a
+/// round that waits longer on a slow peer lets it lapse: that costs a job or two that
+/// find the lease held, nothing more).
 pub const SCHEDULED_MARK_TTL: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Redis key names, all under one configurable prefix so several parafed deployments (or
@@ -84,7 +86,8 @@ impl Keys {
         format!("{}:rate:{}", self.prefix, peer)
     }
 
-    /// Set while a deliver job for the destination is queued (deduplicates pushes).
+    /// Set while a deliver job for the destination is queued or its drain runs
+    /// (deduplicates pushes: `JobQueue::schedule_deliveries`).
     pub fn deliver_scheduled(&self, destination: &str) -> String {
         format!("{}:deliver-scheduled:{}", self.prefix, destination)
     }
