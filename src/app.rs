@@ -54,6 +54,16 @@ impl AsRef<Trust> for App {
     }
 }
 
+/// The hosts the operator named (`[peers]` base URLs), as URL authorities
+/// (`host:port`): the federation client reaches them wherever they are.
+fn own_hosts(cfg: &Config) -> Vec<String> {
+    cfg.peers
+        .values()
+        .filter_map(|p| p.base_url.parse::<http::Uri>().ok())
+        .filter_map(|u| u.authority().map(|a| a.as_str().to_owned()))
+        .collect()
+}
+
 impl App {
     /// Builds the state. Connections are opened lazily: this succeeds while Postgres or
     /// Redis is down, and requests then answer 503 until they are back.
@@ -61,9 +71,11 @@ impl App {
         let pool = store::pool(&cfg.database.url, cfg.database.pool_size)?;
         let redis = queue::connect(&cfg.redis.url)?;
         let keys = Keys::new(&cfg.redis.key_prefix);
-        let client = HttpClient::new(
+        let client = HttpClient::for_federation(
             Duration::from_millis(cfg.delivery.connect_timeout_ms),
             Duration::from_millis(cfg.delivery.request_timeout_ms),
+            own_hosts(&cfg),
+            cfg.federation.allow_private_addresses,
         );
         let directory = Arc::new(PeerDirectory::new(&cfg, pool.clone(), client.clone()));
         let keyring = KeyRing::new(

@@ -141,6 +141,13 @@ pub struct FederationConfig {
     /// Find peers that are not under `[peers]` through `https://<name>/.well-known`.
     /// Off: only configured peers can federate (private fleets, tests).
     pub discovery: bool,
+    /// Let requests to peers that are not under `[peers]` reach loopback, private,
+    /// link-local and other non-public addresses (`remote::address`). Off: a peer's
+    /// name or `/.well-known` document cannot point this server's requests into its
+    /// own network (server-side request forgery); a peer of your own network goes
+    /// under `[peers]`. On only for a private federation that uses discovery over its
+    /// own DNS.
+    pub allow_private_addresses: bool,
     /// Requests per minute from one peer on every signed federation route, across the
     /// ingress fleet (0 = no limit).
     /// A peer's own limit (`parafed admin peers rate-limit`) overrides it.
@@ -172,6 +179,7 @@ impl Default for FederationConfig {
             max_skew_ms: crate::protocol::transport::DEFAULT_MAX_SKEW_MS,
             key_refresh_interval_ms: 24 * 3600 * 1000,
             discovery: true,
+            allow_private_addresses: false,
             rate_limit_per_minute: 6000,
             key_refetch_interval_ms: 30_000,
             max_in_flight_per_peer: 256,
@@ -408,7 +416,7 @@ const NOT_SETTINGS: &[&str] = &[
 ];
 
 /// Settings whose environment value is a boolean.
-const BOOLEANS: &[&str] = &["federation.discovery"];
+const BOOLEANS: &[&str] = &["federation.discovery", "federation.allow_private_addresses"];
 
 impl Config {
     /// Loads `path` (if any) and applies the process environment.

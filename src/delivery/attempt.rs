@@ -24,7 +24,7 @@ pub struct AttemptResult {
     /// The HTTP status, when there was an answer.
     pub status_code: Option<i32>,
     /// A bounded label: `http_3xx`, `http_4xx`, `http_5xx`, or the send error's class
-    /// (`connect`, `timeout`, `protocol`, `too_large`, `url`, `discovery`); `None` for 2xx.
+    /// (`connect`, `timeout`, `protocol`, `too_large`, `url`, `address`, `discovery`); `None` for 2xx.
     pub error_class: Option<&'static str>,
     /// Milliseconds from send to the whole answer read.
     pub latency_ms: i32,

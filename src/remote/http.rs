@@ -4,7 +4,13 @@
 //! rustls with the webpki roots. Every request has a connect timeout and an overall
 //! timeout, and response bodies are read up to a caller-given bound, so a slow or
 //! malicious peer costs bounded time and memory.
+//!
+//! The federation client ([`HttpClient::for_federation`]) reaches only public
+//! addresses, except on the hosts the operator named (`[peers]` base URLs) or with
+//! `federation.allow_private_addresses` (`remote::address` says why).
 
+use std::collections::HashSet;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -14,6 +20,8 @@ use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
+
+use super::address::{is_public, NotPublic, PublicResolver};
 
 /// Why a request produced no usable response. `class()` gives a bounded label for
 /// metrics and the attempt log.
@@ -29,6 +37,10 @@ pub enum HttpError {
     TooLarge(usize),
     #[error("protocol error: {0}")]
     Protocol(String),
+    /// The host is, or resolves only to, addresses that are not public, and it is not
+    /// one the operator named (`remote::address`).
+    #[error("{0}")]
+    NotPublic(String),
 }
 
 impl HttpError {
@@ -39,6 +51,7 @@ impl HttpError {
             HttpError::Timeout(_) => "timeout",
             HttpError::TooLarge(_) => "too_large",
             HttpError::Protocol(_) => "protocol",
+            HttpError::NotPublic(_) => "address",
         }
     }
 }
@@ -52,31 +65,75 @@ pub struct Response {
     pub latency: Duration,
 }
 
+type AnyClient = Client<HttpsConnector<HttpConnector>, Full<Bytes>>;
+type PublicClient = Client<HttpsConnector<HttpConnector<PublicResolver>>, Full<Bytes>>;
+
 #[derive(Clone)]
 pub struct HttpClient {
-    inner: Client<HttpsConnector<HttpConnector>, Full<Bytes>>,
+    /// Any address: the operator's own hosts.
+    inner: AnyClient,
+    /// Public addresses only, for every other host; `None`: any address for all.
+    public: Option<(PublicClient, Arc<HashSet<String>>)>,
     timeout: Duration,
 }
 
+/// hyper's client over `http` (HTTP/1, HTTPS with the webpki roots, or plain HTTP).
+fn client<R>(
+    mut http: HttpConnector<R>,
+    connect_timeout: Duration,
+) -> Client<HttpsConnector<HttpConnector<R>>, Full<Bytes>>
+where
+    HttpsConnector<HttpConnector<R>>:
+        hyper_util::client::legacy::connect::Connect + Clone + Send + Sync + 'static,
+{
+    http.set_connect_timeout(Some(connect_timeout));
+    http.set_nodelay(true);
+    http.enforce_http(false);
+    let https = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_webpki_roots()
+        .https_or_http()
+        .enable_http1()
+        .wrap_connector(http);
+    Client::builder(TokioExecutor::new())
+        .pool_idle_timeout(Duration::from_secs(90))
+        // At least the delivery window (`[delivery] window`, at most this): a drain
+        // keeps that many requests in flight to one peer, and every connection it
+        // cannot park would be closed and opened again for the next batch.
+        .pool_max_idle_per_host(crate::config::MAX_WINDOW as usize)
+        .build(https)
+}
+
 impl HttpClient {
+    /// A client for any address: the operator's own tools (the admin CLI, the demo)
+    /// talking to servers they were pointed at.
     pub fn new(connect_timeout: Duration, timeout: Duration) -> Self {
-        let mut http = HttpConnector::new();
-        http.set_connect_timeout(Some(connect_timeout));
-        http.set_nodelay(true);
-        http.enforce_http(false);
-        let https = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_webpki_roots()
-            .https_or_http()
-            .enable_http1()
-            .wrap_connector(http);
-        let inner = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(90))
-            // At least the delivery window (`[delivery] window`, at most this): a drain
-            // keeps that many requests in flight to one peer, and every connection it
-            // cannot park would be closed and opened again for the next batch.
-            .pool_max_idle_per_host(crate::config::MAX_WINDOW as usize)
-            .build(https);
-        Self { inner, timeout }
+        Self {
+            inner: client(HttpConnector::new(), connect_timeout),
+            public: None,
+            timeout,
+        }
+    }
+
+    /// The client for peers: hosts in `own` (authorities, `host:port` as a URL names
+    /// them, e.g. `127.0.0.1:8449`; the `[peers]` base URLs) are reached wherever they
+    /// are; any other only on public addresses (`remote::address`), unless
+    /// `allow_private` (`federation.allow_private_addresses`). A request refused for that
+    /// fails with [`HttpError::NotPublic`] before anything is sent.
+    pub fn for_federation(
+        connect_timeout: Duration,
+        timeout: Duration,
+        own: impl IntoIterator<Item = String>,
+        allow_private: bool,
+    ) -> Self {
+        let mut c = Self::new(connect_timeout, timeout);
+        if !allow_private {
+            let public = client(
+                HttpConnector::new_with_resolver(PublicResolver::new()),
+                connect_timeout,
+            );
+            c.public = Some((public, Arc::new(own.into_iter().collect())));
+        }
+        c
     }
 
     /// Sends a request and reads at most `max_body` bytes of the answer.
@@ -94,13 +151,46 @@ impl HttpClient {
             req = req.header(*k, v);
         }
         req = req.header("user-agent", concat!("parafed/", env!("CARGO_PKG_VERSION")));
+        let started = Instant::now();
+        let public = match &self.public {
+            Some((client, own)) => {
+                let uri = req
+                    .uri_ref()
+                    .ok_or_else(|| HttpError::Url(url.to_owned()))?;
+                let authority = uri.authority().map(|a| a.as_str()).unwrap_or_default();
+                if own.contains(authority) {
+                    None
+                } else {
+                    // An IP literal never reaches the resolver: checked here.
+                    let host = uri.host().unwrap_or_default();
+                    let literal = host.trim_start_matches('[').trim_end_matches(']');
+                    if let Ok(ip) = literal.parse::<std::net::IpAddr>() {
+                        if !is_public(ip) {
+                            return Err(HttpError::NotPublic(
+                                NotPublic {
+                                    host: host.to_owned(),
+                                }
+                                .to_string(),
+                            ));
+                        }
+                    }
+                    Some(client)
+                }
+            }
+            None => None,
+        };
         let req = req
             .body(Full::new(body))
             .map_err(|e| HttpError::Url(e.to_string()))?;
-        let started = Instant::now();
         let fut = async {
-            let resp = self.inner.request(req).await.map_err(|e| {
-                if e.is_connect() {
+            let sent = match public {
+                Some(client) => client.request(req).await,
+                None => self.inner.request(req).await,
+            };
+            let resp = sent.map_err(|e| {
+                if let Some(refused) = not_public(&e) {
+                    HttpError::NotPublic(refused)
+                } else if e.is_connect() {
                     HttpError::Connect(format!("{e:?}"))
                 } else {
                     HttpError::Protocol(format!("{e:?}"))
@@ -131,5 +221,92 @@ impl HttpClient {
             body,
             latency: started.elapsed(),
         })
+    }
+}
+
+/// The refusal inside a connect error, if the resolver refused the host
+/// ([`PublicResolver`]): its text.
+fn not_public(e: &hyper_util::client::legacy::Error) -> Option<String> {
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        if let Some(n) = s.downcast_ref::<NotPublic>() {
+            return Some(n.to_string());
+        }
+        source = s.source();
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{Read, Write};
+
+    /// A one-request HTTP server on 127.0.0.1 answering 204; returns its authority.
+    fn answer_once() -> String {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap().to_string();
+        std::thread::spawn(move || {
+            if let Ok((mut s, _)) = l.accept() {
+                let mut buf = [0u8; 4096];
+                let _ = s.read(&mut buf);
+                let _ = s.write_all(b"HTTP/1.1 204 No Content\r\nconnection: close\r\n\r\n");
+            }
+        });
+        addr
+    }
+
+    #[tokio::test]
+    async fn the_federation_client_reaches_the_operators_hosts_and_only_public_others() {
+        let own = answer_once();
+        let other = answer_once();
+        let c = HttpClient::for_federation(
+            Duration::from_secs(2),
+            Duration::from_secs(5),
+            [own.clone()],
+            false,
+        );
+        let get = |url: String| {
+            let c = c.clone();
+            async move { c.send(Method::GET, &url, &[], Bytes::new(), 1024).await }
+        };
+        let r = get(format!("http://{own}/keys")).await.unwrap();
+        assert_eq!(
+            r.status,
+            StatusCode::NO_CONTENT,
+            "a [peers] host is reached"
+        );
+        for url in [
+            format!("http://{other}/keys"),
+            "http://[::1]:1/keys".to_owned(),
+            "http://169.254.169.254/latest/meta-data".to_owned(),
+            "https://localhost/.well-known/paracord/server".to_owned(),
+        ] {
+            let e = get(url.clone()).await.unwrap_err();
+            assert!(
+                matches!(e, HttpError::NotPublic(_)),
+                "{url}: {e:?} should be refused as not public"
+            );
+            assert_eq!(e.class(), "address");
+            assert!(e.to_string().contains("is not a public address"), "{e}");
+        }
+        // With private addresses allowed, any host is reached.
+        let open = HttpClient::for_federation(
+            Duration::from_secs(2),
+            Duration::from_secs(5),
+            Vec::new(),
+            true,
+        );
+        let r = open
+            .send(
+                Method::GET,
+                &format!("http://{other}/keys"),
+                &[],
+                Bytes::new(),
+                1024,
+            )
+            .await
+            .unwrap();
+        assert_eq!(r.status, StatusCode::NO_CONTENT);
     }
 }

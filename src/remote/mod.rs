@@ -2,6 +2,7 @@
 //! its keys (the key ring). Ingress uses these to authenticate requests; the delivery
 //! workers use the same client to send.
 
+pub mod address;
 pub mod directory;
 pub mod http;
 pub mod keyring;

@@ -235,6 +235,8 @@ async fn made_up_origins_cause_no_key_lookups() {
 /// outbound requests. 150 origins (each a listener on 127.0.0.1 that counts connections
 /// and hangs up), three requests each: one lookup per name at most (the failure is
 /// remembered), at most the per-minute budget in all, and every request answered 503.
+/// Private addresses are allowed here (`federation.allow_private_addresses`): the
+/// origins listen on loopback, which a discovered peer may not use by default.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn peer_lookups_are_bounded_and_failures_remembered() {
     use std::sync::atomic::{AtomicU64, Ordering};
@@ -260,7 +262,7 @@ async fn peer_lookups_are_bounded_and_failures_remembered() {
         counters.push(n);
     }
     let server = TestServer::start(Options {
-        extra_toml: "\n[federation]\ndiscovery = true\nrate_limit_per_minute = 0\n".into(),
+        extra_toml: "\n[federation]\ndiscovery = true\nallow_private_addresses = true\nrate_limit_per_minute = 0\n".into(),
         ..Options::default()
     })
     .await;

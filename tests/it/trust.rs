@@ -519,3 +519,62 @@ async fn fifty_bad_signatures_quarantine_a_peer_automatically() {
     assert_eq!(shown["audit"][0]["actor"], "parafed (automatic)");
     assert_eq!(shown["audit"][0]["count"], 2);
 }
+
+/// A peer chooses where discovery sends our requests (its name, its `/.well-known`): a
+/// member server named by a loopback address — here the address of a listener on this
+/// machine, as a peer could name our Redis — is never connected to. Its delivery fails
+/// before anything is sent, with a message an operator can act on, and the destination
+/// backs off (`remote::address`; discovery is on, as by default).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_server_named_by_a_loopback_address_is_never_connected_to() {
+    let inward_listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let inward = inward_listener.local_addr().unwrap().to_string();
+    let (la, _) = reserve_listener();
+    let alpha = TestServer::start(Options {
+        server_name: "alpha.test".into(),
+        listener: Some(la),
+        signing_key: true,
+        extra_toml: format!("\n[federation]\nrate_limit_per_minute = 0\n{FAST_WORKER_TOML}"),
+        ..Options::default()
+    })
+    .await;
+    let member = format!("@x:{inward}");
+    support::host_room(
+        &mut *alpha.db().await,
+        ROOM,
+        &[
+            ("@alice:alpha.test", "alpha.test"),
+            (member.as_str(), inward.as_str()),
+        ],
+    )
+    .await;
+    let _w = support::app::TestWorker::start(&alpha);
+    crate::pipeline::submit(
+        &alpha,
+        "inward-1",
+        "m.message",
+        "@alice:alpha.test",
+        json!({"message_id": "1", "channel_id": "1", "body": "hi"}),
+    )
+    .await;
+    let h = wait_for("the inward destination to fail", WAIT, || async {
+        alpha
+            .health(&inward)
+            .await
+            .filter(|h| h.last_error.is_some())
+    })
+    .await;
+    let error = h.last_error.unwrap_or_default();
+    assert!(
+        error.contains("is not a public address") && error.contains("[peers]"),
+        "{error}"
+    );
+    assert_eq!(h.state, "backing_off");
+    assert_eq!(h.last_status_code, None);
+    // Nothing reached the listener: the refusal came before any connection.
+    inward_listener.set_nonblocking(true).unwrap();
+    assert!(
+        matches!(inward_listener.accept(), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock),
+        "a connection reached the loopback address"
+    );
+}
