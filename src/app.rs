@@ -54,14 +54,10 @@ impl AsRef<Trust> for App {
     }
 }
 
-/// The hosts the operator named (`[peers]` base URLs), as URL authorities
-/// (`host:port`): the federation client reaches them wherever they are.
+/// The base URLs the operator named (`[peers]`): the federation client reaches their
+/// origins wherever they are (`HttpClient::for_federation`).
 fn own_hosts(cfg: &Config) -> Vec<String> {
-    cfg.peers
-        .values()
-        .filter_map(|p| p.base_url.parse::<http::Uri>().ok())
-        .filter_map(|u| u.authority().map(|a| a.as_str().to_owned()))
-        .collect()
+    cfg.peers.values().map(|p| p.base_url.clone()).collect()
 }
 
 impl App {

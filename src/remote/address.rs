@@ -58,6 +58,10 @@ fn is_public_v6(ip: Ipv6Addr) -> bool {
     if s[..6] == [0x64, 0xff9b, 0, 0, 0, 0] {
         return is_public_v4(embedded_v4(s[6], s[7]));
     }
+    // 64:ff9b:1::/48, local-use NAT64 (RFC 8215): translates into the local network.
+    if s[..3] == [0x64, 0xff9b, 1] {
+        return false;
+    }
     // 2002::/16, 6to4 (RFC 3056): the 32 bits after the prefix.
     if s[0] == 0x2002 {
         return is_public_v4(embedded_v4(s[1], s[2]));
@@ -71,6 +75,8 @@ fn is_public_v6(ip: Ipv6Addr) -> bool {
         || s[..4] == [0x100, 0, 0, 0] // 100::/64, discard-only (RFC 6666)
         || (s[0] == 0x2001 && s[1] < 0x200) // 2001::/23, IETF protocol assignments
         || (s[0] == 0x2001 && s[1] == 0xdb8) // 2001:db8::/32, documentation (RFC 3849)
+        || (s[0] == 0x3fff && s[1] < 0x1000) // 3fff::/20, documentation (RFC 9637)
+        || s[0] == 0x5f00 // 5f00::/16, SRv6 SIDs (RFC 9602)
         || (s[..5] == [0, 0, 0, 0, 0] && s[5] == 0)) // ::/96, IPv4-compatible (deprecated)
 }
 
@@ -84,13 +90,37 @@ fn embedded_v4(hi: u16, lo: u16) -> Ipv4Addr {
 /// addresses that are not public ([`is_public`]).
 #[derive(Debug, thiserror::Error)]
 #[error(
-    "{host} is not a public address (loopback, private, link-local or another special-purpose range); \
-     a discovered peer must be reachable on the internet — put a peer of your own network under \
-     [peers] or set federation.allow_private_addresses"
+    "{what}; a discovered peer must be reachable on the internet — put a peer of your own \
+     network under [peers] or set federation.allow_private_addresses"
 )]
 pub struct NotPublic {
-    /// The host as the URL or the resolver named it.
-    pub host: String,
+    /// What was refused, e.g. `127.0.0.1 is a non-public address (loopback, …)` or
+    /// `localhost resolves only to non-public addresses (127.0.0.1, ::1)`.
+    pub what: String,
+}
+
+impl NotPublic {
+    /// An IP literal in a URL.
+    pub fn literal(host: &str) -> Self {
+        Self {
+            what: format!(
+                "{host} is a non-public address (loopback, private, link-local or another \
+                 special-purpose range)"
+            ),
+        }
+    }
+
+    /// A name whose resolved addresses are all non-public (at most the first eight
+    /// listed).
+    pub fn name(host: &str, resolved: &[IpAddr]) -> Self {
+        let list: Vec<String> = resolved.iter().take(8).map(IpAddr::to_string).collect();
+        Self {
+            what: format!(
+                "{host} resolves only to non-public addresses ({})",
+                list.join(", ")
+            ),
+        }
+    }
 }
 
 /// The system resolver (`getaddrinfo`, as hyper's own), keeping only public addresses:
@@ -135,13 +165,14 @@ impl tower_service::Service<Name> for PublicResolver {
         let host = name.as_str().to_owned();
         let resolving = tower_service::Service::<Name>::call(&mut self.inner, name);
         Box::pin(async move {
-            let addrs: Vec<SocketAddr> = resolving.await?.filter(|a| is_public(a.ip())).collect();
-            if addrs.is_empty() {
-                return Err(
-                    Box::new(NotPublic { host }) as Box<dyn std::error::Error + Send + Sync>
-                );
+            let (public, inward): (Vec<SocketAddr>, Vec<SocketAddr>) =
+                resolving.await?.partition(|a| is_public(a.ip()));
+            if public.is_empty() {
+                let inward: Vec<IpAddr> = inward.iter().map(SocketAddr::ip).collect();
+                return Err(Box::new(NotPublic::name(&host, &inward))
+                    as Box<dyn std::error::Error + Send + Sync>);
             }
-            Ok(addrs.into_iter())
+            Ok(public.into_iter())
         })
     }
 }
@@ -186,6 +217,10 @@ mod tests {
             "100::1",
             "2001::1",
             "2001:db8::1",
+            "3fff::1",
+            "3fff:fff::1",
+            "5f00::1",
+            "64:ff9b:1::a00:1",
             "fc00::1",
             "fd12:3456::1",
             "fe80::1",
@@ -211,6 +246,8 @@ mod tests {
             "64:ff9b::808:808", // NAT64 of 8.8.8.8
             "2002:808:808::1",  // 6to4 of 8.8.8.8
             "2001:200::1",
+            "3ffe::1",
+            "4000::1",
             "2606:4700::1111",
             "2a00:1450:4001::1",
         ];
@@ -227,6 +264,10 @@ mod tests {
         std::future::poll_fn(|cx| r.poll_ready(cx)).await.unwrap();
         let err = r.call(name).await.expect_err("localhost must be refused");
         let text = err.to_string();
-        assert!(text.contains("localhost is not a public address"), "{text}");
+        assert!(
+            text.contains("localhost resolves only to non-public addresses (")
+                && text.contains("[peers]"),
+            "{text}"
+        );
     }
 }

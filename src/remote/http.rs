@@ -114,11 +114,12 @@ impl HttpClient {
         }
     }
 
-    /// The client for peers: hosts in `own` (authorities, `host:port` as a URL names
-    /// them, e.g. `127.0.0.1:8449`; the `[peers]` base URLs) are reached wherever they
-    /// are; any other only on public addresses (`remote::address`), unless
-    /// `allow_private` (`federation.allow_private_addresses`). A request refused for that
-    /// fails with [`HttpError::NotPublic`] before anything is sent.
+    /// The client for peers: URLs with the origin (RFC 6454: scheme, host, port) of one
+    /// of the `own` base URLs (the `[peers]` ones, e.g. `http://127.0.0.1:8449`) are
+    /// reached wherever they are; any other only on public addresses
+    /// (`remote::address`), unless `allow_private` (`federation.allow_private_addresses`).
+    /// A request refused for that fails with [`HttpError::NotPublic`] before anything is
+    /// sent. A base URL that does not parse exempts nothing.
     pub fn for_federation(
         connect_timeout: Duration,
         timeout: Duration,
@@ -131,7 +132,12 @@ impl HttpClient {
                 HttpConnector::new_with_resolver(PublicResolver::new()),
                 connect_timeout,
             );
-            c.public = Some((public, Arc::new(own.into_iter().collect())));
+            let own = own
+                .into_iter()
+                .filter_map(|u| u.parse::<http::Uri>().ok())
+                .filter_map(|u| origin(&u))
+                .collect();
+            c.public = Some((public, Arc::new(own)));
         }
         c
     }
@@ -157,8 +163,7 @@ impl HttpClient {
                 let uri = req
                     .uri_ref()
                     .ok_or_else(|| HttpError::Url(url.to_owned()))?;
-                let authority = uri.authority().map(|a| a.as_str()).unwrap_or_default();
-                if own.contains(authority) {
+                if origin(uri).is_some_and(|o| own.contains(&o)) {
                     None
                 } else {
                     // An IP literal never reaches the resolver: checked here.
@@ -166,12 +171,7 @@ impl HttpClient {
                     let literal = host.trim_start_matches('[').trim_end_matches(']');
                     if let Ok(ip) = literal.parse::<std::net::IpAddr>() {
                         if !is_public(ip) {
-                            return Err(HttpError::NotPublic(
-                                NotPublic {
-                                    host: host.to_owned(),
-                                }
-                                .to_string(),
-                            ));
+                            return Err(HttpError::NotPublic(NotPublic::literal(host).to_string()));
                         }
                     }
                     Some(client)
@@ -224,6 +224,25 @@ impl HttpClient {
     }
 }
 
+/// A URL's origin (RFC 6454 §4): `scheme://host:port`, the scheme and host in lower
+/// case, a host's trailing dot dropped, the port made explicit (80 for `http`, 443 for
+/// `https`); `None` without a host or with another scheme. Two URLs reach the same
+/// service exactly when their origins are equal; userinfo is not part of it.
+fn origin(uri: &http::Uri) -> Option<String> {
+    let scheme = uri.scheme_str()?.to_ascii_lowercase();
+    let default = match scheme.as_str() {
+        "http" => 80,
+        "https" => 443,
+        _ => return None,
+    };
+    let host = uri.host()?.to_ascii_lowercase();
+    let host = host.strip_suffix('.').unwrap_or(&host);
+    Some(format!(
+        "{scheme}://{host}:{}",
+        uri.port_u16().unwrap_or(default)
+    ))
+}
+
 /// The refusal inside a connect error, if the resolver refused the host
 /// ([`PublicResolver`]): its text.
 fn not_public(e: &hyper_util::client::legacy::Error) -> Option<String> {
@@ -263,7 +282,7 @@ mod tests {
         let c = HttpClient::for_federation(
             Duration::from_secs(2),
             Duration::from_secs(5),
-            [own.clone()],
+            [format!("http://{own}")],
             false,
         );
         let get = |url: String| {
@@ -276,8 +295,17 @@ mod tests {
             StatusCode::NO_CONTENT,
             "a [peers] host is reached"
         );
+        // The same host under another scheme, another host behind the operator's as
+        // userinfo, or the operator's host in the numeric forms
+        // getaddrinfo accepts (decimal, hex) is not the operator's: refused like any
+        // other inward address.
+        let own_port = own.rsplit_once(':').map(|(_, p)| p.to_owned()).unwrap();
         for url in [
             format!("http://{other}/keys"),
+            format!("https://{own}/keys"),
+            format!("http://{own}@169.254.169.254/keys"),
+            format!("http://2130706433:{own_port}/keys"),
+            format!("http://0x7f.1:{own_port}/keys"),
             "http://[::1]:1/keys".to_owned(),
             "http://169.254.169.254/latest/meta-data".to_owned(),
             "https://localhost/.well-known/paracord/server".to_owned(),
@@ -288,8 +316,21 @@ mod tests {
                 "{url}: {e:?} should be refused as not public"
             );
             assert_eq!(e.class(), "address");
-            assert!(e.to_string().contains("is not a public address"), "{e}");
+            let text = e.to_string();
+            assert!(
+                text.contains("non-public address") && text.contains("[peers]"),
+                "{text}"
+            );
         }
+        // The operator's origin however it is written: case, a trailing dot, the port.
+        assert_eq!(
+            origin(&"HTTP://Example.ORG./x".parse().unwrap()),
+            origin(&"http://example.org:80".parse().unwrap())
+        );
+        assert_ne!(
+            origin(&"https://example.org".parse().unwrap()),
+            origin(&"http://example.org".parse().unwrap())
+        );
         // With private addresses allowed, any host is reached.
         let open = HttpClient::for_federation(
             Duration::from_secs(2),
