@@ -1189,15 +1189,23 @@ async fn a_cursor_moved_back_under_a_running_drain_holds_back_the_rows_after_it(
         }
     };
 
+    // Alice's event `kind` about message `message_id`.
+    let post = |txn: &'static str, kind: &'static str, message_id: &'static str, body| {
+        let alpha = &alpha;
+        async move {
+            submit(
+                alpha,
+                txn,
+                kind,
+                "@alice:alpha.test",
+                json!({"message_id": message_id, "channel_id": "1", "body": body}),
+            )
+            .await
+        }
+    };
+
     // A round out: beta's drain sends `first` and waits for its answer.
-    let first = submit(
-        &alpha,
-        "c0",
-        "m.message",
-        "@alice:alpha.test",
-        json!({"message_id": "first", "channel_id": "1", "body": "hold"}),
-    )
-    .await;
+    let first = post("c0", "m.message", "first", "hold").await;
     fan_out(&first).await;
     let running = tokio::spawn(drain());
     let seen = arrived.clone();
@@ -1210,22 +1218,8 @@ async fn a_cursor_moved_back_under_a_running_drain_holds_back_the_rows_after_it(
 
     // Meanwhile: a message and a reaction to it. The reaction is fanned out first and
     // gets a row; the message's fan-out reads beta as new and defers.
-    let message = submit(
-        &alpha,
-        "c1",
-        "m.message",
-        "@alice:alpha.test",
-        json!({"message_id": "m", "channel_id": "1", "body": "message"}),
-    )
-    .await;
-    let reaction = submit(
-        &alpha,
-        "c2",
-        "m.reaction.add",
-        "@alice:alpha.test",
-        json!({"message_id": "m", "channel_id": "1", "body": "reaction"}),
-    )
-    .await;
+    let message = post("c1", "m.message", "m", "message").await;
+    let reaction = post("c2", "m.reaction.add", "m", "reaction").await;
     fan_out(&reaction).await;
     let set = |sql: &'static str| {
         let alpha = &alpha;
