@@ -736,7 +736,7 @@ pub(crate) fn fresh_deferrals(
 }
 
 /// Whether `r` is after its room's deferral cursor.
-fn behind(r: &Waiting, deferred: &[deferrals::Stored]) -> bool {
+pub(crate) fn behind(r: &Waiting, deferred: &[deferrals::Stored]) -> bool {
     deferred
         .iter()
         .any(|d| d.room_id == r.room_id && r.event_seq > d.from_seq)

@@ -369,10 +369,8 @@ async fn prepare(
             let Some(owed) = fresh.get(&h.destination) else {
                 continue;
             };
-            if let Plan::Probe(row) = plan {
-                if deliver::fresh_deferrals(vec![row.clone()], owed).is_none() {
-                    *plan = Plan::Alone;
-                }
+            if matches!(plan, Plan::Probe(row) if deliver::behind(row, owed)) {
+                *plan = Plan::Alone;
             }
         }
     }

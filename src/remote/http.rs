@@ -6,7 +6,7 @@
 //! malicious peer costs bounded time and memory.
 //!
 //! The federation client ([`HttpClient::for_federation`]) reaches only public
-//! addresses, except on the hosts the operator named (`[peers]` base URLs) or with
+//! addresses, except at the origins the operator named (`[peers]` base URLs) or with
 //! `federation.allow_private_addresses` (`remote::address` says why).
 
 use std::collections::HashSet;
@@ -142,6 +142,27 @@ impl HttpClient {
         c
     }
 
+    /// The public-only client when `uri` must reach a public address (not the origin of
+    /// a `[peers]` base URL, private addresses not allowed), `None` when any address
+    /// will do. An IP literal never reaches the resolver, so one that is not public is
+    /// refused here, with [`HttpError::NotPublic`].
+    fn restricted(&self, uri: &http::Uri) -> Result<Option<&PublicClient>, HttpError> {
+        let Some((client, own)) = &self.public else {
+            return Ok(None);
+        };
+        if origin(uri).is_some_and(|o| own.contains(&o)) {
+            return Ok(None);
+        }
+        let host = uri.host().unwrap_or_default();
+        let literal = host.trim_start_matches('[').trim_end_matches(']');
+        match literal.parse::<std::net::IpAddr>() {
+            Ok(ip) if !is_public(ip) => {
+                Err(HttpError::NotPublic(NotPublic::literal(host).to_string()))
+            }
+            _ => Ok(Some(client)),
+        }
+    }
+
     /// Sends a request and reads at most `max_body` bytes of the answer.
     pub async fn send(
         &self,
@@ -152,33 +173,13 @@ impl HttpClient {
         max_body: usize,
     ) -> Result<Response, HttpError> {
         let uri: http::Uri = url.parse().map_err(|_| HttpError::Url(url.to_owned()))?;
+        let public = self.restricted(&uri)?;
         let mut req = Request::builder().method(method).uri(uri);
         for (k, v) in headers {
             req = req.header(*k, v);
         }
         req = req.header("user-agent", concat!("parafed/", env!("CARGO_PKG_VERSION")));
         let started = Instant::now();
-        let public = match &self.public {
-            Some((client, own)) => {
-                let uri = req
-                    .uri_ref()
-                    .ok_or_else(|| HttpError::Url(url.to_owned()))?;
-                if origin(uri).is_some_and(|o| own.contains(&o)) {
-                    None
-                } else {
-                    // An IP literal never reaches the resolver: checked here.
-                    let host = uri.host().unwrap_or_default();
-                    let literal = host.trim_start_matches('[').trim_end_matches(']');
-                    if let Ok(ip) = literal.parse::<std::net::IpAddr>() {
-                        if !is_public(ip) {
-                            return Err(HttpError::NotPublic(NotPublic::literal(host).to_string()));
-                        }
-                    }
-                    Some(client)
-                }
-            }
-            None => None,
-        };
         let req = req
             .body(Full::new(body))
             .map_err(|e| HttpError::Url(e.to_string()))?;

@@ -63,6 +63,16 @@ async fn attempts(
         .unwrap()
 }
 
+/// Where beta's deferrals start (`from_seq`), one per room.
+async fn deferral_starts(alpha: &support::app::TestServer) -> Vec<i64> {
+    od::table
+        .filter(od::destination.eq("beta.test"))
+        .select(od::from_seq)
+        .load(&mut *alpha.db().await)
+        .await
+        .unwrap()
+}
+
 /// What the ordering peer saw.
 #[derive(Default)]
 struct Seen {
@@ -724,14 +734,8 @@ async fn an_earlier_event_fanned_out_late_moves_an_unreachable_peers_deferral_ba
         Vec::<String>::new(),
         "no rows for an unreachable peer"
     );
-    let from: Vec<i64> = od::table
-        .filter(od::destination.eq("beta.test"))
-        .select(od::from_seq)
-        .load(&mut *alpha.db().await)
-        .await
-        .unwrap();
     assert_eq!(
-        from,
+        deferral_starts(&alpha).await,
         vec![seqs[0] - 1],
         "one deferral, from before the first event"
     );
@@ -1250,14 +1254,8 @@ async fn a_cursor_moved_back_under_a_running_drain_holds_back_the_rows_after_it(
         .first(&mut *alpha.db().await)
         .await
         .unwrap();
-    let from: Vec<i64> = od::table
-        .filter(od::destination.eq("beta.test"))
-        .select(od::from_seq)
-        .load(&mut *alpha.db().await)
-        .await
-        .unwrap();
     assert_eq!(
-        from,
+        deferral_starts(&alpha).await,
         vec![message_seq - 1],
         "the cursor, before the message"
     );
