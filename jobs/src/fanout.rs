@@ -6,9 +6,10 @@
 //! destinations that are healthy now; the others are drained when their backoff ends.
 //!
 //! A job carries a batch (one local event, or what the reconciler found unfanned). Its
-//! cost is per batch: one read of the events, one of each room's servers, the rows of
-//! every event written (and the events marked fanned out) by one statement, one look at
-//! which destinations are healthy, one Redis round trip to schedule them.
+//! cost is per batch: one read of the events, one of the rooms' servers with their states
+//! and deferrals (`deferrals::fan_out_view`), the rows of every event written (and the
+//! events marked fanned out) by one statement, one Redis round trip to schedule the
+//! healthy destinations.
 //!
 //! Events accepted by `verify` are fanned out by verify itself, with [`targets`],
 //! [`rows_of`] and [`schedule`], in the transaction that accepts them: no second job,
@@ -111,6 +112,9 @@ pub(crate) struct Targets<'b> {
     /// Per event: its list (`None`: nobody) and the servers left out of it (its origin,
     /// the server that handed it to us).
     events: Vec<(Option<usize>, [Option<&'b str>; 2])>,
+    /// The batch's rooms hosted here, as read with their servers: each server's state
+    /// and deferral in the room, for [`decide`].
+    view: deferrals::FanOutView,
 }
 
 impl Targets<'_> {
@@ -127,7 +131,8 @@ impl Targets<'_> {
 }
 
 /// The destinations of each event of `batch` (in storage order): in a room hosted here,
-/// its joined servers (read once per room), but never us, the event's origin or the
+/// its joined servers (read for all the batch's rooms at once, with their states and
+/// deferrals: `deferrals::fan_out_view`), but never us, the event's origin or the
 /// server that handed it to us; for our own event in a room hosted elsewhere, the host.
 /// Peers the operator refused are left out (their standing looked up once per batch).
 pub(crate) async fn targets<'b>(
@@ -137,20 +142,28 @@ pub(crate) async fn targets<'b>(
     let app = &ctx.app;
     let me = app.cfg.server_name.as_str();
     let hosted = |e: &StoredEvent| hosted_here(app, e);
+    // The rooms hosted here, their servers with what fan-out decides from (their
+    // states and deferrals), in one statement.
+    let view = {
+        let mut rooms: Vec<&str> = batch
+            .iter()
+            .filter(|e| hosted(e))
+            .map(|e| e.envelope.room_id.as_str())
+            .collect();
+        rooms.sort_unstable();
+        rooms.dedup();
+        if rooms.is_empty() {
+            deferrals::FanOutView::default()
+        } else {
+            let mut conn = app.pool.get().await?;
+            deferrals::fan_out_view(&mut conn, &rooms).await?
+        }
+    };
     let mut t = Targets {
         lists: Vec::new(),
         events: Vec::with_capacity(batch.len()),
+        view,
     };
-    let mut servers: HashMap<&str, Vec<String>> = HashMap::new();
-    {
-        let mut conn = app.pool.get().await?;
-        for e in batch.iter().filter(|e| hosted(e)) {
-            let room = e.envelope.room_id.as_str();
-            if !servers.contains_key(room) {
-                servers.insert(room, rooms::joined_servers(&mut conn, room).await?);
-            }
-        }
-    }
     // Each room's list (a room hosted here: its servers; elsewhere: its host), once.
     // Trust lookups may need a connection of their own: none is held while asking.
     let mut list_of: HashMap<(bool, &str), usize> = HashMap::new();
@@ -170,7 +183,9 @@ pub(crate) async fn targets<'b>(
                 Some(&l) => l,
                 None => {
                     let candidates: Vec<&str> = match key {
-                        (true, room) => servers
+                        (true, room) => t
+                            .view
+                            .servers
                             .get(room)
                             .map(|v| v.iter().map(String::as_str).collect())
                             .unwrap_or_default(),
@@ -210,8 +225,8 @@ pub(crate) async fn targets<'b>(
 /// destinations that get a row now, the deferrals to start, and the healthy destinations
 /// a deferral covers (`delivery::deferral::fan_out` decides each pair). Events of rooms
 /// hosted here stored less than `dependency_wait` ago may be deferred
-/// (`outbound::deferrable`); the destinations' states and deferrals are read for them in
-/// one statement, and looked up once per list and room, not per pair.
+/// (`outbound::deferrable`); the destinations' states and deferrals were read with the
+/// rooms' servers ([`targets`]), and are looked up once per list and room, not per pair.
 pub(crate) async fn decide<'a>(
     ctx: &Ctx,
     batch: &[&'a StoredEvent],
@@ -231,35 +246,13 @@ pub(crate) async fn decide<'a>(
             )
         })
         .collect();
-    // The states of the destinations of deferrable events, and their deferrals.
-    let (reach, open) = {
-        let mut lists: Vec<usize> = Vec::new();
-        let mut rooms: Vec<&str> = Vec::new();
-        for (i, (e, &d)) in batch.iter().zip(&deferrable).enumerate() {
-            if let (true, Some(l)) = (d, targets.events[i].0) {
-                lists.push(l);
-                rooms.push(e.envelope.room_id.as_str());
-            }
-        }
-        lists.sort_unstable();
-        lists.dedup();
-        let mut names: Vec<&str> = lists
-            .iter()
-            .flat_map(|&l| targets.lists[l].iter().map(String::as_str))
-            .collect();
-        names.sort_unstable();
-        names.dedup();
-        rooms.sort_unstable();
-        rooms.dedup();
-        if names.is_empty() {
-            Default::default()
-        } else {
-            let mut conn = ctx.app.pool.get().await?;
-            deferrals::fan_out_view(&mut conn, &names, &rooms).await?
-        }
-    };
+    // The states of the destinations, and their deferrals: read with the rooms'
+    // servers (`targets`), looked up for the deferrable events' pairs.
+    let reach = &targets.view.reach;
     // By borrowed keys, nothing allocated.
-    let open: HashMap<(&str, &str), Open> = open
+    let open: HashMap<(&str, &str), Open> = targets
+        .view
+        .open
         .iter()
         .map(|((d, r), &(from_seq, until_seq))| {
             (

@@ -9,8 +9,9 @@
 //! relayed: their outbound rows are written in the transaction that accepts them.
 //!
 //! The statements are per batch, not per event: one read of the events, one of the
-//! rooms and memberships they need, one of each relayed room's servers, one transaction
-//! that accepts the events, appends them to the feed and writes their outbound rows, one
+//! rooms and memberships they need (`rooms::rules_view`), one of the relayed rooms'
+//! servers with their states and deferrals (`fanout::targets`), one transaction that
+//! accepts the events, appends them to the feed and writes their outbound rows, one
 //! statement that rejects the rest. Only member events write on their own (they change
 //! what the events after them are judged against).
 //!
@@ -242,7 +243,6 @@ async fn room_rules(
         .collect();
     rooms_here.sort_unstable();
     rooms_here.dedup();
-    let hosted = rooms::hosted_among(&mut conn, &rooms_here).await?;
     let pairs: Vec<(&str, &str)> = here
         .iter()
         .map(|&i| {
@@ -250,8 +250,8 @@ async fn room_rules(
             (env.room_id.as_str(), env.sender.as_str())
         })
         .collect();
-    let mut members: HashMap<(String, String), String> =
-        rooms::memberships(&mut conn, &pairs).await?;
+    let (hosted, mut members): (_, HashMap<(String, String), String>) =
+        rooms::rules_view(&mut conn, &rooms_here, &pairs).await?;
     for i in here {
         let (e, verdict) = &mut judged[i];
         let env = &e.envelope;

@@ -67,7 +67,7 @@ pub async fn of(
 /// [`of`] for many destinations in one statement (a probe round): each destination's
 /// deferrals by room; destinations without any are missing. The destinations are
 /// joined, not searched with `= ANY($1)`, for the reason [`FAN_OUT_VIEW_STATEMENT`]
-/// gives, and reach the planner as `(SELECT $1)`: every drain asks with one name
+/// gives for its lists, and reach the planner as `(SELECT $1)`: every drain asks with one name
 /// (through [`of`]), a probe round with many, and a list whose length the planner saw
 /// would be planned anew on each run (`store::prepared`).
 pub async fn of_many(
@@ -274,84 +274,102 @@ pub async fn forget(conn: &mut AsyncPgConnection, destination: &str) -> Result<u
     )
 }
 
-/// [`fan_out_view`]'s statement: `$1` the destinations (text[]), `$2` the rooms
-/// (text[]). Public for the plan tests.
+/// [`fan_out_view`]'s statement: `$1` the rooms (text[]). Public for the plan tests.
 ///
-/// The destinations are joined (`unnest`), never searched as `= ANY($1)`: every fan-out
-/// runs it, a prepared statement, and Postgres soon keeps a generic plan for it, made
-/// without the array. For a small table (a thousand destinations) that plan is a
-/// sequential scan, and against an array parameter `= ANY` is a linear search for each
-/// row: a thousand names a thousand times, 5–11 ms a fan-out, where the join takes
-/// 1 ms (docs/performance.md, eleventh round).
+/// One statement for what a fan-out reads before it decides: the rooms' joined servers,
+/// the state row of each, and each one's deferral in the room. Until the eighteenth
+/// round (docs/performance.md) the servers were read first, per room, and their names
+/// handed back to a second statement: at a steady rate that was one statement more per
+/// verify run, and for a room of a thousand servers a thousand names sent to the worker
+/// and a thousand sent back. The servers are read once (`s`, materialized: it is used
+/// three times) through `room_servers_joined`.
+///
+/// Lists are joined, never searched as `= ANY($1)`: every fan-out runs it, a prepared
+/// statement, and Postgres soon keeps a generic plan for it, made without the array. For
+/// a small table (a thousand destinations) that plan is a sequential scan, and against
+/// an array parameter `= ANY` is a linear search for each row: a thousand names a
+/// thousand times, 5–11 ms a fan-out, where the join takes 1 ms (docs/performance.md,
+/// eleventh round).
 pub const FAN_OUT_VIEW_STATEMENT: &str = "\
-    SELECT h.destination, h.state = 'healthy' AS healthy, \
+    WITH s AS MATERIALIZED ( \
+      SELECT rs.room_id, rs.server_name \
+        FROM (SELECT DISTINCT unnest((SELECT $1::text[]))) AS r(id) \
+        JOIN room_servers rs ON rs.room_id = r.id AND rs.state = 'joined') \
+    SELECT s.room_id, s.server_name AS destination, NULL::bool AS healthy, \
+           NULL::bool AS unreachable, NULL::bigint AS from_seq, NULL::bigint AS until_seq \
+      FROM s \
+    UNION ALL \
+    SELECT NULL, h.destination, h.state = 'healthy', \
            (h.state = 'healthy' AND h.last_success_at IS NULL AND h.last_error_at IS NULL) \
-           OR (h.state = 'backing_off' AND h.last_status_code IS NULL) AS unreachable, \
-           NULL::text AS room_id, NULL::bigint AS from_seq, NULL::bigint AS until_seq \
-      FROM (SELECT DISTINCT unnest($1::text[])) AS d(name) \
+           OR (h.state = 'backing_off' AND h.last_status_code IS NULL), NULL, NULL \
+      FROM (SELECT DISTINCT server_name FROM s) AS d(name) \
       JOIN destination_health h ON h.destination = d.name \
     UNION ALL \
-    SELECT f.destination, NULL, NULL, f.room_id, f.from_seq, f.until_seq \
-      FROM (SELECT DISTINCT unnest($1::text[])) AS d(name) \
-      JOIN outbound_deferrals f ON f.destination = d.name \
-     WHERE f.room_id = ANY($2)";
+    SELECT f.room_id, f.destination, NULL, NULL, f.from_seq, f.until_seq \
+      FROM s JOIN outbound_deferrals f \
+        ON f.destination = s.server_name AND f.room_id = s.room_id";
 
-/// What fan-out needs to decide (`delivery::deferral::fan_out`) for `destinations` in
-/// `rooms`: each destination's state row (absent: new to us), as (healthy,
-/// unreachable: `delivery::deferral::Reach`),
-/// and its deferrals in those rooms, as (destination, room) → (from_seq, until_seq).
-/// One statement ([`FAN_OUT_VIEW_STATEMENT`]).
-#[allow(clippy::type_complexity)]
+/// What a fan-out needs to decide (`delivery::deferral::fan_out`) for the events of
+/// rooms hosted here: read by [`fan_out_view`].
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct FanOutView {
+    /// Each room's joined servers (us among them, when we are), sorted by name; a room
+    /// with none is absent.
+    pub servers: std::collections::HashMap<String, Vec<String>>,
+    /// Each of those servers' state, as (healthy, unreachable:
+    /// `delivery::deferral::Reach`); absent: no state row, new to us.
+    pub reach: std::collections::HashMap<String, (bool, bool)>,
+    /// Their deferrals in those rooms, (destination, room) → (from_seq, until_seq).
+    pub open: std::collections::HashMap<(String, String), (i64, Option<i64>)>,
+}
+
+/// The [`FanOutView`] of `rooms`, in one statement ([`FAN_OUT_VIEW_STATEMENT`]).
+///
+/// # Errors
+/// [`StoreError`] when the statement fails.
 pub async fn fan_out_view(
     conn: &mut AsyncPgConnection,
-    destinations: &[&str],
     rooms: &[&str],
-) -> Result<
-    (
-        std::collections::HashMap<String, (bool, bool)>,
-        std::collections::HashMap<(String, String), (i64, Option<i64>)>,
-    ),
-    StoreError,
-> {
+) -> Result<FanOutView, StoreError> {
     #[derive(diesel::QueryableByName)]
-    struct View {
+    struct Row {
+        #[diesel(sql_type = Nullable<Text>)]
+        room_id: Option<String>,
         #[diesel(sql_type = Text)]
         destination: String,
         #[diesel(sql_type = Nullable<Bool>)]
         healthy: Option<bool>,
         #[diesel(sql_type = Nullable<Bool>)]
         unreachable: Option<bool>,
-        #[diesel(sql_type = Nullable<Text>)]
-        room_id: Option<String>,
         #[diesel(sql_type = Nullable<BigInt>)]
         from_seq: Option<i64>,
         #[diesel(sql_type = Nullable<BigInt>)]
         until_seq: Option<i64>,
     }
-    let mut reach = std::collections::HashMap::new();
-    let mut open = std::collections::HashMap::new();
-    if destinations.is_empty() {
-        return Ok((reach, open));
+    let mut view = FanOutView::default();
+    if rooms.is_empty() {
+        return Ok(view);
     }
-    let rows: Vec<View> = prepared(
-        diesel::sql_query(FAN_OUT_VIEW_STATEMENT)
-            .bind::<Array<Text>, _>(destinations)
-            .bind::<Array<Text>, _>(rooms),
-    )
-    .load(conn)
-    .await?;
+    let rows: Vec<Row> =
+        prepared(diesel::sql_query(FAN_OUT_VIEW_STATEMENT).bind::<Array<Text>, _>(rooms))
+            .load(conn)
+            .await?;
     for r in rows {
         match (r.room_id, r.from_seq) {
             (Some(room), Some(from)) => {
-                open.insert((r.destination, room), (from, r.until_seq));
+                view.open.insert((r.destination, room), (from, r.until_seq));
             }
-            _ => {
-                reach.insert(
+            (Some(room), None) => view.servers.entry(room).or_default().push(r.destination),
+            (None, _) => {
+                view.reach.insert(
                     r.destination,
                     (r.healthy.unwrap_or(true), r.unreachable.unwrap_or(false)),
                 );
             }
         }
     }
-    Ok((reach, open))
+    for list in view.servers.values_mut() {
+        list.sort_unstable();
+    }
+    Ok(view)
 }

@@ -178,66 +178,66 @@ pub async fn membership(
         .optional()?)
 }
 
-/// Which of `rooms` are hosted here, in one query.
-pub async fn hosted_among(
+/// What a verify run's room rules need (`jobs::verify`), in one statement: which of
+/// `rooms` are hosted here, and the memberships of (room, user) `pairs` — keyed by
+/// `(room_id, user_id)`, values as [`Membership::as_str`]; pairs without one are absent.
+///
+/// One statement, not two: at a steady rate a verify run holds a few events and each
+/// statement costs Postgres a fixed amount beside its rows (docs/performance.md,
+/// eighteenth round). Every verify run asks, so the lists are handed over as
+/// `(SELECT $n)` (`store::prepared`, "Values the planner must not see") and the pairs
+/// are joined by the primary key.
+pub async fn rules_view(
     conn: &mut AsyncPgConnection,
     rooms: &[&str],
-) -> Result<std::collections::HashSet<String>, StoreError> {
-    if rooms.is_empty() {
-        return Ok(Default::default());
-    }
-    // Every verify run with events of rooms hosted here asks: the list is handed over
-    // as `(SELECT $1)` (`store::prepared`, "Values the planner must not see").
-    let found: Vec<String> = prepared(
-        hr::table
-            .filter(
-                diesel::dsl::sql::<diesel::sql_types::Bool>(
-                    "\"hosted_rooms\".\"room_id\" = ANY((SELECT ",
-                )
-                .bind::<diesel::sql_types::Array<diesel::sql_types::Text>, _>(rooms)
-                .sql(")::text[])"),
-            )
-            .select(hr::room_id),
-    )
-    .load(conn)
-    .await?;
-    Ok(found.into_iter().collect())
-}
-
-/// The memberships of (room, user) pairs, in one query; pairs without one are absent.
-/// Keyed by `(room_id, user_id)`; values as [`Membership::as_str`].
-pub async fn memberships(
-    conn: &mut AsyncPgConnection,
     pairs: &[(&str, &str)],
-) -> Result<std::collections::HashMap<(String, String), String>, StoreError> {
-    if pairs.is_empty() {
-        return Ok(Default::default());
-    }
+) -> Result<
+    (
+        std::collections::HashSet<String>,
+        std::collections::HashMap<(String, String), String>,
+    ),
+    StoreError,
+> {
     #[derive(diesel::QueryableByName)]
-    struct Member {
+    struct Row {
         #[diesel(sql_type = diesel::sql_types::Text)]
         room_id: String,
-        #[diesel(sql_type = diesel::sql_types::Text)]
-        user_id: String,
-        #[diesel(sql_type = diesel::sql_types::Text)]
-        membership: String,
+        /// `None`: the row says the room is hosted here.
+        #[diesel(sql_type = diesel::sql_types::Nullable<diesel::sql_types::Text>)]
+        user_id: Option<String>,
+        #[diesel(sql_type = diesel::sql_types::Nullable<diesel::sql_types::Text>)]
+        membership: Option<String>,
     }
-    let (rooms, users): (Vec<&str>, Vec<&str>) = pairs.iter().copied().unzip();
-    // Every verify run asks: the pairs are joined by the primary key, and handed over as
-    // `(SELECT $n)` (`store::prepared`, "Values the planner must not see").
-    let rows: Vec<Member> = prepared(
+    let mut hosted = std::collections::HashSet::new();
+    let mut members = std::collections::HashMap::new();
+    if rooms.is_empty() && pairs.is_empty() {
+        return Ok((hosted, members));
+    }
+    let (pair_rooms, users): (Vec<&str>, Vec<&str>) = pairs.iter().copied().unzip();
+    let rows: Vec<Row> = prepared(
         diesel::sql_query(
-            "SELECT m.room_id, m.user_id, m.membership \
-               FROM UNNEST((SELECT $1::text[]), (SELECT $2::text[])) AS p(room_id, user_id) \
+            "SELECT h.room_id, NULL::text AS user_id, NULL::text AS membership \
+               FROM hosted_rooms h WHERE h.room_id = ANY((SELECT $1::text[])::text[]) \
+             UNION ALL \
+             SELECT m.room_id, m.user_id, m.membership \
+               FROM UNNEST((SELECT $2::text[]), (SELECT $3::text[])) AS p(room_id, user_id) \
                JOIN room_members m ON m.room_id = p.room_id AND m.user_id = p.user_id",
         )
-        .bind::<diesel::sql_types::Array<diesel::sql_types::Text>, _>(&rooms)
+        .bind::<diesel::sql_types::Array<diesel::sql_types::Text>, _>(rooms)
+        .bind::<diesel::sql_types::Array<diesel::sql_types::Text>, _>(&pair_rooms)
         .bind::<diesel::sql_types::Array<diesel::sql_types::Text>, _>(&users),
     )
     .load(conn)
     .await?;
-    Ok(rows
-        .into_iter()
-        .map(|m| ((m.room_id, m.user_id), m.membership))
-        .collect())
+    for r in rows {
+        match (r.user_id, r.membership) {
+            (Some(user), Some(m)) => {
+                members.insert((r.room_id, user), m);
+            }
+            _ => {
+                hosted.insert(r.room_id);
+            }
+        }
+    }
+    Ok((hosted, members))
 }

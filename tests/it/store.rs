@@ -623,7 +623,8 @@ async fn the_drains_read_looks_for_earlier_unsettled_events_by_index_after_a_bur
 /// Postgres more than running the statements (docs/performance.md, twelfth round); at
 /// 500 events/s a drain round's settle and its attempts' begin were still planned on
 /// most runs (thirteenth round). The old forms of `attempts::begin`, `attempts::finish`,
-/// `outbound::settle`, `outbound::dead` and `rooms::memberships` fail here.
+/// `outbound::settle`, `outbound::dead` and `rooms::memberships` (now part of
+/// `rooms::rules_view`) fail here.
 #[tokio::test]
 async fn the_statements_every_run_of_the_pipeline_makes_are_prepared_and_planned_once() {
     use parafed::store::{attempts, deferrals, destinations, events, outbound, rooms};
@@ -668,7 +669,6 @@ async fn the_statements_every_run_of_the_pipeline_makes_are_prepared_and_planned
         let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
         events::get_many(&mut c, &ids).await.unwrap();
         events::envelopes(&mut c, &ids).await.unwrap();
-        rooms::hosted_among(&mut c, &ids[..n.min(3)]).await.unwrap();
         destinations::acquire_lease(&mut c, "sink.test", "w1", ttl)
             .await
             .unwrap();
@@ -715,7 +715,9 @@ async fn the_statements_every_run_of_the_pipeline_makes_are_prepared_and_planned
         deferrals::of_many(&mut c, names).await.unwrap();
         let rooms = ["!r1:alpha.test", "!r2:alpha.test", "!r3:alpha.test"];
         let pairs: Vec<(&str, &str)> = rooms[..k].iter().map(|&r| (r, "@a:alpha.test")).collect();
-        rooms::memberships(&mut c, &pairs).await.unwrap();
+        rooms::rules_view(&mut c, &ids[..n.min(3)], &pairs)
+            .await
+            .unwrap();
         destinations::acquire_leases(&mut c, names, "w1", ttl)
             .await
             .unwrap();
@@ -745,7 +747,6 @@ async fn the_statements_every_run_of_the_pipeline_makes_are_prepared_and_planned
             "events::get_many and events::envelopes",
             "FROM \"federation_events\" WHERE",
         ),
-        ("rooms::hosted_among", "FROM \"hosted_rooms\" WHERE"),
         (
             "destinations::acquire_lease",
             "\"destination_health\".\"lease_until\" < $4",
@@ -763,7 +764,7 @@ async fn the_statements_every_run_of_the_pipeline_makes_are_prepared_and_planned
             "UPDATE outbound_queue o SET status = 'dead'",
         ),
         ("events::reject", "SET status = 'rejected'"),
-        ("rooms::memberships", "JOIN room_members m"),
+        ("rooms::rules_view", "JOIN room_members m"),
         ("destinations::ensure", "INSERT INTO destination_health"),
         ("attempts::close_open_of", "WITH closed AS ("),
         ("deferrals::of_many", "^SELECT f.destination, f.room_id"),
@@ -1072,77 +1073,153 @@ async fn a_fan_out_split_over_statements_starts_every_rooms_deferral() {
     assert!(unfanned.is_empty(), "both events are marked fanned out");
 }
 
-/// Fan-out's view of a room's destinations (`deferrals::fan_out_view`): a state for
-/// each destination that has a row and none for one new to us, a deferral for each
-/// (destination, room) asked — however the destinations group in the statement.
+/// A verify run's room rules read in one statement (`rooms::rules_view`): which of
+/// the rooms asked are hosted here, and the membership of each (room, user) pair that
+/// has one — whatever the other part of the statement finds.
 #[tokio::test]
-async fn fan_out_view_gives_each_destination_its_state_and_each_room_its_deferral() {
+async fn rules_view_gives_the_hosted_rooms_and_the_pairs_memberships() {
+    use diesel_async::SimpleAsyncConnection;
+    use parafed::store::rooms;
+    let url = support::pg::migrated_db().await;
+    let mut c = AsyncPgConnection::establish(&url).await.unwrap();
+    c.batch_execute(
+        "INSERT INTO hosted_rooms (room_id, guild_id, guild_name) \
+           VALUES ('!a:x.test', 'g1', 'A'), ('!b:x.test', 'g2', 'B'); \
+         INSERT INTO room_members (room_id, user_id, server_name, membership) VALUES \
+           ('!a:x.test', '@u:y.test', 'y.test', 'joined'), \
+           ('!a:x.test', '@v:y.test', 'y.test', 'left'), \
+           ('!b:x.test', '@u:y.test', 'y.test', 'invited'), \
+           ('!c:x.test', '@u:y.test', 'y.test', 'joined');",
+    )
+    .await
+    .unwrap();
+    let (hosted, members) = rooms::rules_view(
+        &mut c,
+        &["!a:x.test", "!c:x.test", "!z:x.test"],
+        &[
+            ("!a:x.test", "@u:y.test"),
+            ("!a:x.test", "@v:y.test"),
+            ("!a:x.test", "@w:y.test"),
+            ("!c:x.test", "@u:y.test"),
+        ],
+    )
+    .await
+    .unwrap();
+    assert_eq!(hosted, ["!a:x.test".to_owned()].into_iter().collect());
+    let of = |r: &str, u: &str| members.get(&(r.to_owned(), u.to_owned())).cloned();
+    assert_eq!(of("!a:x.test", "@u:y.test").as_deref(), Some("joined"));
+    assert_eq!(of("!a:x.test", "@v:y.test").as_deref(), Some("left"));
+    assert_eq!(of("!a:x.test", "@w:y.test"), None, "no membership");
+    assert_eq!(
+        of("!c:x.test", "@u:y.test").as_deref(),
+        Some("joined"),
+        "hosted or not"
+    );
+    assert_eq!(of("!b:x.test", "@u:y.test"), None, "a pair not asked");
+    assert_eq!(members.len(), 3);
+    let (hosted, members) = rooms::rules_view(&mut c, &["!b:x.test"], &[])
+        .await
+        .unwrap();
+    assert_eq!(hosted.len(), 1);
+    assert!(members.is_empty());
+}
+
+/// Fan-out's view of its rooms (`deferrals::fan_out_view`), one statement: each room's
+/// joined servers and no one who left, a state for each server that has a row and none
+/// for one new to us, each server's deferral in the room — and no deferral of a room
+/// not asked or of a server no longer in the room.
+#[tokio::test]
+async fn fan_out_view_gives_each_rooms_servers_their_state_and_deferral() {
     use diesel_async::SimpleAsyncConnection;
     use parafed::store::deferrals;
     let url = support::pg::migrated_db().await;
     let pool = parafed::store::pool(&url, 1).unwrap();
     let mut c = pool.get().await.unwrap();
-    // 300 dead peers alike (backing off, never answered, deferred from 7 in !a), one
-    // that answered and is backing off, a healthy one never reached, a healthy one
-    // with deferrals in two rooms (one closed), one with a deferral and no state row.
+    // In !a: 300 dead peers alike (backing off, never answered, deferred from 7), one
+    // that answered and is backing off, a healthy one never reached, a healthy one with
+    // deferrals in three rooms (one closed), one new to us, and one that left (its
+    // deferral still there). In !b: the healthy one and one with a deferral and no state
+    // row. In !c (not asked): the healthy one.
     c.batch_execute(
         "INSERT INTO destination_health (destination, state, last_error_at, backoff_until) \
            SELECT 'dead' || i || '.test', 'backing_off', now(), now() + interval '1 minute' \
              FROM generate_series(1, 300) i; \
          INSERT INTO outbound_deferrals (destination, room_id, from_seq) \
            SELECT 'dead' || i || '.test', '!a:x.test', 7 FROM generate_series(1, 300) i; \
+         INSERT INTO room_servers (room_id, server_name, state) \
+           SELECT '!a:x.test', 'dead' || i || '.test', 'joined' FROM generate_series(1, 300) i; \
+         INSERT INTO room_servers (room_id, server_name, state) VALUES \
+           ('!a:x.test', 'answered.test', 'joined'), ('!a:x.test', 'fresh.test', 'joined'), \
+           ('!a:x.test', 'busy.test', 'joined'), ('!a:x.test', 'new.test', 'joined'), \
+           ('!a:x.test', 'gone.test', 'left'), ('!b:x.test', 'busy.test', 'joined'), \
+           ('!b:x.test', 'orphan.test', 'joined'), ('!c:x.test', 'busy.test', 'joined'); \
          INSERT INTO destination_health (destination, state, last_status_code, last_error_at) \
            VALUES ('answered.test', 'backing_off', 503, now()); \
-         INSERT INTO destination_health (destination, state) VALUES ('fresh.test', 'healthy'); \
+         INSERT INTO destination_health (destination, state) \
+           VALUES ('fresh.test', 'healthy'), ('gone.test', 'healthy'); \
          INSERT INTO destination_health (destination, state, last_success_at) \
            VALUES ('busy.test', 'healthy', now()); \
          INSERT INTO outbound_deferrals (destination, room_id, from_seq, until_seq) \
            VALUES ('busy.test', '!a:x.test', 3, NULL), ('busy.test', '!b:x.test', 4, 9), \
-                  ('busy.test', '!c:x.test', 5, NULL), ('orphan.test', '!b:x.test', 2, NULL);",
+                  ('busy.test', '!c:x.test', 5, NULL), ('orphan.test', '!b:x.test', 2, NULL), \
+                  ('gone.test', '!a:x.test', 1, 8);",
     )
     .await
     .unwrap();
-    let dead: Vec<String> = (1..=300).map(|i| format!("dead{i}.test")).collect();
-    let mut names: Vec<&str> = dead.iter().map(String::as_str).collect();
-    names.extend([
-        "answered.test",
-        "fresh.test",
-        "busy.test",
-        "orphan.test",
-        "new.test",
-    ]);
-    let (reach, open) = deferrals::fan_out_view(&mut c, &names, &["!a:x.test", "!b:x.test"])
+    let view = deferrals::fan_out_view(&mut c, &["!a:x.test", "!b:x.test"])
         .await
         .unwrap();
-    for d in &dead {
-        assert_eq!(reach.get(d), Some(&(false, true)), "{d}");
+    let mut in_a: Vec<String> = (1..=300).map(|i| format!("dead{i}.test")).collect();
+    in_a.extend(["answered.test", "fresh.test", "busy.test", "new.test"].map(String::from));
+    in_a.sort_unstable();
+    assert_eq!(
+        view.servers.get("!a:x.test"),
+        Some(&in_a),
+        "sorted, without gone.test"
+    );
+    assert_eq!(
+        view.servers.get("!b:x.test"),
+        Some(&vec!["busy.test".to_owned(), "orphan.test".to_owned()])
+    );
+    assert_eq!(view.servers.len(), 2, "a room not asked has no list");
+    for i in 1..=300 {
+        let d = format!("dead{i}.test");
+        assert_eq!(view.reach.get(&d), Some(&(false, true)), "{d}");
         assert_eq!(
-            open.get(&(d.clone(), "!a:x.test".into())),
+            view.open.get(&(d.clone(), "!a:x.test".into())),
             Some(&(7, None)),
             "{d}"
         );
     }
-    assert_eq!(reach.get("answered.test"), Some(&(false, false)));
-    assert_eq!(reach.get("fresh.test"), Some(&(true, true)));
-    assert_eq!(reach.get("busy.test"), Some(&(true, false)));
-    assert_eq!(reach.get("orphan.test"), None, "no state row: new to us");
-    assert_eq!(reach.get("new.test"), None);
-    assert_eq!(reach.len(), 303);
-    let of = |d: &str, r: &str| open.get(&(d.to_owned(), r.to_owned())).copied();
+    let reach = |d: &str| view.reach.get(d).copied();
+    assert_eq!(reach("answered.test"), Some((false, false)));
+    assert_eq!(reach("fresh.test"), Some((true, true)));
+    assert_eq!(reach("busy.test"), Some((true, false)));
+    assert_eq!(reach("orphan.test"), None, "no state row: new to us");
+    assert_eq!(reach("new.test"), None);
+    assert_eq!(reach("gone.test"), None, "not in the rooms asked");
+    assert_eq!(view.reach.len(), 303);
+    let of = |d: &str, r: &str| view.open.get(&(d.to_owned(), r.to_owned())).copied();
     assert_eq!(of("busy.test", "!a:x.test"), Some((3, None)));
     assert_eq!(of("busy.test", "!b:x.test"), Some((4, Some(9))));
     assert_eq!(of("busy.test", "!c:x.test"), None, "a room not asked");
     assert_eq!(of("orphan.test", "!b:x.test"), Some((2, None)));
-    assert_eq!(open.len(), 303);
+    assert_eq!(of("gone.test", "!a:x.test"), None, "a server that left");
+    assert_eq!(view.open.len(), 303);
+    assert_eq!(
+        deferrals::fan_out_view(&mut c, &[]).await.unwrap(),
+        Default::default(),
+        "no rooms, no statement"
+    );
 }
 
 /// Fan-out's view (`deferrals::FAN_OUT_VIEW_STATEMENT`), run by every fan-out as a
-/// prepared statement, joins its destinations whichever plan Postgres keeps: the
-/// generic plan, made without the array, must not search the array for each row of a
-/// table (`= ANY ($1)` in a filter: a room of a thousand servers read a thousand times
-/// a fan-out; docs/performance.md, eleventh round).
+/// prepared statement, joins its lists whichever plan Postgres keeps: the generic plan,
+/// made without the array, must not search an array for each row of a table (`= ANY
+/// ($1)` in a filter: a room of a thousand servers read a thousand times a fan-out;
+/// docs/performance.md, eleventh round).
 #[tokio::test]
-async fn fan_outs_view_joins_its_destinations_in_the_generic_plan() {
+async fn fan_outs_view_joins_its_lists_in_the_generic_plan() {
     use diesel_async::SimpleAsyncConnection;
     let url = support::pg::migrated_db().await;
     let mut c = AsyncPgConnection::establish(&url).await.unwrap();
@@ -1151,27 +1228,24 @@ async fn fan_outs_view_joins_its_destinations_in_the_generic_plan() {
            SELECT 'dead' || i || '.test', 'backing_off', now() FROM generate_series(1, 1000) i; \
          INSERT INTO outbound_deferrals (destination, room_id, from_seq) \
            SELECT 'dead' || i || '.test', '!a:x.test', 7 FROM generate_series(1, 1000) i; \
-         ANALYZE destination_health; ANALYZE outbound_deferrals;",
+         INSERT INTO room_servers (room_id, server_name, state) \
+           SELECT '!r' || (i % 50) || ':x.test', 'dead' || i || '.test', 'joined' \
+             FROM generate_series(1, 1000) i; \
+         INSERT INTO room_servers (room_id, server_name, state) \
+           SELECT '!a:x.test', 'dead' || i || '.test', 'joined' FROM generate_series(1, 1000) i; \
+         ANALYZE destination_health; ANALYZE outbound_deferrals; ANALYZE room_servers;",
     )
     .await
     .unwrap();
     c.batch_execute(&format!(
-        "PREPARE view(text[], text[]) AS {}; SET plan_cache_mode = force_generic_plan;",
+        "PREPARE view(text[]) AS {}; SET plan_cache_mode = force_generic_plan;",
         parafed::store::deferrals::FAN_OUT_VIEW_STATEMENT
     ))
     .await
     .unwrap();
-    let names: Vec<String> = (1..=1000).map(|i| format!("'dead{i}.test'")).collect();
-    let plan = plan_of(
-        &mut c,
-        &format!(
-            "EXECUTE view(ARRAY[{}], ARRAY['!a:x.test'])",
-            names.join(", ")
-        ),
-    )
-    .await;
+    let plan = plan_of(&mut c, "EXECUTE view(ARRAY['!a:x.test'])").await;
     assert!(
-        !plan.contains("ANY ($1)"),
-        "the generic plan searches the destinations' array row by row:\n{plan}"
+        !plan.contains("= ANY ("),
+        "the generic plan searches an array row by row:\n{plan}"
     );
 }
