@@ -257,6 +257,15 @@ pub struct WorkerConfig {
     /// (docs/performance.md, isolation). Each holds a connection (a file descriptor).
     #[serde(deserialize_with = "flex::u32")]
     pub probe_concurrency: u32,
+    /// Delivery requests one process's drains have in flight at once, all destinations
+    /// together (at least `delivery.window`). Each request in flight holds about
+    /// 25–100 KB of the worker's memory, so this bounds it whatever the number of busy
+    /// destinations: without it a worker's worst case was `deliver_concurrency` ×
+    /// `delivery.window` requests (4 096 at the defaults). A round waits for its
+    /// requests' share before its attempts are begun. Probes are bounded by
+    /// `probe_concurrency` instead.
+    #[serde(deserialize_with = "flex::u32")]
+    pub max_requests_in_flight: u32,
     /// How often each worker looks for destinations whose backoff ended.
     #[serde(deserialize_with = "flex::u64")]
     pub scheduler_interval_ms: u64,
@@ -287,6 +296,7 @@ impl Default for WorkerConfig {
             concurrency: 2,
             deliver_concurrency: 64,
             probe_concurrency: 1024,
+            max_requests_in_flight: 1024,
             scheduler_interval_ms: 1_000,
             reconcile_interval_ms: 10_000,
             stale_after_ms: 30_000,
@@ -500,6 +510,15 @@ impl Config {
         }
         if self.delivery.window == 0 || self.delivery.window > MAX_WINDOW {
             return bad(format!("[delivery] window must be 1 to {MAX_WINDOW}"));
+        }
+        if self.worker.max_requests_in_flight < self.delivery.window
+            || self.worker.max_requests_in_flight > 1_000_000
+        {
+            return bad(format!(
+                "[worker] max_requests_in_flight must be at least delivery.window ({}) \
+                 and at most 1000000: a round of a full window must fit in it",
+                self.delivery.window
+            ));
         }
         for (name, peer) in &self.peers {
             ServerName::parse(name)
@@ -826,6 +845,36 @@ mod tests {
         cfg.worker.deliver_concurrency = 3;
         cfg.worker.probe_concurrency = 5;
         assert_eq!(cfg.worker_open_files(true), 3 * 8 + 5 + 1024);
+    }
+
+    /// The worker's budget of requests in flight must hold a full window of one
+    /// destination (a round asks for its share at once), and is bounded above.
+    #[test]
+    fn the_request_budget_holds_at_least_a_window() {
+        let with = |budget: &str, window: &str| {
+            Config::from_toml_and_env(
+                BASE,
+                "t",
+                env(&[
+                    ("PARAFED_WORKER_MAX_REQUESTS_IN_FLIGHT", budget),
+                    ("PARAFED_DELIVERY_WINDOW", window),
+                ]),
+            )
+        };
+        assert_eq!(
+            with("16", "16").unwrap().worker.max_requests_in_flight,
+            16,
+            "a budget of one window"
+        );
+        for (budget, window) in [("15", "16"), ("0", "1"), ("1000001", "64")] {
+            let e = with(budget, window).unwrap_err().to_string();
+            assert!(
+                e.contains("max_requests_in_flight") && e.contains("delivery.window"),
+                "{budget}, {window}: {e}"
+            );
+        }
+        let defaults = Config::from_toml_and_env(BASE, "t", env(&[])).unwrap();
+        assert_eq!(defaults.worker.max_requests_in_flight, 1024);
     }
 
     /// docs/configuration.md lists every setting with its default and environment name;

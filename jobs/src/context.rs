@@ -20,6 +20,10 @@ pub struct Ctx {
     pub control: crate::control::Control,
     /// Drains that may probe at once (`worker.probe_concurrency`): see `deliver`.
     pub probes: Arc<tokio::sync::Semaphore>,
+    /// The delivery requests this process's drains may have in flight, all destinations
+    /// together (`worker.max_requests_in_flight`): a round takes one permit per request
+    /// before its attempts are begun and returns them when its answers are in (`deliver`).
+    pub requests: Arc<tokio::sync::Semaphore>,
     /// Destinations handed over for a probe, each with its permit (`probe`).
     pub probing: crate::probe_queue::Probes,
     /// The probe rounds and probing drains, which run outside any job: the fleet waits
@@ -38,6 +42,9 @@ impl Ctx {
             policy: parafed::delivery::Policy::from_config(&app.cfg),
             probes: Arc::new(tokio::sync::Semaphore::new(
                 app.cfg.worker.probe_concurrency as usize,
+            )),
+            requests: Arc::new(tokio::sync::Semaphore::new(
+                app.cfg.worker.max_requests_in_flight as usize,
             )),
             app,
             worker_id,
@@ -120,6 +127,14 @@ pub fn worker_identity() -> String {
 }
 
 impl Ctx {
+    /// Reports the delivery requests this process's drains have out now
+    /// (`parafed_delivery_requests_in_flight`): the budget's permits in use.
+    pub fn note_requests_in_flight(&self) {
+        let budget = self.app.cfg.worker.max_requests_in_flight as usize;
+        let out = budget.saturating_sub(self.requests.available_permits());
+        metrics::gauge!("parafed_delivery_requests_in_flight").set(out as f64);
+    }
+
     /// True once the fleet is stopping.
     pub fn is_stopping(&self) -> bool {
         self.stopping.load(std::sync::atomic::Ordering::Relaxed)

@@ -297,6 +297,38 @@ enum Begin {
 type Meanwhile = Result<(bool, Option<Next>), JobError>;
 
 /// What reading the next round came to.
+/// A round's share of the worker's budget of requests in flight
+/// (`worker.max_requests_in_flight`, `Ctx::requests`), given back when dropped; the
+/// gauge `parafed_delivery_requests_in_flight` follows both.
+struct Share<'c> {
+    permits: Option<tokio::sync::OwnedSemaphorePermit>,
+    ctx: &'c Ctx,
+}
+
+impl<'c> Share<'c> {
+    /// Waits for `requests` permits, all at once.
+    async fn take(ctx: &'c Ctx, requests: usize) -> Result<Share<'c>, JobError> {
+        let permits = ctx
+            .requests
+            .clone()
+            .acquire_many_owned(u32::try_from(requests).unwrap_or(u32::MAX))
+            .await
+            .map_err(|e| -> JobError { Box::new(e) })?;
+        ctx.note_requests_in_flight();
+        Ok(Share {
+            permits: Some(permits),
+            ctx,
+        })
+    }
+}
+
+impl Drop for Share<'_> {
+    fn drop(&mut self) {
+        drop(self.permits.take());
+        self.ctx.note_requests_in_flight();
+    }
+}
+
 enum Next {
     Round(Box<Round>),
     Done(Drain),
@@ -359,18 +391,29 @@ async fn drain(
             .filter(|r| bodies.contains_key(&r.event_id))
             .map(|r| (r.id, r.attempts + 1))
             .collect();
-        // Read a round ago (`read_ahead`): the lease is renewed and the state read again
-        // just before sending, as a round read now would have them. Anything but the
-        // same healthy window (an operator's pause or hold, say) reads the round again,
-        // after the kept round is settled; nothing of it was begun.
+        // The worker's budget of requests in flight (`worker.max_requests_in_flight`),
+        // shared by all its drains: this round's share is taken before its attempts are
+        // begun (an attempt row is a request sent) and given back as soon as its answers
+        // are in (`sends`, below). A round asks for all of its share at once and holds
+        // nothing else of the budget meanwhile, so drains cannot wait on each other in a
+        // circle; a full window always fits (the configuration is checked for it).
+        let asked = Instant::now();
+        let permits = Share::take(ctx, first_attempts.len()).await?;
+        let waited = asked.elapsed() > lease_ttl.to_std().unwrap_or_default() / 4;
+        // Read a round ago (`read_ahead`), or read before a wait for the budget long
+        // enough for the lease to need renewing (`waited`): the lease is renewed and the
+        // state read again just before sending, as a round read now would have them.
+        // Anything but the same healthy window (an operator's pause or hold, say) reads
+        // the round again, after the kept round is settled; nothing of it was begun.
+        let recheck = read_ahead || waited;
         let step: Result<Begin, JobError> = async {
             // The peer's standing, as the round read now would check it (`Reading::next`).
-            if read_ahead && !allowed(ctx, dest).await? {
+            if recheck && !allowed(ctx, dest).await? {
                 return Ok(Begin::Changed);
             }
             let mut conn = app.pool.get().await.map_err(StoreError::from)?;
             let mut renewed = None;
-            if read_ahead {
+            if recheck {
                 let Some(now) =
                     destinations::acquire_lease(&mut conn, dest.as_str(), owner, lease_ttl).await?
                 else {
@@ -429,9 +472,11 @@ async fn drain(
             let attempt_id = attempt_of.remove(&r.id);
             send_row(ctx, dest, &key, r, body, attempt_id, previous)
         }));
-        // Each side's end, for the round's timings (below).
+        // Each side's end, for the round's timings (below). The budget's share goes back
+        // with the last answer, not after what runs beside the requests.
         let sends = async {
             let r = sends.await;
+            drop(permits);
             (r, Instant::now())
         };
         // While this round's requests are out, on the drain's one connection: the

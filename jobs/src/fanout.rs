@@ -296,8 +296,8 @@ pub(crate) async fn decide<'a>(
                 let new_probed = r.is_none() && probed.contains(dest);
                 match deferral::fan_out(d, e.seq, r, o, new_probed) {
                     How::Send => {
-                        // New to us (its state was looked up: the event is deferrable,
-                        // and it has no row): this row is its probe.
+                        // New to us (no state row) and the event deferrable (so the
+                        // rule looked at its state): this row is its probe.
                         if d && r.is_none() {
                             probed.insert(dest);
                         }

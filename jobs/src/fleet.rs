@@ -90,6 +90,8 @@ pub async fn run(
 ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     let worker_id = worker_identity();
     let ctx = Arc::new(Ctx::new(app.clone(), worker_id.clone()));
+    // Reported from the start, so a scrape shows it before the first round.
+    ctx.note_requests_in_flight();
     // Know the pauses before taking the first job.
     ctx.control.refresh(&app.queue).await;
     let concurrency = app.cfg.worker.concurrency as usize;

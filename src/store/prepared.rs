@@ -46,9 +46,9 @@
 //! from the sixth run. No plan test of `tests/it/store.rs` changed its verdict; what is
 //! given up is a custom plan's knowledge of a large batch (fan-out's inputs for a room
 //! of a thousand destinations are estimated at ten rows; not measured to matter).
-//! Fan-out's view of a room (`deferrals::FAN_OUT_VIEW_STATEMENT`) keeps its arrays in
-//! sight: its lists are a room's destinations, a thousand at times, and its plan for
-//! them was measured (eleventh round).
+//! Fan-out's view (`deferrals::FAN_OUT_VIEW_STATEMENT`) is handed only the batch's rooms,
+//! out of sight too; the room's servers, a thousand at times, are read by the statement
+//! itself and joined, never searched as an array (eleventh and eighteenth rounds).
 //! `tests/it/store.rs` checks that the statements every run makes are prepared and settle
 //! on the generic plan.
 

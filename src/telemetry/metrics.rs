@@ -103,6 +103,7 @@ pub const FAMILIES: &[Family] = &[
     Family { name: "parafed_outbound_deferrals", kind: Kind::Gauge, help: "Deferrals: (destination, room) pairs owed a room's events without a row per event, while the destination cannot be reached; fleet-wide.", labels: &[], roles: W },
     Family { name: "parafed_events_held", kind: Kind::Gauge, help: "Inbound events held from quarantined peers; fleet-wide.", labels: &[], roles: W },
     Family { name: "parafed_peers_quarantined", kind: Kind::Gauge, help: "Peers in quarantine, by how they got there (automatic: true, false); fleet-wide.", labels: &["automatic"], roles: W },
+    Family { name: "parafed_delivery_requests_in_flight", kind: Kind::Gauge, help: "Delivery requests this worker's drains have out now, all destinations together; at worker.max_requests_in_flight, rounds wait for a share.", labels: &[], roles: W },
     Family { name: "parafed_worker_heartbeat_timestamp_seconds", kind: Kind::Gauge, help: "Unix time of this worker's last scheduler tick.", labels: &[], roles: W },
 ];
 

@@ -1281,3 +1281,124 @@ async fn a_cursor_moved_back_under_a_running_drain_holds_back_the_rows_after_it(
         "the message before its reaction, each once"
     );
 }
+
+/// A worker's drains share one budget of requests in flight
+/// (`worker.max_requests_in_flight`): three busy peers with a window of 4 each could
+/// have 12 requests out at once; with a budget of 4 the peers, counting together, never
+/// see more than 4 — and every event still reaches every peer once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_workers_requests_in_flight_stay_within_its_budget_across_destinations() {
+    #[derive(Default)]
+    struct Load {
+        in_flight: usize,
+        max_in_flight: usize,
+        /// Per peer: event ids received.
+        got: HashMap<String, Vec<String>>,
+    }
+    let load: Arc<Mutex<Load>> = Arc::default();
+    let names = ["beta.test", "gamma.test", "delta.test"];
+    let mut peers = Vec::new();
+    let mut urls = Vec::new();
+    for name in names {
+        let (l, u) = reserve_listener();
+        let load = load.clone();
+        peers.push(
+            FnPeer::start(l, move |r: FakeRequest| {
+                let load = load.clone();
+                async move {
+                    if !r.path.ends_with("/event") {
+                        return FakeAnswer::empty(404);
+                    }
+                    {
+                        let mut l = load.lock().unwrap();
+                        l.in_flight += 1;
+                        l.max_in_flight = l.max_in_flight.max(l.in_flight);
+                        l.got
+                            .entry(name.to_owned())
+                            .or_default()
+                            .push(event_id_of(&r.body));
+                    }
+                    // A peer that takes a moment: the rounds of the three drains overlap.
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    load.lock().unwrap().in_flight -= 1;
+                    accepted(&r)
+                }
+            })
+            .await,
+        );
+        urls.push((name.to_owned(), u));
+    }
+    let toml = FAST_WORKER_TOML
+        .replace("[worker]\n", "[worker]\nmax_requests_in_flight = 4\n")
+        .replace("[delivery]\n", "[delivery]\nwindow = 4\n");
+    let (la, _) = reserve_listener();
+    let alpha = crate::pipeline::server_with("alpha.test", la, urls, &toml).await;
+    {
+        let mut c = alpha.db().await;
+        let members: Vec<(String, &str)> = names.iter().map(|n| (format!("@x:{n}"), *n)).collect();
+        let members: Vec<(&str, &str)> = members.iter().map(|(u, n)| (u.as_str(), *n)).collect();
+        support::host_room(&mut c, crate::pipeline::ROOM, &members).await;
+    }
+    let _w = TestWorker::start(&alpha);
+    // First contact goes through probes, which the budget does not count
+    // (`worker.probe_concurrency` bounds them): the peers have answered once before the
+    // load starts.
+    submit(
+        &alpha,
+        "warm",
+        "m.message",
+        "@alice:alpha.test",
+        json!({"body": "hi"}),
+    )
+    .await;
+    let l = load.clone();
+    wait_for(
+        "the first event at every peer",
+        Duration::from_secs(60),
+        || async { (l.lock().unwrap().got.len() == names.len()).then_some(()) },
+    )
+    .await;
+    {
+        let mut l = load.lock().unwrap();
+        l.max_in_flight = 0;
+        l.got.clear();
+    }
+    let mut ids = Vec::new();
+    for i in 0..40 {
+        ids.push(
+            submit(
+                &alpha,
+                &format!("b{i}"),
+                "m.message",
+                "@alice:alpha.test",
+                json!({"body": format!("#{i}")}),
+            )
+            .await,
+        );
+    }
+    let l = load.clone();
+    wait_for(
+        "every event at every peer",
+        Duration::from_secs(120),
+        || async {
+            let l = l.lock().unwrap();
+            names
+                .iter()
+                .all(|n| l.got.get(*n).is_some_and(|g| g.len() >= ids.len()))
+                .then_some(())
+        },
+    )
+    .await;
+    let l = load.lock().unwrap();
+    assert!(
+        l.max_in_flight <= 4,
+        "{} requests in flight at once with a budget of 4",
+        l.max_in_flight
+    );
+    for n in names {
+        let got: HashSet<&String> = l.got[n].iter().collect();
+        assert_eq!(l.got[n].len(), ids.len(), "{n}: each event once");
+        assert_eq!(got.len(), ids.len(), "{n}: each event once");
+        assert!(ids.iter().all(|id| got.contains(id)), "{n}: every event");
+    }
+}
