@@ -265,8 +265,8 @@ pub struct WorkerConfig {
     /// defaults), each a socket in use and its buffers, and as many requests landing on
     /// the peers together. A round waits for its requests' share before its attempts
     /// are begun. It bounds requests, not the connections a destination keeps alive
-    /// between rounds (up to `delivery.window` each). Probes are bounded by
-    /// `probe_concurrency` instead.
+    /// between rounds (up to `delivery.window` each). Probes, and the drains of
+    /// destinations being probed, are bounded by `probe_concurrency` instead.
     #[serde(deserialize_with = "flex::u32")]
     pub max_requests_in_flight: u32,
     /// How often each worker looks for destinations whose backoff ended.

@@ -296,7 +296,6 @@ enum Begin {
 /// backed the destination off, and the next round if it was read ahead.
 type Meanwhile = Result<(bool, Option<Next>), JobError>;
 
-/// What reading the next round came to.
 /// A round's share of the worker's budget of requests in flight
 /// (`worker.max_requests_in_flight`, `Ctx::requests`), given back when dropped; the
 /// gauge `parafed_delivery_requests_in_flight` follows both.
@@ -306,6 +305,26 @@ struct Share<'c> {
 }
 
 impl<'c> Share<'c> {
+    /// `requests` permits if the budget has them now.
+    fn try_take(ctx: &'c Ctx, requests: usize) -> Option<Share<'c>> {
+        let permits = ctx
+            .requests
+            .clone()
+            .try_acquire_many_owned(u32::try_from(requests).unwrap_or(u32::MAX))
+            .ok()?;
+        ctx.note_requests_in_flight();
+        Some(Share {
+            permits: Some(permits),
+            ctx,
+        })
+    }
+
+    /// No share: a probing drain's one request is bounded by its probe permit
+    /// (`worker.probe_concurrency`), not by the budget.
+    fn none(ctx: &'c Ctx) -> Share<'c> {
+        Share { permits: None, ctx }
+    }
+
     /// Waits for `requests` permits, all at once.
     async fn take(ctx: &'c Ctx, requests: usize) -> Result<Share<'c>, JobError> {
         let permits = ctx
@@ -329,6 +348,7 @@ impl Drop for Share<'_> {
     }
 }
 
+/// What reading the next round came to.
 enum Next {
     Round(Box<Round>),
     Done(Drain),
@@ -395,25 +415,46 @@ async fn drain(
         // shared by all its drains: this round's share is taken before its attempts are
         // begun (an attempt row is a request sent) and given back as soon as its answers
         // are in (`sends`, below). A round asks for all of its share at once and holds
-        // nothing else of the budget meanwhile, so drains cannot wait on each other in a
-        // circle; a full window always fits (the configuration is checked for it).
-        let asked = Instant::now();
-        let permits = Share::take(ctx, first_attempts.len()).await?;
-        let waited = asked.elapsed() > lease_ttl.to_std().unwrap_or_default() / 4;
-        // Read a round ago (`read_ahead`), or read before a wait for the budget long
-        // enough for the lease to need renewing (`waited`): the lease is renewed and the
-        // state read again just before sending, as a round read now would have them.
-        // Anything but the same healthy window (an operator's pause or hold, say) reads
-        // the round again, after the kept round is settled; nothing of it was begun.
-        let recheck = read_ahead || waited;
+        // no other share meanwhile, so drains cannot wait on each other in a circle; a
+        // full window always fits (the configuration is checked for it). A probing
+        // drain's request is bounded by its probe permit instead.
+        let permits = if probing {
+            Share::none(ctx)
+        } else {
+            match Share::try_take(ctx, first_attempts.len()) {
+                Some(share) => share,
+                None => {
+                    // The budget is in use. The round kept unsettled is settled first:
+                    // its attempts would otherwise stay open for the whole wait, and a
+                    // drain that took the destination over meanwhile would send its rows
+                    // again. A wait long enough for the lease to need renewing reads the
+                    // round again (the lease, the state, the rows), with nothing begun.
+                    if settle_kept(ctx, dest, &mut kept).await? {
+                        return Ok(Drain::Stopped);
+                    }
+                    let asked = Instant::now();
+                    let share = Share::take(ctx, first_attempts.len()).await?;
+                    if asked.elapsed() > lease_ttl.to_std().unwrap_or_default() / 4 {
+                        drop(share);
+                        next = reading.next(&mut deferred, &none).await?;
+                        continue;
+                    }
+                    share
+                }
+            }
+        };
+        // Read a round ago (`read_ahead`): the lease is renewed and the state read again
+        // just before sending, as a round read now would have them. Anything but the
+        // same healthy window (an operator's pause or hold, say) reads the round again,
+        // after the kept round is settled; nothing of it was begun.
         let step: Result<Begin, JobError> = async {
             // The peer's standing, as the round read now would check it (`Reading::next`).
-            if recheck && !allowed(ctx, dest).await? {
+            if read_ahead && !allowed(ctx, dest).await? {
                 return Ok(Begin::Changed);
             }
             let mut conn = app.pool.get().await.map_err(StoreError::from)?;
             let mut renewed = None;
-            if recheck {
+            if read_ahead {
                 let Some(now) =
                     destinations::acquire_lease(&mut conn, dest.as_str(), owner, lease_ttl).await?
                 else {
@@ -440,10 +481,12 @@ async fn drain(
                 begun
             }
             Ok(Begin::LeaseLost) => {
+                drop(permits);
                 settle_kept(ctx, dest, &mut kept).await?;
                 return Ok(Drain::Stopped);
             }
             Ok(Begin::Changed) => {
+                drop(permits);
                 if settle_kept(ctx, dest, &mut kept).await? {
                     return Ok(Drain::Stopped);
                 }
@@ -451,6 +494,7 @@ async fn drain(
                 continue;
             }
             Err(e) => {
+                drop(permits);
                 // The kept round was delivered: its answers are saved (if the database
                 // lets us) before the error goes up, so its rows are not sent again.
                 if let Err(settling) = settle_kept(ctx, dest, &mut kept).await {
