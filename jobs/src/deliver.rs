@@ -418,6 +418,8 @@ async fn drain(
         // no other share meanwhile, so drains cannot wait on each other in a circle; a
         // full window always fits (the configuration is checked for it). A probing
         // drain's request is bounded by its probe permit instead.
+        // Whether this round waited for its share (and may have gone stale meanwhile).
+        let mut waited = false;
         let permits = if probing {
             Share::none(ctx)
         } else {
@@ -428,7 +430,9 @@ async fn drain(
                     // its attempts would otherwise stay open for the whole wait, and a
                     // drain that took the destination over meanwhile would send its rows
                     // again. A wait long enough for the lease to need renewing reads the
-                    // round again (the lease, the state, the rows), with nothing begun.
+                    // round again (the lease, the state, the rows), with nothing begun;
+                    // after a shorter one the round is checked as one read ahead is
+                    // (below), and against a pause, a stop and the drain's budget.
                     if settle_kept(ctx, dest, &mut kept).await? {
                         return Ok(Drain::Stopped);
                     }
@@ -439,22 +443,33 @@ async fn drain(
                         next = reading.next(&mut deferred, &none).await?;
                         continue;
                     }
+                    waited = true;
                     share
                 }
             }
         };
-        // Read a round ago (`read_ahead`): the lease is renewed and the state read again
-        // just before sending, as a round read now would have them. Anything but the
-        // same healthy window (an operator's pause or hold, say) reads the round again,
-        // after the kept round is settled; nothing of it was begun.
+        // Read a round ago (`read_ahead`), or before a wait for the budget (`waited`):
+        // the lease is renewed and the state read again just before sending, as a round
+        // read now would have them. Anything but the same healthy window (an operator's
+        // pause or hold, say) reads the round again, after the kept round is settled;
+        // nothing of it was begun.
+        let recheck = read_ahead || waited;
         let step: Result<Begin, JobError> = async {
-            // The peer's standing, as the round read now would check it (`Reading::next`).
-            if read_ahead && !allowed(ctx, dest).await? {
+            // What reading the round now would stop at (`Reading::next`): the drain's
+            // budget, a paused queue, a stopping worker — then the peer's standing.
+            if waited
+                && (started.elapsed() > policy.drain_budget
+                    || ctx.control.is_paused(parafed::queue::QueueName::Deliver)
+                    || ctx.is_stopping())
+            {
+                return Ok(Begin::Changed);
+            }
+            if recheck && !allowed(ctx, dest).await? {
                 return Ok(Begin::Changed);
             }
             let mut conn = app.pool.get().await.map_err(StoreError::from)?;
             let mut renewed = None;
-            if read_ahead {
+            if recheck {
                 let Some(now) =
                     destinations::acquire_lease(&mut conn, dest.as_str(), owner, lease_ttl).await?
                 else {

@@ -1341,8 +1341,8 @@ async fn the_workers_requests_in_flight_stay_within_its_budget_across_destinatio
     }
     let _w = TestWorker::start(&alpha);
     // First contact goes through probes, which the budget does not count
-    // (`worker.probe_concurrency` bounds them): the peers have answered once before the
-    // load starts.
+    // (`worker.probe_concurrency` bounds them): every peer has answered its probe before
+    // the load starts, so none is still out beside the load's rounds.
     submit(
         &alpha,
         "warm",
@@ -1353,9 +1353,12 @@ async fn the_workers_requests_in_flight_stay_within_its_budget_across_destinatio
     .await;
     let l = load.clone();
     wait_for(
-        "the first event at every peer",
+        "the first event answered by every peer",
         Duration::from_secs(60),
-        || async { (l.lock().unwrap().got.len() == names.len()).then_some(()) },
+        || async {
+            let l = l.lock().unwrap();
+            (l.got.len() == names.len() && l.in_flight == 0).then_some(())
+        },
     )
     .await;
     {
