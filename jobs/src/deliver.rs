@@ -296,6 +296,15 @@ enum Begin {
 /// backed the destination off, and the next round if it was read ahead.
 type Meanwhile = Result<(bool, Option<Next>), JobError>;
 
+/// Whether a drain started at `started` ends before its next round: its time budget
+/// (`policy.drain_budget`) is spent, the deliver queue is paused by an operator, or the
+/// worker is stopping. The job then queues itself again.
+fn drain_ends(ctx: &Ctx, started: Instant) -> bool {
+    started.elapsed() > ctx.policy.drain_budget
+        || ctx.control.is_paused(parafed::queue::QueueName::Deliver)
+        || ctx.is_stopping()
+}
+
 /// A round's share of the worker's budget of requests in flight
 /// (`worker.max_requests_in_flight`, `Ctx::requests`), given back when dropped; the
 /// gauge `parafed_delivery_requests_in_flight` follows both.
@@ -305,6 +314,15 @@ struct Share<'c> {
 }
 
 impl<'c> Share<'c> {
+    /// A share of `permits`, reported.
+    fn of(ctx: &'c Ctx, permits: tokio::sync::OwnedSemaphorePermit) -> Share<'c> {
+        ctx.note_requests_in_flight();
+        Share {
+            permits: Some(permits),
+            ctx,
+        }
+    }
+
     /// `requests` permits if the budget has them now.
     fn try_take(ctx: &'c Ctx, requests: usize) -> Option<Share<'c>> {
         let permits = ctx
@@ -312,11 +330,7 @@ impl<'c> Share<'c> {
             .clone()
             .try_acquire_many_owned(u32::try_from(requests).unwrap_or(u32::MAX))
             .ok()?;
-        ctx.note_requests_in_flight();
-        Some(Share {
-            permits: Some(permits),
-            ctx,
-        })
+        Some(Share::of(ctx, permits))
     }
 
     /// No share: a probing drain's one request is bounded by its probe permit
@@ -333,11 +347,7 @@ impl<'c> Share<'c> {
             .acquire_many_owned(u32::try_from(requests).unwrap_or(u32::MAX))
             .await
             .map_err(|e| -> JobError { Box::new(e) })?;
-        ctx.note_requests_in_flight();
-        Ok(Share {
-            permits: Some(permits),
-            ctx,
-        })
+        Ok(Share::of(ctx, permits))
     }
 }
 
@@ -420,32 +430,33 @@ async fn drain(
         // drain's request is bounded by its probe permit instead.
         // Whether this round waited for its share (and may have gone stale meanwhile).
         let mut waited = false;
-        let permits = if probing {
-            Share::none(ctx)
+        let at_once = if probing {
+            Some(Share::none(ctx))
         } else {
-            match Share::try_take(ctx, first_attempts.len()) {
-                Some(share) => share,
-                None => {
-                    // The budget is in use. The round kept unsettled is settled first:
-                    // its attempts would otherwise stay open for the whole wait, and a
-                    // drain that took the destination over meanwhile would send its rows
-                    // again. A wait long enough for the lease to need renewing reads the
-                    // round again (the lease, the state, the rows), with nothing begun;
-                    // after a shorter one the round is checked as one read ahead is
-                    // (below), and against a pause, a stop and the drain's budget.
-                    if settle_kept(ctx, dest, &mut kept).await? {
-                        return Ok(Drain::Stopped);
-                    }
-                    let asked = Instant::now();
-                    let share = Share::take(ctx, first_attempts.len()).await?;
-                    if asked.elapsed() > lease_ttl.to_std().unwrap_or_default() / 4 {
-                        drop(share);
-                        next = reading.next(&mut deferred, &none).await?;
-                        continue;
-                    }
-                    waited = true;
-                    share
+            Share::try_take(ctx, first_attempts.len())
+        };
+        let permits = match at_once {
+            Some(share) => share,
+            None => {
+                // The budget is in use. The round kept unsettled is settled first:
+                // its attempts would otherwise stay open for the whole wait, and a
+                // drain that took the destination over meanwhile would send its rows
+                // again. A wait long enough for the lease to need renewing reads the
+                // round again (the lease, the state, the rows), with nothing begun;
+                // after a shorter one the round is checked as one read ahead is
+                // (below), and against a pause, a stop and the drain's budget.
+                if settle_kept(ctx, dest, &mut kept).await? {
+                    return Ok(Drain::Stopped);
                 }
+                let asked = Instant::now();
+                let share = Share::take(ctx, first_attempts.len()).await?;
+                if asked.elapsed() > lease_ttl.to_std().unwrap_or_default() / 4 {
+                    drop(share);
+                    next = reading.next(&mut deferred, &none).await?;
+                    continue;
+                }
+                waited = true;
+                share
             }
         };
         // Read a round ago (`read_ahead`), or before a wait for the budget (`waited`):
@@ -457,11 +468,7 @@ async fn drain(
         let step: Result<Begin, JobError> = async {
             // What reading the round now would stop at (`Reading::next`): the drain's
             // budget, a paused queue, a stopping worker — then the peer's standing.
-            if waited
-                && (started.elapsed() > policy.drain_budget
-                    || ctx.control.is_paused(parafed::queue::QueueName::Deliver)
-                    || ctx.is_stopping())
-            {
+            if waited && drain_ends(ctx, started) {
                 return Ok(Begin::Changed);
             }
             if recheck && !allowed(ctx, dest).await? {
@@ -660,10 +667,7 @@ impl Reading<'_> {
         loop {
             // An operator's pause of the deliver queue stops the drain between batches;
             // the job re-queues itself and waits in the paused queue.
-            if started.elapsed() > policy.drain_budget
-                || ctx.control.is_paused(parafed::queue::QueueName::Deliver)
-                || ctx.is_stopping()
-            {
+            if drain_ends(ctx, started) {
                 return Ok(Next::Done(Drain::Budget));
             }
             // An operator's (or the automatic) quarantine or block of the peer stops the

@@ -71,7 +71,7 @@ pub async fn run(ctx: &Ctx, job: &FanoutJob) -> Result<(), JobError> {
     let batch: Vec<&StoredEvent> = batch.iter().collect();
     let targets = targets(ctx, &batch).await?;
     let keys: Vec<order::OrderKeys> = batch.iter().map(|e| order::keys_of(&e.envelope)).collect();
-    let fanned = decide(ctx, &batch, &keys, &targets).await?;
+    let fanned = decide(ctx, &batch, &keys, &targets);
     let done: Vec<&str> = batch.iter().map(|e| e.envelope.event_id.as_str()).collect();
     let written = {
         let mut conn = app.pool.get().await?;
@@ -227,12 +227,12 @@ pub(crate) async fn targets<'b>(
 /// hosted here stored less than `dependency_wait` ago may be deferred
 /// (`outbound::deferrable`); the destinations' states and deferrals were read with the
 /// rooms' servers ([`targets`]), and are looked up once per list and room, not per pair.
-pub(crate) async fn decide<'a>(
+pub(crate) fn decide<'a>(
     ctx: &Ctx,
     batch: &[&'a StoredEvent],
     keys: &'a [order::OrderKeys],
     targets: &Targets<'_>,
-) -> Result<Fanned<'a>, JobError> {
+) -> Fanned<'a> {
     let now = chrono::Utc::now();
     let deferrable: Vec<bool> = batch
         .iter()
@@ -350,7 +350,7 @@ pub(crate) async fn decide<'a>(
     fanned.start = start;
     fanned.covered_healthy = covered.into_iter().map(str::to_owned).collect();
     fanned.new = probed.into_iter().map(str::to_owned).collect();
-    Ok(fanned)
+    fanned
 }
 
 /// Whether `e` is in a room hosted here (its room id's domain is ours): such events are

@@ -327,7 +327,7 @@ async fn settle(ctx: &Ctx, judged: &[(StoredEvent, Result<(), String>)]) -> Resu
         .iter()
         .map(|e| order::keys_of(&e.envelope))
         .collect();
-    let fanned = fanout::decide(ctx, &relayed, &keys, &targets).await?;
+    let fanned = fanout::decide(ctx, &relayed, &keys, &targets);
     let rejected: Vec<(&str, i64, &str)> = judged
         .iter()
         .filter_map(|(e, v)| {
